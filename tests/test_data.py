@@ -1,0 +1,331 @@
+"""Data pipeline: loaders in every layout, split invariants, TFRecord round trip, bad input."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+from collections import defaultdict
+
+import numpy as np
+import pytest
+
+from tests.conftest import REPO
+from trainer.data import features, records, splits
+from trainer.data.movielens import DataError, load_source
+from trainer.data.prepare import PrepareConfig, prepare, synthetic_raw
+
+# ----------------------------------------------------------------------------- fixtures
+
+MOVIES = [
+    ("1", "Toy Story", "1995", ["Animation", "Children's", "Comedy"]),
+    ("2", "GoldenEye", "1995", ["Action", "Thriller"]),
+    ("3", "Heat", "1995", ["Crime"]),
+]
+PEOPLE = [("1", 24, "M", "technician"), ("2", 53, "F", "other")]
+RATINGS = [("1", "1", 5, 100), ("1", "2", 3, 200), ("2", "1", 4, 150), ("2", "3", 2, 160)]
+from trainer.data.movielens import ML100K_GENRES as ML100K_GENRES_ORDER  # noqa: E402
+
+
+def _write(directory, name, lines, encoding="utf-8"):
+    os.makedirs(directory, exist_ok=True)
+    with open(os.path.join(directory, name), "w", encoding=encoding) as f:
+        f.write("\n".join(lines) + "\n")
+
+
+def write_recbole(d, ratings=RATINGS):
+    _write(
+        d,
+        "ml-100k.inter",
+        ["user_id:token\titem_id:token\trating:float\ttimestamp:float"]
+        + [f"{u}\t{i}\t{r}\t{t}" for u, i, r, t in ratings],
+    )
+    _write(
+        d,
+        "ml-100k.item",
+        ["item_id:token\tmovie_title:token_seq\trelease_year:token\tclass:token_seq"]
+        + [f"{i}\t{t}\t{y}\t{' '.join(g)}" for i, t, y, g in MOVIES],
+    )
+    _write(
+        d,
+        "ml-100k.user",
+        ["user_id:token\tage:token\tgender:token\toccupation:token\tzip_code:token"]
+        + [f"{u}\t{a}\t{g}\t{o}\t00000" for u, a, g, o in PEOPLE],
+    )
+
+
+def write_grouplens_100k(d, ratings=RATINGS):
+    _write(d, "u.data", [f"{u}\t{i}\t{r}\t{t}" for u, i, r, t in ratings])
+    rows = []
+    for i, t, y, g in MOVIES:
+        flags = "|".join("1" if name in g else "0" for name in ML100K_GENRES_ORDER)
+        rows.append(f"{i}|{t} ({y})|01-Jan-{y}||http://x|{flags}")
+    _write(d, "u.item", rows, encoding="latin-1")
+    _write(d, "u.user", [f"{u}|{a}|{g}|{o}|00000" for u, a, g, o in PEOPLE])
+
+
+def write_ml1m(d, ratings=RATINGS):
+    _write(d, "ratings.dat", [f"{u}::{i}::{r}::{t}" for u, i, r, t in ratings])
+    _write(d, "movies.dat", [f"{i}::{t} ({y})::{'|'.join(g)}" for i, t, y, g in MOVIES])
+    _write(d, "users.dat", [f"{u}::{g}::{a}::17::00000" for u, a, g, _ in PEOPLE])
+
+
+def write_csv(d, ratings=RATINGS):
+    _write(
+        d,
+        "ratings.csv",
+        ["userId,movieId,rating,timestamp"] + [f"{u},{i},{r}.0,{t}" for u, i, r, t in ratings],
+    )
+    _write(
+        d,
+        "movies.csv",
+        ["movieId,title,genres"] + [f'{i},"{t} ({y})",{"|".join(g)}' for i, t, y, g in MOVIES],
+    )
+
+
+WRITERS = {
+    "recbole": write_recbole,
+    "ml-100k": write_grouplens_100k,
+    "ml-1m": write_ml1m,
+    "csv": write_csv,
+}
+
+
+# ----------------------------------------------------------------------------- loaders
+
+
+@pytest.mark.parametrize("layout", sorted(WRITERS))
+def test_loader_reads_every_layout(tmp_path, layout):
+    WRITERS[layout](str(tmp_path))
+    raw = load_source(str(tmp_path))
+    assert sorted(r[:3] for r in raw.ratings) == sorted((u, i, float(r)) for u, i, r, _ in RATINGS)
+    assert raw.items["1"].title == "Toy Story" and raw.items["1"].year == "1995"
+    assert raw.items["1"].genres == ["Animation", "Children's", "Comedy"]
+    assert set(raw.users) == {"1", "2"}
+    if layout != "csv":  # ml-20m/25m have no profiles
+        assert raw.users["2"].gender == "F"
+        assert features.age_band(raw.users["2"].age) == "50-55"
+    assert features.item_text(raw.items["1"]) == (
+        "Toy Story (1995). Genres: Animation, Children's, Comedy"
+    )
+
+
+@pytest.mark.parametrize(
+    ("layout", "ratings", "message"),
+    [
+        (
+            "ml-100k",
+            RATINGS + [("1", "1", 4, 300)],
+            r"u\.data:5: duplicate rating of item 1 by "
+            r"user 1 \(first at line 1\)",
+        ),
+        ("recbole", [("1", "1", 7, 1)], r"ml-100k\.inter:2: rating 7\.0 is out of range"),
+        ("ml-1m", [("1", "1", "x", 1)], r"ratings\.dat:1: rating 'x' is not a number"),
+        ("csv", [("1", "9", 4, 1)], r"ratings\.csv: rating #1 names unknown item '9'"),
+    ],
+)
+def test_bad_ratings_name_file_and_line(tmp_path, layout, ratings, message):
+    WRITERS[layout](str(tmp_path), ratings=ratings)
+    with pytest.raises(DataError, match=message):
+        load_source(str(tmp_path))
+
+
+def test_wrong_columns_and_missing_files(tmp_path):
+    write_recbole(str(tmp_path))
+    _write(str(tmp_path), "ml-100k.inter", ["user:token\titem:token\trating:float\tts:float"])
+    with pytest.raises(DataError, match=r"ml-100k\.inter:1: wrong columns"):
+        load_source(str(tmp_path))
+    write_ml1m(str(tmp_path / "m"))
+    os.remove(tmp_path / "m" / "users.dat")
+    with pytest.raises(DataError, match=r"ml-1m layout is missing users\.dat"):
+        load_source(str(tmp_path / "m"))
+    with pytest.raises(DataError, match="no known MovieLens layout"):
+        load_source(str(tmp_path / "m" / ".." / ".."))
+    _write(str(tmp_path / "c"), "u.data", ["1\t1\t5"])
+    _write(str(tmp_path / "c"), "u.item", [])
+    _write(str(tmp_path / "c"), "u.user", [])
+    with pytest.raises(DataError, match=r"u\.data:1: expected 4 '\\t'-separated columns, got 3"):
+        load_source(str(tmp_path / "c"))
+
+
+def test_corrupt_encoding_is_reported(tmp_path):
+    write_recbole(str(tmp_path))
+    with open(tmp_path / "ml-100k.item", "ab") as f:
+        f.write(b"4\t\xff\xfe\t1990\tDrama\n")
+    with pytest.raises(DataError, match=r"ml-100k\.item: not valid utf-8"):
+        load_source(str(tmp_path))
+
+
+# ----------------------------------------------------------------------------- splits
+
+
+def test_recbole_split_counts_match_recbole():
+    assert splits.recbole_split_counts(10) == [8, 1, 1]
+    assert splits.recbole_split_counts(20) == [16, 2, 2]
+    assert splits.recbole_split_counts(5) == [3, 1, 1]  # shares below one interaction round up
+    assert splits.recbole_split_counts(1) == [1, 0, 0]
+
+
+def test_split_sizes_and_disjointness(tiny_data_dir):
+    manifest = records.read_manifest(tiny_data_dir)
+    total = manifest["counts"]["ratings"]
+    keys = {}
+    for split in ("p1", "p2", "p3"):
+        seen = set()
+        for part in manifest["splits"][split]["parts"]:
+            events = records.load_events(tiny_data_dir, split, part)
+            pairs = set(zip(events["user_id"], events["item_id"], strict=True))
+            assert len(pairs) == len(events["user_id"])
+            assert not pairs & seen, f"{split}/{part} overlaps another part"
+            seen |= pairs
+            keys[(split, part)] = len(pairs)
+        assert len(seen) == total
+    assert keys[("p1", "train")] == round(0.8 * total)
+    # p2: per user 80/10/10 with RecBole's rounding.
+    events = {p: records.load_events(tiny_data_dir, "p2", p) for p in ("train", "valid", "test")}
+    per_user = defaultdict(lambda: [0, 0, 0])
+    for i, p in enumerate(("train", "valid", "test")):
+        for user in events[p]["user_id"]:
+            per_user[user][i] += 1
+    for counts in per_user.values():
+        assert counts == splits.recbole_split_counts(sum(counts))
+
+
+def test_no_query_mentions_its_event_or_the_future(tiny_data_dir):
+    manifest = records.read_manifest(tiny_data_dir)
+    for split in ("p1", "p2", "p3"):
+        train = records.load_events(tiny_data_dir, split, "train")
+        when = {
+            (u, i): t
+            for u, i, t in zip(train["user_id"], train["item_id"], train["timestamp"], strict=True)
+        }
+        titles = dict(zip(train["item_id"], train["item_title"], strict=True))
+        for part in manifest["splits"][split]["parts"]:
+            events = records.load_events(tiny_data_dir, split, part)
+            for n in range(len(events["user_id"])):
+                user, item, ts = events["user_id"][n], events["item_id"][n], events["timestamp"][n]
+                history = [h for h in events["history"][n] if h]
+                assert item not in history
+                # Every history item is a training rating of this user made strictly earlier.
+                assert all(when[(user, h)] < ts for h in history)
+                liked = events["query_text"][n].split("Liked: ", 1)[1].rstrip(".")
+                shown = [titles[h] for h in history[: manifest["query_titles"]]]
+                assert liked == ("; ".join(shown) if shown else "nothing yet")
+                assert events["item_title"][n] not in shown
+
+
+def test_cold_items_absent_from_training(tiny_data_dir):
+    manifest = records.read_manifest(tiny_data_dir)
+    cold = set(manifest["splits"]["p3"]["cold_items"])
+    assert len(cold) == round(0.1 * manifest["counts"]["items"])
+    train = records.load_events(tiny_data_dir, "p3", "train")
+    assert not cold & set(train["item_id"])
+    assert not cold & {h for row in train["history"] for h in row}
+    users = records.load_users(tiny_data_dir, "p3")
+    assert not cold & {h for row in users["history"] for h in row}
+    catalog = records.load_catalog(tiny_data_dir, "p3")
+    is_cold = dict(zip(catalog["item_id"], catalog["is_cold"], strict=True))
+    assert {i for i, c in is_cold.items() if c} == cold
+    assert all(
+        p == 0 for i, p in zip(catalog["item_id"], catalog["popularity"], strict=True) if i in cold
+    )
+    test = records.load_events(tiny_data_dir, "p3", "test")
+    assert cold & set(test["item_id"])
+
+
+def test_splits_are_fixed_by_the_seed(tmp_path):
+    raw = synthetic_raw(seed=3)
+    a = prepare(PrepareConfig(output=str(tmp_path / "a"), seed=7), raw)
+    b = prepare(PrepareConfig(output=str(tmp_path / "b"), seed=7), raw)
+    c = prepare(PrepareConfig(output=str(tmp_path / "c"), seed=8), raw)
+    assert a["files_sha256"] == b["files_sha256"]
+    assert a["files_sha256"] != c["files_sha256"]
+
+
+# ----------------------------------------------------------------------------- storage
+
+
+def test_tfrecord_round_trip_and_reader(tiny_data_dir):
+    events = records.load_events(tiny_data_dir, "p1", "train")
+    ds = records.make_dataset(tiny_data_dir, "p1", "train", batch_size=64, shuffle=True, seed=1)
+    rows = set()
+    for batch in ds:
+        assert batch["history"].shape[1] == 20
+        rows |= {
+            (u.decode(), i.decode(), float(r))
+            for u, i, r in zip(
+                batch["user_id"].numpy(),
+                batch["item_id"].numpy(),
+                batch["rating"].numpy(),
+                strict=True,
+            )
+        }
+    assert rows == set(
+        zip(events["user_id"], events["item_id"], events["rating"].tolist(), strict=True)
+    )
+    positives = records.make_dataset(tiny_data_dir, "p1", "train", 1000, min_rating=4.0)
+    ratings = np.concatenate([b["rating"].numpy() for b in positives])
+    assert ratings.min() >= 4.0 and len(ratings) == int((events["rating"] >= 4).sum())
+    catalog = records.load_catalog(tiny_data_dir, "p1")
+    assert len(catalog["item_id"]) == 60
+    assert catalog["popularity"].sum() == len(events["user_id"])
+
+
+def test_reader_errors(tiny_data_dir, tmp_path):
+    with pytest.raises(DataError, match="not a prepared data directory"):
+        records.make_dataset(str(tmp_path), "p1", "train", 8)
+    with pytest.raises(DataError, match=r"split 'p9' was not prepared"):
+        records.make_dataset(tiny_data_dir, "p9", "train", 8)
+    with pytest.raises(DataError, match=r"split 'p1' has no part 'valid'"):
+        records.make_dataset(tiny_data_dir, "p1", "valid", 8)
+
+
+def test_manifest_records_seed_counts_and_hashes(tiny_data_dir):
+    with open(os.path.join(tiny_data_dir, "manifest.json")) as f:
+        manifest = json.load(f)
+    assert manifest["seed"] == 0
+    assert manifest["counts"]["items"] == 60
+    assert all(re.fullmatch(r"[0-9a-f]{64}", h) for h in manifest["files_sha256"].values())
+    assert "p1/catalog.tfrecord" in manifest["files_sha256"]
+
+
+def test_prepare_refuses_to_clobber_and_leaves_no_partial_output(tmp_path):
+    raw = synthetic_raw(seed=1)
+    out = tmp_path / "out"
+    prepare(PrepareConfig(output=str(out)), raw)
+    with pytest.raises(DataError, match="already holds prepared data"):
+        prepare(PrepareConfig(output=str(out)), raw)
+    broken = tmp_path / "broken"
+    with pytest.raises(DataError):
+        prepare(PrepareConfig(output=str(broken), source=str(tmp_path / "missing")))
+    assert not broken.exists()
+    assert not [p for p in os.listdir(tmp_path) if ".tmp-" in p]
+
+
+def test_cli_prints_table_and_rejects_bad_flags(tmp_path):
+    WRITERS["ml-100k"](str(tmp_path / "src"))
+    cmd = [
+        sys.executable,
+        "-m",
+        "trainer.data",
+        "prepare",
+        "--source",
+        str(tmp_path / "src"),
+        "--output",
+        str(tmp_path / "out"),
+    ]
+    done = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert re.search(r"\s4\s+2\s+3", done.stdout)  # ratings users items
+    assert "p2    train" in done.stdout
+    bad = subprocess.run(
+        cmd[:-2] + ["--output", str(tmp_path / "x"), "--cold-fraction", "2"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert bad.returncode == 2 and "--cold-fraction must be in (0, 1)" in bad.stderr
+    assert "Traceback" not in bad.stderr

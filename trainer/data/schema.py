@@ -1,0 +1,93 @@
+"""The on-disk schema shared by data preparation, training, evaluation and export.
+
+A prepared data directory looks like::
+
+    DIR/
+      manifest.json                  # seed, counts, content hashes, history_length, splits
+      p1/ p2/ p3/                    # one folder per evaluation protocol
+        train-00000-of-0000N.tfrecord
+        valid-00000-of-0000N.tfrecord   # p2 and p3 only
+        test-00000-of-0000N.tfrecord
+        catalog.tfrecord             # every item: text and popularity in this split's train part
+        users.tfrecord               # every user: profile and history from this split's train part
+
+Every record is a ``tf.train.Example``. An *event* (one rating) carries the query features, the
+candidate features and the label. Query features are always built from the same split's
+*training* ratings made strictly before the event, so no record ever sees its own movie or the
+future, and no evaluation query sees a held-out rating.
+"""
+
+from __future__ import annotations
+
+import tensorflow as tf
+
+#: Number of history item ids stored per query (most recent first, padded with "").
+HISTORY_LENGTH = 20
+#: Ratings at or above this count as "liked" when building query histories.
+LIKED_THRESHOLD = 4.0
+#: Titles of liked movies written into the query text (most recent first).
+QUERY_TITLES = 10
+
+PROTOCOLS = ("p1", "p2", "p3")
+PARTS = {
+    "p1": ("train", "test"),
+    "p2": ("train", "valid", "test"),
+    "p3": ("train", "valid", "test"),
+}
+
+# Query-side features: what a serving request carries.
+QUERY_STRING_FEATURES = ("user_id", "user_age", "user_gender", "user_occupation", "query_text")
+# Candidate-side features: what the catalog carries.
+CANDIDATE_STRING_FEATURES = ("item_id", "item_title", "item_year", "item_genres", "item_text")
+
+
+def query_feature_spec(history_length: int = HISTORY_LENGTH) -> dict[str, tf.io.FixedLenFeature]:
+    """Parsing spec of the query features.
+
+    Shapes once parsed (unbatched): every string feature ``[]``; ``history`` ``[history_length]``
+    item ids, most recent first, padded with ``""``.
+    """
+    spec = {name: tf.io.FixedLenFeature([], tf.string) for name in QUERY_STRING_FEATURES}
+    spec["history"] = tf.io.FixedLenFeature([history_length], tf.string)
+    return spec
+
+
+def candidate_feature_spec() -> dict[str, tf.io.FixedLenFeature]:
+    """Parsing spec of the candidate features; every feature parses to a scalar string ``[]``.
+
+    ``item_genres`` is the genres joined with ``"|"``; ``item_text`` is title, year and genres.
+    """
+    return {name: tf.io.FixedLenFeature([], tf.string) for name in CANDIDATE_STRING_FEATURES}
+
+
+def event_feature_spec(history_length: int = HISTORY_LENGTH) -> dict[str, tf.io.FixedLenFeature]:
+    """Parsing spec of one rating event: query + candidate features + label.
+
+    Extra fields: ``rating`` float32 ``[]`` (1..5), ``timestamp`` int64 ``[]`` (Unix seconds).
+    """
+    spec = {**query_feature_spec(history_length), **candidate_feature_spec()}
+    spec["rating"] = tf.io.FixedLenFeature([], tf.float32)
+    spec["timestamp"] = tf.io.FixedLenFeature([], tf.int64)
+    return spec
+
+
+def catalog_feature_spec() -> dict[str, tf.io.FixedLenFeature]:
+    """Parsing spec of one catalog item.
+
+    Extra fields: ``popularity`` int64 ``[]`` (ratings of the item in the split's train part) and
+    ``is_cold`` int64 ``[]`` (1 when the item was held out of training, protocol p3).
+    """
+    spec = candidate_feature_spec()
+    spec["popularity"] = tf.io.FixedLenFeature([], tf.int64)
+    spec["is_cold"] = tf.io.FixedLenFeature([], tf.int64)
+    return spec
+
+
+def user_feature_spec(history_length: int = HISTORY_LENGTH) -> dict[str, tf.io.FixedLenFeature]:
+    """Parsing spec of one user: the query features built from the user's whole train history.
+
+    Extra field: ``num_train`` int64 ``[]``, the user's ratings in the train part.
+    """
+    spec = query_feature_spec(history_length)
+    spec["num_train"] = tf.io.FixedLenFeature([], tf.int64)
+    return spec
