@@ -1,0 +1,195 @@
+"""Transport-independent Predict: resolve the servable and signature, validate, run.
+
+Both the gRPC and the REST front end call this, so they answer the same errors. Messages
+follow TF Serving's (servables/tensorflow/predict_util.cc) where TF Serving has one.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Iterable, Mapping, Sequence
+
+import numpy as np
+import tensorflow as tf
+
+from serving.batching import Batcher, batch_key_and_size
+from serving.errors import Code, ServingError, from_exception
+from serving.model_manager import Servable, ServableManager, SignatureInfo
+
+DEFAULT_SIGNATURE = "serving_default"
+
+
+@dataclasses.dataclass
+class PredictResult:
+    """Outputs of one Predict plus what the response's model_spec reports."""
+
+    model_name: str
+    version: int
+    signature_name: str
+    outputs: dict[str, np.ndarray]
+
+
+class Predictor:
+    """Runs Predict requests against a ServableManager, optionally through a Batcher."""
+
+    def __init__(self, manager: ServableManager, batcher: Batcher | None = None) -> None:
+        self.manager = manager
+        self.batcher = batcher
+
+    def resolve(
+        self,
+        model_name: str,
+        version: int | None = None,
+        version_label: str | None = None,
+        signature_name: str = "",
+    ) -> tuple[Servable, SignatureInfo]:
+        """Finds the servable and the signature a request names."""
+        servable = self.manager.get(model_name, version, version_label)
+        name = signature_name or DEFAULT_SIGNATURE
+        sig = servable.signatures.get(name)
+        if sig is None:
+            # TF Serving answers FAILED_PRECONDITION here (REST maps it to 400 like
+            # INVALID_ARGUMENT).
+            raise ServingError(
+                Code.FAILED_PRECONDITION, f'Serving signature key "{name}" not found.'
+            )
+        return servable, sig
+
+    def predict(
+        self,
+        model_name: str,
+        inputs: Mapping[str, np.ndarray],
+        *,
+        version: int | None = None,
+        version_label: str | None = None,
+        signature_name: str = "",
+        output_filter: Sequence[str] = (),
+    ) -> PredictResult:
+        """Validates numpy inputs against the signature and runs it."""
+        servable, sig = self.resolve(model_name, version, version_label, signature_name)
+        check_input_names(sig, inputs.keys())
+        arrays = {}
+        for name, value in inputs.items():
+            arr = np.asarray(value)
+            check_input(sig, name, _tf_dtype_of(arr, sig.inputs[name].dtype), arr.shape)
+            arrays[name] = arr
+        return self.run(servable, sig, arrays, output_filter)
+
+    def run(
+        self,
+        servable: Servable,
+        sig: SignatureInfo,
+        arrays: dict[str, np.ndarray],
+        output_filter: Sequence[str] = (),
+    ) -> PredictResult:
+        """Runs validated inputs, batched when a Batcher is set and the request allows it."""
+        wanted = check_output_filter(sig, output_filter)
+
+        def call(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+            return call_signature(sig, batch)
+
+        outputs: Mapping[str, np.ndarray] | None = None
+        if self.batcher is not None:
+            batched_names = frozenset(
+                n for n, spec in sig.inputs.items() if spec.shape.rank and spec.shape[0] is None
+            )
+            keyed = batch_key_and_size((id(servable), sig.name), arrays, batched_names)
+            if keyed is not None:
+                key, size = keyed
+                outputs = self.batcher.submit(key, arrays, size, call)
+        if outputs is None:
+            outputs = call(arrays)
+        return PredictResult(
+            model_name=servable.name,
+            version=servable.version,
+            signature_name=sig.name,
+            outputs={name: outputs[name] for name in wanted},
+        )
+
+
+def check_input_names(sig: SignatureInfo, names: Iterable[str]) -> None:
+    """Raises INVALID_ARGUMENT for missing or unknown input names (TF Serving's messages)."""
+    sent = set(names)
+    expected = set(sig.inputs)
+    if sent == expected:
+        return
+    if len(sent) != len(expected):
+        raise ServingError(
+            Code.INVALID_ARGUMENT,
+            f"input size does not match signature: {len(sent)}!={len(expected)} "
+            f"len({{{','.join(sorted(sent))}}}) != len({{{','.join(sorted(expected))}}}). "
+            f"Sent extra: {{{','.join(sorted(sent - expected))}}}. "
+            f"Missing but required: {{{','.join(sorted(expected - sent))}}}.",
+        )
+    alias = sorted(sent - expected)[0]
+    raise ServingError(
+        Code.INVALID_ARGUMENT,
+        f"input tensor alias not found in signature: {alias}. "
+        f"Inputs expected to be in the set {{{','.join(sorted(expected))}}}.",
+    )
+
+
+def check_input(sig: SignatureInfo, name: str, dtype: tf.DType, shape: Sequence[int]) -> None:
+    """Raises INVALID_ARGUMENT when an input's dtype or shape does not fit the TensorSpec."""
+    spec = sig.inputs[name]
+    if dtype != spec.dtype:
+        index = sorted(sig.inputs).index(name)
+        raise ServingError(
+            Code.INVALID_ARGUMENT,
+            f"Expects arg[{index}] to be {spec.dtype.name} but {dtype.name} is provided "
+            f"(input '{name}')",
+        )
+    if not spec.shape.is_compatible_with(tf.TensorShape(list(shape))):
+        raise ServingError(
+            Code.INVALID_ARGUMENT,
+            f"input '{name}' has shape {list(shape)}, incompatible with the signature's "
+            f"{_shape_str(spec.shape)} (rank {spec.shape.rank})",
+        )
+
+
+def check_output_filter(sig: SignatureInfo, output_filter: Sequence[str]) -> list[str]:
+    """Returns the output names to send back (all when the filter is empty)."""
+    if not output_filter:
+        return sorted(sig.outputs)
+    seen: set[str] = set()
+    for alias in output_filter:
+        if alias not in sig.outputs:
+            raise ServingError(
+                Code.INVALID_ARGUMENT,
+                f"output tensor alias not found in signature: {alias} Outputs expected to be "
+                f"in the set {{{','.join(sorted(sig.outputs))}}}.",
+            )
+        if alias in seen:
+            raise ServingError(Code.INVALID_ARGUMENT, f"duplicate output tensor alias: {alias}")
+        seen.add(alias)
+    return list(output_filter)
+
+
+def call_signature(sig: SignatureInfo, arrays: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """Calls the concrete function; TF errors keep their canonical code and message."""
+    try:
+        tensors = {
+            name: tf.convert_to_tensor(arr, dtype=sig.inputs[name].dtype)
+            for name, arr in arrays.items()
+        }
+        outputs = sig.fn(**tensors)
+        return {name: value.numpy() for name, value in outputs.items()}
+    except ServingError:
+        raise
+    except Exception as exc:
+        raise from_exception(exc) from exc
+
+
+def _tf_dtype_of(arr: np.ndarray, wanted: tf.DType) -> tf.DType:
+    if arr.dtype.kind in ("O", "S", "U"):
+        return tf.string
+    try:
+        return tf.as_dtype(arr.dtype)
+    except TypeError:
+        return wanted if arr.size == 0 else tf.string
+
+
+def _shape_str(shape: tf.TensorShape) -> str:
+    if shape.rank is None:
+        return "<unknown>"
+    return "[" + ", ".join("?" if d is None else str(d) for d in shape.as_list()) + "]"

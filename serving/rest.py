@@ -1,0 +1,523 @@
+"""TF Serving's REST API (/v1/models/...) on the standard library's HTTP server.
+
+JSON shapes follow tensorflow_serving/util/json_tensor.cc and model_servers/http_rest_api_*.cc:
+row format (`instances` -> `predictions`), columnar format (`inputs` -> `outputs`), string
+outputs as UTF-8 text except names ending in `_bytes` (`{"b64": ...}`), and errors as
+`{"error": "..."}` with TF Serving's HTTP status for the status code.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import json
+import logging
+import re
+import sys
+import threading
+import urllib.parse
+from collections.abc import Mapping
+from concurrent.futures import ThreadPoolExecutor
+from http.server import BaseHTTPRequestHandler, HTTPServer
+from typing import Any
+
+import numpy as np
+import tensorflow as tf
+from google.protobuf import json_format
+from tensorflow_serving.apis import get_model_metadata_pb2, get_model_status_pb2
+
+from serving.errors import Code, ServingError, from_exception, log_event
+from serving.predictor import Predictor, check_input, check_input_names
+
+logger = logging.getLogger("serving.rest")
+
+_PREDICT_RE = re.compile(
+    r"/v1/models/([^/:]+)(?:(?:/versions/(\d+))|(?:/labels/([^/:]+)))?:(classify|regress|predict)",
+    re.IGNORECASE,
+)
+_STATUS_RE = re.compile(
+    r"/v1/models(?:/([^/:]+))?(?:(?:/versions/(\d+))|(?:/labels/([^/:]+)))?(?:/(metadata))?",
+    re.IGNORECASE,
+)
+_V1_RE = re.compile(r"/v1/.*", re.IGNORECASE)
+
+
+class RestApi:
+    """Maps (method, path, body) to (HTTP status, JSON-able body); no sockets involved."""
+
+    def __init__(self, predictor: Predictor, max_body_bytes: int = 2**31 - 1) -> None:
+        self.predictor = predictor
+        self.max_body_bytes = max_body_bytes
+
+    def handle(self, method: str, path: str, body: bytes) -> tuple[int, Any]:
+        """Answers one request; never raises."""
+        try:
+            return 200, self._dispatch(method, path, body)
+        except Exception as exc:
+            err = from_exception(exc)
+            log_event(
+                logger,
+                logging.WARNING,
+                "request_error",
+                api="rest",
+                method=method,
+                path=path,
+                code=err.code.name,
+                error=err.message[:1000],
+            )
+            return err.http_status, {"error": err.message}
+
+    def _dispatch(self, method: str, path: str, body: bytes) -> Any:
+        path = urllib.parse.urlsplit(path).path
+        if not _V1_RE.fullmatch(path):
+            raise ServingError(Code.NOT_FOUND, f"Not found: {method} {path}")
+        if method == "POST":
+            m = _PREDICT_RE.fullmatch(path)
+            if m:
+                name, version, label = _model_info(m.group(1), m.group(2), m.group(3))
+                verb = m.group(4).lower()
+                if verb != "predict":
+                    raise ServingError(
+                        Code.UNIMPLEMENTED, f"{verb} is not supported by this model server"
+                    )
+                if len(body) > self.max_body_bytes:
+                    raise ServingError(
+                        Code.RESOURCE_EXHAUSTED,
+                        f"Request body larger than max ({len(body)} vs. {self.max_body_bytes})",
+                    )
+                return self.predict(name, version, label, body)
+        elif method == "GET":
+            m = _STATUS_RE.fullmatch(path)
+            if m:
+                if not m.group(1):
+                    raise ServingError(Code.INVALID_ARGUMENT, "Missing model name in request.")
+                name, version, label = _model_info(m.group(1), m.group(2), m.group(3))
+                if m.group(4):
+                    return self.metadata(name, version, label)
+                return self.status(name, version, label)
+        raise ServingError(Code.INVALID_ARGUMENT, f"Malformed request: {method} {path}")
+
+    # -- endpoints ----------------------------------------------------------------------------
+
+    def status(self, name: str, version: int | None, label: str | None) -> Any:
+        response = get_model_status_pb2.GetModelStatusResponse()
+        for ver, state in self.predictor.manager.status(name, version, label):
+            entry = response.model_version_status.add()
+            entry.version = ver
+            entry.state = get_model_status_pb2.ModelVersionStatus.State.Value(state.state)
+            entry.status.error_code = int(state.error_code)
+            entry.status.error_message = state.error_message
+        return json_format.MessageToDict(response, always_print_fields_with_no_presence=True)
+
+    def metadata(self, name: str, version: int | None, label: str | None) -> Any:
+        servable = self.predictor.manager.get(name, version, label)
+        response = get_model_metadata_pb2.GetModelMetadataResponse()
+        response.model_spec.name = servable.name
+        response.model_spec.version.value = servable.version
+        opts = {"always_print_fields_with_no_presence": True, "preserving_proto_field_name": True}
+        return {
+            "model_spec": json_format.MessageToDict(response.model_spec, **opts),
+            "metadata": {
+                "signature_def": json_format.MessageToDict(servable.signature_def_map, **opts)
+            },
+        }
+
+    def predict(self, name: str, version: int | None, label: str | None, body: bytes) -> Any:
+        try:
+            request = json.loads(body)
+        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+            raise ServingError(Code.INVALID_ARGUMENT, f"JSON Parse error: {exc}") from exc
+        if not isinstance(request, dict):
+            raise ServingError(
+                Code.INVALID_ARGUMENT, "JSON Value: not an object. Expecting a JSON object"
+            )
+        signature_name = request.get("signature_name", "")
+        if not isinstance(signature_name, str):
+            raise ServingError(Code.INVALID_ARGUMENT, "'signature_name' key must be a string")
+        has_rows, has_cols = "instances" in request, "inputs" in request
+        if has_rows == has_cols:
+            raise ServingError(
+                Code.INVALID_ARGUMENT,
+                "Missing 'inputs' or 'instances' key"
+                if not has_rows
+                else "Not formatted correctly expecting only one of 'inputs' or 'instances' "
+                "keys exists",
+            )
+        try:
+            servable, sig = self.predictor.resolve(name, version, label, signature_name)
+        except ServingError as err:
+            if err.code == Code.FAILED_PRECONDITION:  # REST wording and code for this case
+                raise ServingError(
+                    Code.INVALID_ARGUMENT,
+                    f'Serving signature name: "{signature_name or "serving_default"}" not '
+                    "found in signature def",
+                ) from err
+            raise
+        specs = sig.inputs
+        if has_rows:
+            arrays = rows_to_arrays(request["instances"], specs)
+        else:
+            arrays = columns_to_arrays(request["inputs"], specs)
+        check_input_names(sig, arrays)
+        for input_name, arr in arrays.items():
+            check_input(sig, input_name, specs[input_name].dtype, arr.shape)
+        result = self.predictor.run(servable, sig, arrays)
+        if has_rows:
+            return {"predictions": outputs_to_rows(result.outputs)}
+        return {"outputs": outputs_to_columns(result.outputs)}
+
+
+def _model_info(
+    name: str, version: str | None, label: str | None
+) -> tuple[str, int | None, str | None]:
+    name = urllib.parse.unquote(name)
+    ver: int | None = None
+    if version:
+        try:
+            ver = int(version)
+        except ValueError as exc:
+            raise ServingError(
+                Code.INVALID_ARGUMENT, f"Failed to convert version: {version} to numeric."
+            ) from exc
+    return name, ver, urllib.parse.unquote(label) if label else None
+
+
+# -- JSON <-> numpy ---------------------------------------------------------------------------
+
+
+def json_to_array(value: Any, dtype: tf.DType, name: str) -> np.ndarray:
+    """Converts a JSON value to an array of the signature's dtype, as TF Serving does."""
+    if dtype == tf.string:
+        leaves: list[bytes] = []
+        structure = _strings_to_bytes(value, name, leaves)
+        arr = np.empty(_nested_shape(structure, name), dtype=object)
+        flat = arr.reshape(-1)
+        if flat.size != len(leaves):
+            raise ServingError(Code.INVALID_ARGUMENT, f"Tensor name: {name} is not rectangular")
+        flat[:] = leaves
+        return arr
+    if _contains_dict(value):
+        raise ServingError(
+            Code.INVALID_ARGUMENT,
+            f"Tensor name: {name} has an object where a {dtype.name} number is expected",
+        )
+    try:
+        arr = np.asarray(value, dtype=dtype.as_numpy_dtype)
+    except (TypeError, ValueError, OverflowError) as exc:
+        raise ServingError(
+            Code.INVALID_ARGUMENT,
+            f"Tensor name: {name} has values that do not convert to {dtype.name}: {exc}",
+        ) from exc
+    return arr
+
+
+def _strings_to_bytes(value: Any, name: str, leaves: list[bytes]) -> Any:
+    if isinstance(value, list):
+        return [_strings_to_bytes(v, name, leaves) for v in value]
+    if isinstance(value, str):
+        leaves.append(value.encode("utf-8"))
+        return None
+    if isinstance(value, dict) and set(value) == {"b64"} and isinstance(value["b64"], str):
+        try:
+            leaves.append(base64.b64decode(value["b64"], validate=True))
+        except (binascii.Error, ValueError) as exc:
+            raise ServingError(
+                Code.INVALID_ARGUMENT, f"Unable to base64 decode (tensor name: {name})"
+            ) from exc
+        return None
+    raise ServingError(
+        Code.INVALID_ARGUMENT,
+        f"Tensor name: {name} has a {type(value).__name__} value where a string (or "
+        '{"b64": ...}) is expected',
+    )
+
+
+def _nested_shape(structure: Any, name: str) -> tuple[int, ...]:
+    if not isinstance(structure, list):
+        return ()
+    if not structure:
+        return (0,)
+    inner = {_nested_shape(s, name) for s in structure}
+    if len(inner) != 1:
+        raise ServingError(Code.INVALID_ARGUMENT, f"Tensor name: {name} is not rectangular")
+    return (len(structure), *inner.pop())
+
+
+def _contains_dict(value: Any) -> bool:
+    if isinstance(value, dict):
+        return True
+    if isinstance(value, list):
+        return any(_contains_dict(v) for v in value)
+    return False
+
+
+def rows_to_arrays(instances: Any, specs: Mapping[str, Any]) -> dict[str, np.ndarray]:
+    """Row format: stacks per-instance values along a new dim 0, one array per input.
+
+    Inputs the signature declares as scalars (rank 0, e.g. `k`) cannot be stacked; TF Serving
+    would feed them as [N] and fail inside the graph. Here every instance must then carry the
+    same value and it is passed once as a scalar.
+    """
+    if not isinstance(instances, list):
+        raise ServingError(Code.INVALID_ARGUMENT, "Expecting 'instances' to be an list/array")
+    if not instances:
+        raise ServingError(Code.INVALID_ARGUMENT, "'instances' is an empty list")
+    names = sorted(specs)
+    named = all(isinstance(i, dict) and not _is_b64(i) for i in instances)
+    if not named:
+        if len(names) != 1:
+            raise ServingError(
+                Code.INVALID_ARGUMENT,
+                "Expecting object but got list at item 0 of input list",
+            )
+        instances = [{names[0]: i} for i in instances]
+    keys = set(instances[0])
+    for idx, inst in enumerate(instances):
+        if set(inst) != keys:
+            raise ServingError(
+                Code.INVALID_ARGUMENT,
+                f"Failed to process element: {idx} of 'instances' list. JSON object: "
+                f"{json.dumps(inst)[:200]} keys do not match the first element's keys "
+                f"{sorted(keys)}",
+            )
+    arrays: dict[str, np.ndarray] = {}
+    for key in sorted(keys):
+        spec = specs.get(key)
+        dtype = spec.dtype if spec is not None else _guess_dtype(instances[0][key])
+        values = [inst[key] for inst in instances]
+        if spec is not None and spec.shape.rank == 0:
+            first = json_to_array(values[0], dtype, key)
+            for v in values[1:]:
+                if not np.array_equal(json_to_array(v, dtype, key), first):
+                    raise ServingError(
+                        Code.INVALID_ARGUMENT,
+                        f"Tensor name: {key} is a scalar in the signature; every instance "
+                        "must carry the same value",
+                    )
+            arrays[key] = first
+        else:
+            arrays[key] = json_to_array(values, dtype, key)
+    return arrays
+
+
+def columns_to_arrays(inputs: Any, specs: Mapping[str, Any]) -> dict[str, np.ndarray]:
+    """Columnar format: `{"inputs": {name: value}}`, or a bare value for a single input."""
+    names = sorted(specs)
+    if not isinstance(inputs, dict) or _is_b64(inputs):
+        if len(names) != 1:
+            raise ServingError(
+                Code.INVALID_ARGUMENT,
+                "'inputs' must be a JSON object keyed by input name for a signature with "
+                f"{len(names)} inputs",
+            )
+        inputs = {names[0]: inputs}
+    arrays = {}
+    for key, value in inputs.items():
+        spec = specs.get(key)
+        dtype = spec.dtype if spec is not None else _guess_dtype(value)
+        arrays[key] = json_to_array(value, dtype, key)
+    return arrays
+
+
+def _is_b64(value: Any) -> bool:
+    return isinstance(value, dict) and set(value) == {"b64"}
+
+
+def _guess_dtype(value: Any) -> tf.DType:
+    # Only used for names the signature lacks, which fail validation right after.
+    while isinstance(value, list) and value:
+        value = value[0]
+    return tf.string if isinstance(value, (str, dict)) else tf.float32
+
+
+def array_to_json(name: str, arr: np.ndarray) -> Any:
+    """Converts an output array to JSON values the way TF Serving writes them."""
+    if arr.dtype.kind in ("O", "S", "U"):
+        as_b64 = name.endswith("_bytes")
+        return _map_nested(arr.tolist(), lambda v: _string_to_json(v, as_b64))
+    if arr.dtype.kind == "f" and arr.dtype.itemsize <= 4:
+        # float32 printed with its shortest round-trip repr (0.3, not 0.30000001192092896).
+        return _map_nested(arr.tolist(), lambda v: float(str(np.float32(v))))
+    if arr.dtype.kind == "c":
+        raise ServingError(Code.UNIMPLEMENTED, f"Tensor {name}: complex outputs not supported")
+    return arr.tolist()
+
+
+def _string_to_json(value: Any, as_b64: bool) -> Any:
+    if isinstance(value, str):
+        value = value.encode("utf-8")
+    if as_b64:
+        return {"b64": base64.b64encode(value).decode("ascii")}
+    return value.decode("utf-8", errors="replace")
+
+
+def _map_nested(value: Any, fn: Any) -> Any:
+    if isinstance(value, list):
+        return [_map_nested(v, fn) for v in value]
+    return fn(value)
+
+
+def outputs_to_rows(outputs: Mapping[str, np.ndarray]) -> Any:
+    """`predictions`: one entry per row; a bare value per row when there is one output."""
+    batch: int | None = None
+    for name, arr in outputs.items():
+        if np.ndim(arr) == 0:
+            raise ServingError(
+                Code.INVALID_ARGUMENT,
+                f"Tensor name: {name} has no shape information; row format needs a batch "
+                "dimension (use the columnar 'inputs' format)",
+            )
+        if batch is None:
+            batch = arr.shape[0]
+        elif arr.shape[0] != batch:
+            raise ServingError(
+                Code.INVALID_ARGUMENT,
+                f"Tensor name: {name} has inconsistent batch size: {arr.shape[0]} "
+                f"expecting: {batch}",
+            )
+    columns = {name: array_to_json(name, np.asarray(arr)) for name, arr in outputs.items()}
+    if len(columns) == 1:
+        return next(iter(columns.values()))
+    return [{name: col[i] for name, col in columns.items()} for i in range(batch or 0)]
+
+
+def outputs_to_columns(outputs: Mapping[str, np.ndarray]) -> Any:
+    """`outputs`: a bare value for one output, else an object keyed by output name."""
+    columns = {name: array_to_json(name, np.asarray(arr)) for name, arr in outputs.items()}
+    if len(columns) == 1:
+        return next(iter(columns.values()))
+    return columns
+
+
+# -- HTTP server ------------------------------------------------------------------------------
+
+
+class _Handler(BaseHTTPRequestHandler):
+    server_version = "TensorFlowServingLocal/0.1"
+    protocol_version = "HTTP/1.1"
+    timeout = 60  # seconds a client may idle mid-request before its pool worker is freed
+
+    def do_GET(self) -> None:  # noqa: N802 (http.server's naming)
+        self._serve(b"")
+
+    def do_POST(self) -> None:  # noqa: N802
+        try:
+            length = int(self.headers.get("Content-Length") or 0)
+        except ValueError:
+            length = -1
+        server: RestServer = self.server.owner  # type: ignore[attr-defined]
+        if length < 0:
+            self._reply(400, {"error": "Invalid Content-Length"})
+            return
+        if length > server.api.max_body_bytes:
+            # Drain (discarding) so the client can finish sending and read the error.
+            remaining = length
+            while remaining > 0:
+                chunk = self.rfile.read(min(remaining, 1 << 16))
+                if not chunk:
+                    break
+                remaining -= len(chunk)
+            self._reply(
+                429,
+                {
+                    "error": f"Request body larger than max ({length} vs. "
+                    f"{server.api.max_body_bytes})"
+                },
+            )
+            return
+        self._serve(self.rfile.read(length))
+
+    def _serve(self, body: bytes) -> None:
+        server: RestServer = self.server.owner  # type: ignore[attr-defined]
+        if not server.enter():
+            self._reply(503, {"error": "Server is shutting down"})
+            return
+        try:
+            status, payload = server.api.handle(self.command, self.path, body)
+            self._reply(status, payload)
+        finally:
+            server.leave()
+
+    def _reply(self, status: int, payload: Any) -> None:
+        data = json.dumps(payload, indent=None).encode("utf-8")
+        self.send_response(status)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(data)))
+        self.send_header("Connection", "close")
+        self.end_headers()
+        self.wfile.write(data)
+        self.close_connection = True
+
+    def log_message(self, format: str, *args: Any) -> None:  # noqa: A002
+        return  # access logs would drown the structured logs; errors are logged by RestApi
+
+
+class _PooledHTTPServer(HTTPServer):
+    """HTTPServer whose connections run on a bounded pool (--rest_api_num_threads)."""
+
+    daemon_threads = True
+
+    def __init__(self, address: tuple[str, int], pool: ThreadPoolExecutor) -> None:
+        self._pool = pool
+        super().__init__(address, _Handler)
+
+    def process_request(self, request: Any, client_address: Any) -> None:
+        self._pool.submit(self._work, request, client_address)
+
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        # A client that hangs up mid-response is not a server failure; log one line, no trace.
+        exc = sys.exc_info()[1]
+        log_event(logger, logging.INFO, "connection_error", error=f"{type(exc).__name__}: {exc}")
+
+    def _work(self, request: Any, client_address: Any) -> None:
+        try:
+            self.finish_request(request, client_address)
+        except Exception:
+            self.handle_error(request, client_address)
+        finally:
+            self.shutdown_request(request)
+
+
+class RestServer:
+    """The REST front end: start() binds and serves in a thread; stop() drains in-flight."""
+
+    def __init__(self, api: RestApi, host: str, port: int, num_threads: int) -> None:
+        self.api = api
+        self._pool = ThreadPoolExecutor(max_workers=num_threads, thread_name_prefix="rest")
+        self._httpd = _PooledHTTPServer((host, port), self._pool)
+        self._httpd.owner = self  # type: ignore[attr-defined]
+        self._thread = threading.Thread(
+            target=self._httpd.serve_forever, kwargs={"poll_interval": 0.2}, name="rest-accept"
+        )
+        self._thread.daemon = True
+        self._cv = threading.Condition()
+        self._in_flight = 0
+        self._closing = False
+
+    @property
+    def port(self) -> int:
+        return self._httpd.server_address[1]
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def enter(self) -> bool:
+        with self._cv:
+            if self._closing:
+                return False
+            self._in_flight += 1
+            return True
+
+    def leave(self) -> None:
+        with self._cv:
+            self._in_flight -= 1
+            self._cv.notify_all()
+
+    def stop(self, grace_s: float) -> None:
+        """Stops accepting, waits up to grace_s for in-flight requests, then closes."""
+        self._httpd.shutdown()
+        with self._cv:
+            self._closing = True
+            self._cv.wait_for(lambda: self._in_flight == 0, timeout=grace_s)
+        self._httpd.server_close()
+        self._pool.shutdown(wait=False, cancel_futures=True)

@@ -1,0 +1,869 @@
+"""Tests of the local TF Serving-compatible server (serving/server.py) and client.
+
+A tiny two-signature SavedModel mimicking the export contract is built here with plain TF ops,
+exported as versions 1 and 2, and served by `python -m serving.server` in a subprocess on
+127.0.0.1. Servers are module-scoped: each one costs a TensorFlow import (~5 s).
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import grpc
+import numpy as np
+import pytest
+import tensorflow as tf
+from tensorflow_serving.apis import (
+    classification_pb2,
+    get_model_metadata_pb2,
+    get_model_status_pb2,
+    model_service_pb2_grpc,
+    predict_pb2,
+    prediction_service_pb2_grpc,
+)
+
+from serving.batching import (
+    Batcher,
+    BatchingOptions,
+    batch_key_and_size,
+    parse_batching_parameters,
+)
+from serving.client import ServingClient, format_table
+from serving.client import main as client_main
+from serving.errors import Code, ServingError
+from serving.model_manager import VersionPolicy, list_versions, parse_model_config_text
+
+REPO = Path(__file__).resolve().parents[1]
+N_ITEMS, DIM = 20, 8
+ITEM_IDS = [f"item_{i}" for i in range(N_ITEMS)]
+TITLES = [f"Title {i}" for i in range(N_ITEMS)]
+QUERY_NAMES = ("user_id", "user_age", "user_gender", "user_occupation", "query_text")
+MAX_MESSAGE_BYTES = 1 << 20
+STARTUP_TIMEOUT_S = 120
+
+_QUERY_SPECS = [tf.TensorSpec([None], tf.string, name=n) for n in QUERY_NAMES]
+_HISTORY_SPEC = tf.TensorSpec([None, None], tf.string, name="history")
+
+
+class TinyRecommender(tf.Module):
+    """Mimics the export contract: `serving_default` (retrieve) and `rank` signatures.
+
+    Scores carry an offset of 100 * version so every answer tells which version produced it.
+    """
+
+    def __init__(self, version: int) -> None:
+        super().__init__()
+        rng = np.random.default_rng(0)
+        self.item_emb = tf.constant(rng.normal(size=(N_ITEMS, DIM)).astype(np.float32))
+        self.user_emb = tf.constant(rng.normal(size=(64, DIM)).astype(np.float32))
+        self.offset = tf.constant(100.0 * version)
+        self.ids = tf.constant(ITEM_IDS)
+        self.titles = tf.constant(TITLES)
+
+    def _query(self, user_id: tf.Tensor, query_text: tf.Tensor) -> tf.Tensor:
+        user = tf.gather(self.user_emb, tf.strings.to_hash_bucket_fast(user_id, 64))
+        text = tf.gather(self.user_emb, tf.strings.to_hash_bucket_fast(query_text, 64))
+        return user + 0.5 * text
+
+    @tf.function(
+        input_signature=[
+            *_QUERY_SPECS,
+            _HISTORY_SPEC,
+            tf.TensorSpec([], tf.int32, name="k"),
+            tf.TensorSpec([None, None], tf.string, name="exclude_item_ids"),
+            tf.TensorSpec([], tf.float32, name="diversity"),
+        ]
+    )
+    def retrieve(
+        self,
+        user_id,
+        user_age,
+        user_gender,
+        user_occupation,
+        query_text,
+        history,
+        k,
+        exclude_item_ids,
+        diversity,
+    ):
+        # The "signature forbids an empty batch" case: the assertion raises InvalidArgument.
+        tf.debugging.assert_positive(tf.shape(user_id)[0], message="empty batch")
+        scores = tf.matmul(self._query(user_id, query_text), self.item_emb, transpose_b=True)
+        excluded = tf.reduce_any(
+            tf.equal(exclude_item_ids[:, :, None], self.ids[None, None, :]), axis=1
+        )
+        penalty = diversity * 0.01 * tf.range(N_ITEMS, dtype=tf.float32)[None, :]
+        scores = tf.where(excluded, -1e9, scores + self.offset) - penalty
+        top = tf.math.top_k(scores, k)
+        return {
+            "item_ids": tf.gather(self.ids, top.indices),
+            "scores": top.values,
+            "titles": tf.gather(self.titles, top.indices),
+        }
+
+    @tf.function(
+        input_signature=[
+            *_QUERY_SPECS,
+            _HISTORY_SPEC,
+            tf.TensorSpec([None, None], tf.string, name="candidate_item_ids"),
+        ]
+    )
+    def rank(
+        self,
+        user_id,
+        user_age,
+        user_gender,
+        user_occupation,
+        query_text,
+        history,
+        candidate_item_ids,
+    ):
+        match = tf.cast(
+            tf.equal(candidate_item_ids[:, :, None], self.ids[None, None, :]), "float32"
+        )
+        item = tf.einsum("bmn,nd->bmd", match, self.item_emb)
+        query = self._query(user_id, query_text)
+        return {"ratings": tf.einsum("bd,bmd->bm", query, item) + self.offset}
+
+
+MODELS = {v: TinyRecommender(v) for v in (1, 2, 3)}
+
+
+def export_version(base: Path, version: int) -> None:
+    """Writes to a temp name and renames into place, as exporters should."""
+    model = MODELS[version]
+    tmp = base / f".tmp-{version}"
+    tf.saved_model.save(
+        model, str(tmp), signatures={"serving_default": model.retrieve, "rank": model.rank}
+    )
+    os.rename(tmp, base / str(version))
+
+
+def make_query(batch: int, seed: int = 0, k: int = 5, history: int = 2) -> dict[str, np.ndarray]:
+    """Retrieve inputs for `batch` users (numpy, as the contract's dtypes)."""
+    q: dict[str, np.ndarray] = {
+        "user_id": np.array([f"user_{seed}_{i}".encode() for i in range(batch)], dtype=object),
+        "user_age": np.array([b"25"] * batch, dtype=object),
+        "user_gender": np.array([b"F"] * batch, dtype=object),
+        "user_occupation": np.array([b"engineer"] * batch, dtype=object),
+        "query_text": np.array([f"query {seed % 7}".encode()] * batch, dtype=object),
+        "history": np.array([[b"item_1", b""][:history]] * batch, dtype=object).reshape(
+            batch, history
+        ),
+    }
+    q["k"] = np.array(k, dtype=np.int32)
+    q["exclude_item_ids"] = np.array([[b"item_3", b""]] * batch, dtype=object)
+    q["diversity"] = np.array(0.5, dtype=np.float32)
+    return q
+
+
+def rank_query(batch: int, seed: int = 0) -> dict[str, np.ndarray]:
+    q = {k: v for k, v in make_query(batch, seed).items() if k in (*QUERY_NAMES, "history")}
+    q["candidate_item_ids"] = np.array([[b"item_2", b"item_5", b"item_9"]] * batch, dtype=object)
+    return q
+
+
+def expected(version: int, signature: str, inputs: dict[str, Any]) -> dict[str, np.ndarray]:
+    fn = MODELS[version].retrieve if signature == "serving_default" else MODELS[version].rank
+    return {k: v.numpy() for k, v in fn(**inputs).items()}
+
+
+def assert_outputs_match(got: dict[str, np.ndarray], want: dict[str, np.ndarray]) -> None:
+    assert sorted(got) == sorted(want)
+    for name, value in want.items():
+        if value.dtype == object:
+            np.testing.assert_array_equal(np.asarray(got[name]).astype(bytes), value.astype(bytes))
+        else:
+            np.testing.assert_allclose(got[name], value, rtol=1e-5, atol=1e-4)
+
+
+def to_request(inputs: dict[str, np.ndarray], model: str = "recs", **spec: Any) -> Any:
+    request = predict_pb2.PredictRequest()
+    request.model_spec.name = model
+    for key, value in spec.items():
+        if key == "version":
+            request.model_spec.version.value = value
+        else:
+            setattr(request.model_spec, key, value)
+    for name, value in inputs.items():
+        request.inputs[name].CopyFrom(tf.make_tensor_proto(value))
+    return request
+
+
+def from_response(response: Any) -> dict[str, np.ndarray]:
+    return {name: tf.make_ndarray(proto) for name, proto in response.outputs.items()}
+
+
+def to_json(inputs: dict[str, np.ndarray]) -> dict[str, Any]:
+    def conv(v: np.ndarray) -> Any:
+        if v.dtype == object:
+            return np.vectorize(lambda b: b.decode(), otypes=[object])(v).tolist()
+        return v.tolist()
+
+    return {k: conv(v) for k, v in inputs.items()}
+
+
+# -- server processes ---------------------------------------------------------------------------
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class ServerProcess:
+    """`python -m serving.server` in a subprocess; collects its JSON log lines."""
+
+    def __init__(self, args: list[str]) -> None:
+        self.rest_port = free_port()
+        cmd = [sys.executable, "-m", "serving.server", "--port", "0"]
+        cmd += ["--rest_api_port", str(self.rest_port), *args]
+        env = {**os.environ, "PYTHONPATH": str(REPO), "TF_CPP_MIN_LOG_LEVEL": "2"}
+        self.proc = subprocess.Popen(
+            cmd, cwd=REPO, env=env, stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True
+        )
+        self.events: list[dict[str, Any]] = []
+        self.raw: list[str] = []
+        self._started = threading.Event()
+        threading.Thread(target=self._read, daemon=True).start()
+        if not self._started.wait(STARTUP_TIMEOUT_S) or self.proc.poll() is not None:
+            self.proc.kill()
+            raise RuntimeError("server did not start:\n" + "".join(self.raw[-40:]))
+        start = next(e for e in self.events if e.get("event") == "server_start")
+        self.grpc_port = start["grpc_port"]
+        self.target = f"127.0.0.1:{self.grpc_port}"
+        self.rest = f"http://127.0.0.1:{self.rest_port}"
+
+    def _read(self) -> None:
+        assert self.proc.stderr is not None
+        for line in self.proc.stderr:
+            self.raw.append(line)
+            if line.startswith("{"):
+                try:
+                    event = json.loads(line)
+                except json.JSONDecodeError:
+                    continue
+                self.events.append(event)
+                if event.get("event") == "server_start":
+                    self._started.set()
+
+    def terminate(self, timeout_s: float = 60) -> int:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+        try:
+            return self.proc.wait(timeout_s)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            raise
+
+
+@pytest.fixture(scope="module")
+def base_path(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    base = tmp_path_factory.mktemp("models") / "recs"
+    base.mkdir()
+    export_version(base, 1)
+    export_version(base, 2)
+    return base
+
+
+@pytest.fixture(scope="module")
+def server(base_path: Path) -> Iterator[ServerProcess]:
+    config = base_path.parent / "models.config"
+    config.write_text(
+        f"""
+model_config_list {{
+  config {{ name: "recs" base_path: "{base_path}" model_platform: "tensorflow" }}
+  config {{
+    name: "recs_pinned" base_path: "{base_path}" model_platform: "tensorflow"
+    model_version_policy {{ specific {{ versions: 1 versions: 2 }} }}
+    version_labels {{ key: "stable" value: 1 }}
+    version_labels {{ key: "canary" value: 2 }}
+  }}
+}}
+"""
+    )
+    proc = ServerProcess(
+        [
+            "--model_config_file",
+            str(config),
+            "--file_system_poll_wait_seconds",
+            "0.2",
+            "--max_num_load_retries",
+            "0",
+            "--grpc_max_threads",
+            "16",
+            "--grpc_channel_arguments",
+            f"grpc.max_receive_message_length={MAX_MESSAGE_BYTES}",
+        ]
+    )
+    yield proc
+    assert proc.terminate() == 0
+    assert not any("Traceback" in line for line in proc.raw), "".join(proc.raw[-60:])
+
+
+@pytest.fixture(scope="module")
+def stub(server: ServerProcess) -> Iterator[Any]:
+    with grpc.insecure_channel(server.target) as channel:
+        yield prediction_service_pb2_grpc.PredictionServiceStub(channel)
+
+
+@pytest.fixture(scope="module")
+def model_stub(server: ServerProcess) -> Iterator[Any]:
+    with grpc.insecure_channel(server.target) as channel:
+        yield model_service_pb2_grpc.ModelServiceStub(channel)
+
+
+def http(method: str, url: str, body: Any = None, raw: bytes | None = None) -> tuple[int, Any]:
+    data = raw if raw is not None else (json.dumps(body).encode() if body is not None else None)
+    req = urllib.request.Request(url, data=data, method=method)
+    try:
+        with urllib.request.urlopen(req, timeout=30) as resp:
+            return resp.status, json.loads(resp.read())
+    except urllib.error.HTTPError as err:
+        return err.code, json.loads(err.read())
+
+
+# -- gRPC ---------------------------------------------------------------------------------------
+
+
+def test_grpc_retrieve_and_rank(stub: Any) -> None:
+    inputs = make_query(3, seed=1)
+    response = stub.Predict(to_request(inputs), timeout=30)
+    version = response.model_spec.version.value
+    assert response.model_spec.name == "recs"
+    assert response.model_spec.signature_name == "serving_default"
+    assert version in (2, 3)
+    got = from_response(response)
+    assert_outputs_match(got, expected(version, "serving_default", inputs))
+    assert got["item_ids"].shape == (3, 5)
+    assert b"item_3" not in got["item_ids"]  # excluded
+
+    rank_inputs = rank_query(2)
+    response = stub.Predict(to_request(rank_inputs, signature_name="rank"), timeout=30)
+    assert response.model_spec.signature_name == "rank"
+    want = expected(response.model_spec.version.value, "rank", rank_inputs)
+    assert_outputs_match(from_response(response), want)
+
+    request = to_request(inputs)
+    request.output_filter.append("scores")
+    assert sorted(stub.Predict(request, timeout=30).outputs) == ["scores"]
+
+
+def test_grpc_versions_and_labels(stub: Any) -> None:
+    inputs = make_query(2, seed=2)
+    for spec, version in (({"version": 1}, 1), ({"version_label": "canary"}, 2), ({}, 2)):
+        response = stub.Predict(to_request(inputs, "recs_pinned", **spec), timeout=30)
+        assert response.model_spec.version.value == version
+        assert_outputs_match(from_response(response), expected(version, "serving_default", inputs))
+
+
+def test_grpc_metadata_and_status(stub: Any, model_stub: Any) -> None:
+    request = get_model_metadata_pb2.GetModelMetadataRequest(metadata_field=["signature_def"])
+    request.model_spec.name = "recs_pinned"
+    request.model_spec.version.value = 1
+    response = stub.GetModelMetadata(request, timeout=30)
+    assert response.model_spec.name == "recs_pinned"
+    assert response.model_spec.version.value == 1
+    sig_map = get_model_metadata_pb2.SignatureDefMap()
+    assert response.metadata["signature_def"].Unpack(sig_map)
+    retrieve = sig_map.signature_def["serving_default"]
+    assert set(retrieve.inputs) == {*QUERY_NAMES, "history", "k", "exclude_item_ids", "diversity"}
+    assert retrieve.inputs["k"].dtype == tf.int32.as_datatype_enum
+    assert len(retrieve.inputs["history"].tensor_shape.dim) == 2
+    assert set(retrieve.outputs) == {"item_ids", "scores", "titles"}
+    assert set(sig_map.signature_def["rank"].outputs) == {"ratings"}
+    assert retrieve.method_name == "tensorflow/serving/predict"
+
+    status_request = get_model_status_pb2.GetModelStatusRequest()
+    status_request.model_spec.name = "recs_pinned"
+    status = model_stub.GetModelStatus(status_request, timeout=30)
+    assert [(s.version, s.state) for s in status.model_version_status] == [
+        (2, get_model_status_pb2.ModelVersionStatus.AVAILABLE),
+        (1, get_model_status_pb2.ModelVersionStatus.AVAILABLE),
+    ]
+    assert all(s.status.error_code == 0 for s in status.model_version_status)
+
+
+# -- REST ---------------------------------------------------------------------------------------
+
+
+def test_rest_columnar_and_row_formats(server: ServerProcess) -> None:
+    inputs = make_query(2, seed=3)
+    code, body = http(
+        "POST", f"{server.rest}/v1/models/recs_pinned:predict", {"inputs": to_json(inputs)}
+    )
+    assert code == 200, body
+    want = expected(2, "serving_default", inputs)
+    assert body["outputs"]["item_ids"] == want["item_ids"].astype(str).tolist()
+    assert body["outputs"]["titles"] == want["titles"].astype(str).tolist()
+    np.testing.assert_allclose(body["outputs"]["scores"], want["scores"], rtol=1e-6)
+
+    # Row format: one object per instance; the scalar k/diversity repeat in every row.
+    rows = [
+        {name: value[i] for name, value in to_json(inputs).items() if np.ndim(inputs[name])}
+        | {"k": 5, "diversity": 0.5}
+        for i in range(2)
+    ]
+    code, body = http(
+        "POST", f"{server.rest}/v1/models/recs_pinned/versions/1:predict", {"instances": rows}
+    )
+    assert code == 200, body
+    want = expected(1, "serving_default", inputs)
+    assert [p["item_ids"] for p in body["predictions"]] == want["item_ids"].astype(str).tolist()
+    np.testing.assert_allclose([p["scores"] for p in body["predictions"]], want["scores"], 1e-6)
+
+    # Single-output signature: predictions are bare rows; b64 string input accepted.
+    rank_inputs = to_json(rank_query(1))
+    rank_inputs["user_id"] = [{"b64": base64.b64encode(b"user_0_0").decode()}]
+    code, body = http(
+        "POST",
+        f"{server.rest}/v1/models/recs_pinned/labels/stable:predict",
+        {"signature_name": "rank", "inputs": rank_inputs},
+    )
+    assert code == 200, body
+    np.testing.assert_allclose(body["outputs"], expected(1, "rank", rank_query(1))["ratings"], 1e-6)
+
+
+def test_rest_status_and_metadata(server: ServerProcess) -> None:
+    code, body = http("GET", f"{server.rest}/v1/models/recs_pinned/versions/1")
+    assert code == 200
+    assert body == {
+        "model_version_status": [
+            {
+                "version": "1",
+                "state": "AVAILABLE",
+                "status": {"error_code": "OK", "error_message": ""},
+            }
+        ]
+    }
+    code, body = http("GET", f"{server.rest}/v1/models/recs_pinned/labels/canary")
+    assert code == 200 and body["model_version_status"][0]["version"] == "2"
+
+    code, body = http("GET", f"{server.rest}/v1/models/recs_pinned/metadata")
+    assert code == 200
+    assert body["model_spec"] == {"name": "recs_pinned", "signature_name": "", "version": "2"}
+    sigs = body["metadata"]["signature_def"]["signature_def"]
+    assert sigs["serving_default"]["inputs"]["k"]["dtype"] == "DT_INT32"
+    assert sigs["rank"]["outputs"]["ratings"]["dtype"] == "DT_FLOAT"
+
+
+# -- bad requests ---------------------------------------------------------------------------------
+
+
+def _bad_cases() -> list[tuple[str, Any, grpc.StatusCode]]:
+    good = make_query(2)
+    cases: list[tuple[str, Any, grpc.StatusCode]] = [
+        ("unknown model", to_request(good, "nope"), grpc.StatusCode.NOT_FOUND),
+        ("unknown version", to_request(good, "recs_pinned", version=7), grpc.StatusCode.NOT_FOUND),
+        (
+            "unknown label",
+            to_request(good, "recs_pinned", version_label="beta"),
+            grpc.StatusCode.INVALID_ARGUMENT,
+        ),
+        # TF Serving answers FAILED_PRECONDITION for an unknown signature key over gRPC.
+        (
+            "wrong signature",
+            to_request(good, signature_name="nope"),
+            grpc.StatusCode.FAILED_PRECONDITION,
+        ),
+    ]
+    renamed = dict(good)
+    renamed["userid"] = renamed.pop("user_id")
+    cases.append(("wrong input name", to_request(renamed), grpc.StatusCode.INVALID_ARGUMENT))
+    missing = {k: v for k, v in good.items() if k != "history"}
+    cases.append(("missing input", to_request(missing), grpc.StatusCode.INVALID_ARGUMENT))
+    wrong_dtype = dict(good, k=np.array(5, dtype=np.int64))
+    cases.append(("wrong dtype", to_request(wrong_dtype), grpc.StatusCode.INVALID_ARGUMENT))
+    wrong_shape = dict(good, history=np.array([b"item_1", b"item_2"], dtype=object))
+    cases.append(("wrong rank", to_request(wrong_shape), grpc.StatusCode.INVALID_ARGUMENT))
+    empty = make_query(0)
+    empty["history"] = np.zeros((0, 2), dtype=object)
+    empty["exclude_item_ids"] = np.zeros((0, 2), dtype=object)
+    cases.append(("empty batch", to_request(empty), grpc.StatusCode.INVALID_ARGUMENT))
+    too_big = dict(good, k=np.array(50, dtype=np.int32))  # top_k's own error
+    cases.append(("error inside graph", to_request(too_big), grpc.StatusCode.INVALID_ARGUMENT))
+    huge = dict(good, query_text=np.array([b"x" * (MAX_MESSAGE_BYTES + 10)] * 2, dtype=object))
+    cases.append(("oversize", to_request(huge), grpc.StatusCode.RESOURCE_EXHAUSTED))
+    return cases
+
+
+@pytest.mark.parametrize("case", _bad_cases(), ids=lambda c: c[0])
+def test_grpc_bad_requests(stub: Any, case: tuple[str, Any, grpc.StatusCode]) -> None:
+    _, request, code = case
+    with pytest.raises(grpc.RpcError) as info:
+        stub.Predict(request, timeout=30)
+    assert info.value.code() == code, info.value.details()
+    assert info.value.details()
+
+
+def test_grpc_error_messages_and_unimplemented(stub: Any, model_stub: Any) -> None:
+    with pytest.raises(grpc.RpcError) as info:
+        stub.Predict(to_request(make_query(1), "nope"), timeout=30)
+    assert info.value.details() == "Servable not found for request: Latest(nope)"
+    with pytest.raises(grpc.RpcError) as info:
+        stub.Predict(to_request(make_query(1), "recs_pinned", version=7), timeout=30)
+    assert info.value.details() == "Servable not found for request: Specific(recs_pinned, 7)"
+    with pytest.raises(grpc.RpcError) as info:
+        stub.Classify(classification_pb2.ClassificationRequest(), timeout=30)
+    assert info.value.code() == grpc.StatusCode.UNIMPLEMENTED
+    status_request = get_model_status_pb2.GetModelStatusRequest()
+    status_request.model_spec.name = "nope"
+    with pytest.raises(grpc.RpcError) as info:
+        model_stub.GetModelStatus(status_request, timeout=30)
+    assert info.value.code() == grpc.StatusCode.NOT_FOUND
+    # Still serving after all of that.
+    assert stub.Predict(to_request(make_query(1)), timeout=30).outputs
+
+
+def test_rest_bad_requests(server: ServerProcess) -> None:
+    good = to_json(make_query(1))
+    url = f"{server.rest}/v1/models"
+    cases = [
+        ("POST", f"{url}/nope:predict", {"inputs": good}, 404),
+        ("POST", f"{url}/recs_pinned/versions/9:predict", {"inputs": good}, 404),
+        ("POST", f"{url}/recs:predict", {"signature_name": "nope", "inputs": good}, 400),
+        ("POST", f"{url}/recs:predict", {"inputs": dict(good, k="five")}, 400),
+        ("POST", f"{url}/recs:predict", {"inputs": dict(good, history=["a"])}, 400),
+        ("POST", f"{url}/recs:predict", {"instances": [], "inputs": good}, 400),
+        ("POST", f"{url}/recs:classify", {"examples": []}, 501),
+        ("GET", f"{url}/nope", None, 404),
+        ("GET", f"{server.rest}/healthz", None, 404),
+    ]
+    for method, target, body, status in cases:
+        code, answer = http(method, target, body)
+        assert code == status, (target, body, answer)
+        assert isinstance(answer.get("error"), str) and answer["error"]
+    code, answer = http("POST", f"{url}/recs:predict", raw=b"{not json")
+    assert code == 400 and "JSON" in answer["error"]
+    code, answer = http("POST", f"{url}/recs:predict", raw=b" " * (MAX_MESSAGE_BYTES + 1))
+    assert code == 429
+
+
+# -- load -----------------------------------------------------------------------------------------
+
+
+def test_concurrent_clients(server: ServerProcess) -> None:
+    failures: list[str] = []
+    checked = [0]
+    lock = threading.Lock()
+
+    def worker(worker_id: int) -> None:
+        with grpc.insecure_channel(server.target) as channel:
+            stub = prediction_service_pb2_grpc.PredictionServiceStub(channel)
+            for i in range(50):
+                inputs = make_query(1 + i % 3, seed=worker_id * 100 + i)
+                try:
+                    response = stub.Predict(to_request(inputs, "recs_pinned"), timeout=60)
+                    assert_outputs_match(
+                        from_response(response), expected(2, "serving_default", inputs)
+                    )
+                    with lock:
+                        checked[0] += 1
+                except Exception as exc:  # collected, asserted below
+                    failures.append(f"{worker_id}/{i}: {exc!r}")
+
+    threads = [threading.Thread(target=worker, args=(w,)) for w in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(120)
+    assert not failures, failures[:5]
+    assert checked[0] == 400
+
+
+# -- client ---------------------------------------------------------------------------------------
+
+
+def test_client_api_and_cli(server: ServerProcess, capsys: pytest.CaptureFixture[str]) -> None:
+    with ServingClient(server.target, "recs_pinned", timeout_s=30) as client:
+        meta = client.metadata()
+        assert set(meta) == {"serving_default", "rank"}
+        assert meta["serving_default"]["inputs"]["history"] == {
+            "dtype": "DT_STRING",
+            "shape": [-1, -1],
+            "name": "serving_default_history:0",
+        }
+        assert [s["version"] for s in client.status()] == [2, 1]
+
+        queries = [
+            {"user_id": "user_9_0", "user_age": 25, "query_text": "query 2", "history": ["item_1"]},
+            {"user_id": "user_9_1", "user_age": 31, "query_text": "query 2"},
+        ]
+        result = client.retrieve(queries, k=4, exclude_item_ids=[["item_3"], []], diversity=0.5)
+        # The client fills defaults for inputs the queries lack (gender, occupation, history).
+        inputs = {
+            "user_id": np.array([b"user_9_0", b"user_9_1"], dtype=object),
+            "user_age": np.array([b"25", b"31"], dtype=object),
+            "user_gender": np.array([b"", b""], dtype=object),
+            "user_occupation": np.array([b"", b""], dtype=object),
+            "query_text": np.array([b"query 2", b"query 2"], dtype=object),
+            "history": np.array([[b"item_1"], [b""]], dtype=object),
+            "k": np.int32(4),
+            "exclude_item_ids": np.array([[b"item_3"], [b""]], dtype=object),
+            "diversity": np.float32(0.5),
+        }
+        want = expected(2, "serving_default", inputs)
+        assert result["item_ids"].tolist() == want["item_ids"].astype(str).tolist()
+        np.testing.assert_allclose(result["scores"], want["scores"], rtol=1e-5)
+        assert "item_3" not in result["item_ids"][0]
+
+        ratings = client.rank(queries, [["item_2", "item_5"], ["item_9", "item_0"]])
+        assert ratings.shape == (2, 2)
+        raw = client.predict(inputs, version=1)
+        assert_outputs_match(raw, expected(1, "serving_default", inputs))
+        assert "rank" in format_table(result)
+
+    assert client_main(
+        ["--server", server.target, "--model", "recs_pinned", "--k", "3",
+         "--input", "user_id=user_1", "--input", "history=item_1,item_2"]
+    ) == 0  # fmt: skip
+    out = capsys.readouterr().out
+    assert "item_id" in out and "Title" in out and len(out.strip().splitlines()) == 4
+
+
+# -- lifecycle ----------------------------------------------------------------------------------
+
+
+def _wait_for(predicate: Any, timeout_s: float, what: str) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if predicate():
+            return
+        time.sleep(0.05)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def test_hot_swap_without_failures(server: ServerProcess, base_path: Path) -> None:
+    results: list[tuple[int, bool]] = []
+    errors: list[str] = []
+    stop = threading.Event()
+    inputs = make_query(2, seed=5)
+    want = {v: expected(v, "serving_default", inputs) for v in (2, 3)}
+
+    def query_loop() -> None:
+        with grpc.insecure_channel(server.target) as channel:
+            stub = prediction_service_pb2_grpc.PredictionServiceStub(channel)
+            while not stop.is_set():
+                try:
+                    response = stub.Predict(to_request(inputs), timeout=30)
+                    version = response.model_spec.version.value
+                    assert_outputs_match(from_response(response), want[version])
+                    results.append((version, True))
+                except Exception as exc:
+                    errors.append(repr(exc))
+
+    thread = threading.Thread(target=query_loop)
+    thread.start()
+    try:
+        _wait_for(lambda: len(results) >= 5, 30, "first answers")
+        export_version(base_path, 3)
+        _wait_for(lambda: results and results[-1][0] == 3, 60, "version 3 to serve")
+        time.sleep(0.3)
+    finally:
+        stop.set()
+        thread.join(30)
+    assert not errors, errors[:5]
+    versions = [v for v, _ in results]
+    assert versions[0] == 2 and versions[-1] == 3
+    assert versions == sorted(versions)  # switched once, never back
+
+    with ServingClient(server.target, "recs", timeout_s=30) as client:
+        states = {s["version"]: s["state"] for s in client.status()}
+        assert states == {3: "AVAILABLE", 2: "END"}
+        # A broken version is logged and skipped; temp folders are ignored.
+        (base_path / "4").mkdir()
+        (base_path / "4" / "saved_model.pb").write_bytes(b"not a saved model")
+        for name in (".tmp-5", "5.tmp"):
+            (base_path / name).mkdir()
+            (base_path / name / "saved_model.pb").write_bytes(b"")
+        _wait_for(
+            lambda: any(s["version"] == 4 and s["state"] == "END" for s in client.status()),
+            30,
+            "version 4 to fail",
+        )
+        status = {s["version"]: s for s in client.status()}
+        assert status[4]["error_code"] != 0 and status[4]["error_message"]
+        assert status[3]["state"] == "AVAILABLE" and 5 not in status
+        assert client.predict(inputs)["scores"][0, 0] > 300  # still version 3
+    assert any(e.get("event") == "load_failure" and e.get("version") == 4 for e in server.events)
+    assert any(e.get("event") == "unload" and e.get("version") == 2 for e in server.events)
+
+
+# -- batching -------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def batching_server(base_path: Path, server: ServerProcess) -> Iterator[ServerProcess]:
+    params = base_path.parent / "batching.config"
+    params.write_text(
+        "max_batch_size { value: 4 }\n"
+        "batch_timeout_micros { value: 1000000 }\n"
+        "num_batch_threads { value: 2 }\n"
+        "max_enqueued_batches { value: 100 }\n"
+    )
+    proc = ServerProcess(
+        [
+            "--model_name",
+            "recs",
+            "--model_base_path",
+            str(base_path),
+            "--enable_batching",
+            "--batching_parameters_file",
+            str(params),
+            "--max_num_load_retries",
+            "0",
+            "--file_system_poll_wait_seconds",
+            "0",
+        ]
+    )
+    yield proc
+    proc.terminate()
+
+
+def test_batching_gives_same_answers(batching_server: ServerProcess) -> None:
+    failures: list[str] = []
+
+    def worker(worker_id: int) -> None:
+        with grpc.insecure_channel(batching_server.target) as channel:
+            stub = prediction_service_pb2_grpc.PredictionServiceStub(channel)
+            for i in range(6):
+                inputs = make_query(1 + (worker_id + i) % 2, seed=1000 + worker_id * 10 + i)
+                try:
+                    response = stub.Predict(to_request(inputs), timeout=60)
+                    version = response.model_spec.version.value
+                    assert_outputs_match(
+                        from_response(response), expected(version, "serving_default", inputs)
+                    )
+                except Exception as exc:
+                    failures.append(repr(exc))
+
+    threads = [threading.Thread(target=worker, args=(w,)) for w in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(120)
+    assert not failures, failures[:5]
+
+
+def test_sigterm_finishes_in_flight_requests(batching_server: ServerProcess) -> None:
+    # Three 1-row requests sit in the batch queue (max 4 rows, 1 s timeout) when SIGTERM lands.
+    done: list[tuple[float, Any]] = []
+
+    def one(seed: int) -> None:
+        with grpc.insecure_channel(batching_server.target) as channel:
+            stub = prediction_service_pb2_grpc.PredictionServiceStub(channel)
+            inputs = make_query(1, seed=seed)
+            try:
+                response = stub.Predict(to_request(inputs), timeout=60)
+                version = response.model_spec.version.value
+                assert_outputs_match(
+                    from_response(response), expected(version, "serving_default", inputs)
+                )
+                done.append((time.monotonic(), None))
+            except Exception as exc:
+                done.append((time.monotonic(), exc))
+
+    threads = [threading.Thread(target=one, args=(s,)) for s in range(3)]
+    for t in threads:
+        t.start()
+    time.sleep(0.5)
+    sent_at = time.monotonic()
+    batching_server.proc.send_signal(signal.SIGTERM)
+    for t in threads:
+        t.join(60)
+    assert batching_server.proc.wait(60) == 0
+    assert [exc for _, exc in done] == [None, None, None]
+    assert all(t >= sent_at for t, _ in done)  # they were still in flight at SIGTERM
+    assert any(e.get("event") == "server_stopped" for e in batching_server.events)
+    stats = next(e for e in batching_server.events if e.get("event") == "batching_stats")
+    assert stats["rows"] > stats["batches"] and stats["max_rows"] > 1  # requests were merged
+
+
+# -- in-process units -----------------------------------------------------------------------------
+
+
+def test_batcher_merges_and_splits() -> None:
+    calls: list[int] = []
+
+    def run(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        calls.append(len(batch["x"]))
+        time.sleep(0.05)
+        return {"y": batch["x"] * 2 + batch["s"]}
+
+    batcher = Batcher(BatchingOptions(max_batch_size=8, batch_timeout_micros=200_000,
+                                      num_batch_threads=1))  # fmt: skip
+    results: dict[int, np.ndarray] = {}
+
+    def submit(i: int) -> None:
+        inputs = {"x": np.full((2,), i), "s": np.array(1)}
+        key, size = batch_key_and_size("m", inputs, frozenset({"x"}))
+        results[i] = batcher.submit(key, inputs, size, run)["y"]
+
+    threads = [threading.Thread(target=submit, args=(i,)) for i in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(10)
+    batcher.stop()
+    assert {i: r.tolist() for i, r in results.items()} == {i: [2 * i + 1] * 2 for i in range(4)}
+    assert calls == [8]  # one merged call
+    with pytest.raises(ServingError) as info:
+        Batcher(BatchingOptions(max_batch_size=2)).submit("k", {"x": np.zeros(3)}, 3, run)
+    assert info.value.code == Code.INVALID_ARGUMENT
+    # Different scalar inputs never share a batch; unbatchable shapes are refused.
+    k1 = batch_key_and_size("m", {"x": np.zeros(2), "s": np.array(1)}, frozenset({"x"}))
+    k2 = batch_key_and_size("m", {"x": np.zeros(2), "s": np.array(2)}, frozenset({"x"}))
+    assert k1 and k2 and k1[0] != k2[0]
+    assert batch_key_and_size("m", {"x": np.zeros(0)}, frozenset({"x"})) is None
+
+
+def test_config_parsing_and_version_listing(tmp_path: Path) -> None:
+    opts = parse_batching_parameters("max_batch_size { value: 16 } num_batch_threads { value: 3 }")
+    assert (opts.max_batch_size, opts.num_batch_threads, opts.batch_timeout_micros) == (16, 3, 0)
+    with pytest.raises(ValueError):
+        parse_batching_parameters("max_batch_size: 3")
+    configs = parse_model_config_text(
+        'model_config_list { config { name: "a" base_path: "/m/a" '
+        "model_version_policy { latest { num_versions: 2 } } } }"
+    )
+    assert configs[0].policy == VersionPolicy(kind="latest", num_versions=2)
+    assert configs[0].policy.select([1, 5, 3]) == {5, 3}
+    assert VersionPolicy(kind="specific", versions=(1, 9)).select([1, 2]) == {1}
+    for name in ("1", "12", ".tmp-3", "3.tmp", "x"):
+        (tmp_path / name).mkdir()
+    (tmp_path / "7").write_text("a file, not a version")
+    assert sorted(list_versions(str(tmp_path))) == [1, 12]
+
+
+def test_flag_validation() -> None:
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    for args, message in (
+        (["--model_base_path", "/x", "--port", "70000"], "--port must be in"),
+        ([], "one of --model_base_path or --model_config_file"),
+        (["--model_base_path", "/x", "--grpc_max_threads", "0"], "--grpc_max_threads"),
+        (["--model_base_path", "/x", "--batching_parameters_file", "/nope"], "--enable_batching"),
+    ):
+        proc = subprocess.run(
+            [sys.executable, "-m", "serving.server", *args],
+            cwd=REPO,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        assert proc.returncode == 2, proc.stderr
+        assert message in proc.stderr
