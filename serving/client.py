@@ -370,9 +370,20 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--version", type=int, default=None)
     p.add_argument("--version-label", default=None)
     p.add_argument("--timeout", type=float, default=10.0)
+    p.add_argument("--data", help="prepared data dir: with --user, read that user's query from it")
+    p.add_argument("--split", default="p2", help="protocol whose train history builds the query")
+    p.add_argument("--user", action="append", default=[], help="user id from --data (repeatable)")
+    p.add_argument("--exclude-seen", action="store_true",
+                   help="with --user: exclude the user's training items")  # fmt: skip
     args = p.parse_args(argv)
     try:
-        if args.query_json:
+        if args.user:
+            if not args.data:
+                p.error("--user needs --data (a prepared data directory)")
+            queries, seen = _queries_from_data(args.data, args.split, args.user)
+            if args.exclude_seen and not args.exclude:
+                return _run(args, queries, seen)
+        elif args.query_json:
             with open(args.query_json) as f:
                 loaded = json.load(f)
             queries = loaded if isinstance(loaded, list) else [loaded]
@@ -382,6 +393,34 @@ def main(argv: Sequence[str] | None = None) -> int:
             p.error("queries must be JSON objects")
     except (OSError, ValueError) as exc:
         p.error(str(exc))
+    return _run(args, queries, None)
+
+
+def _queries_from_data(
+    data_dir: str, split: str, users: Sequence[str]
+) -> tuple[list[dict[str, Any]], list[list[str]]]:
+    """Each user's query features (profile + train history) and train items, from prepared data."""
+    import trainer  # noqa: F401  (sets TF_USE_LEGACY_KERAS before TensorFlow loads)
+    from trainer.data import records
+
+    table = records.load_users(data_dir, split)
+    row_of = {u: i for i, u in enumerate(table["user_id"])}
+    missing = [u for u in users if u not in row_of]
+    if missing:
+        raise ValueError(f"unknown user id(s) in {data_dir}/{split}: {', '.join(missing)}")
+    train = records.load_events(data_dir, split, "train")
+    seen: dict[str, list[str]] = {}
+    for user, item in zip(train["user_id"], train["item_id"], strict=True):
+        seen.setdefault(user, []).append(item)
+    fields = ("user_id", "user_age", "user_gender", "user_occupation", "query_text", "history")
+    queries = [{f: table[f][row_of[u]] for f in fields} for u in users]
+    for query in queries:
+        query["history"] = [h for h in query["history"] if h] or [""]
+        print(f"user {query['user_id']}: {query['query_text']}")
+    return queries, [seen.get(u, []) for u in users]
+
+
+def _run(args: argparse.Namespace, queries: list[dict[str, Any]], exclude_rows) -> int:
     with ServingClient(args.server, args.model, timeout_s=args.timeout) as client:
         try:
             if args.candidates:
@@ -394,7 +433,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 order = np.argsort(-ratings, axis=1)
                 result = {k: np.take_along_axis(v, order, axis=1) for k, v in result.items()}
             else:
-                exclude = [args.exclude.split(",")] * len(queries) if args.exclude else None
+                exclude = [args.exclude.split(",")] * len(queries) if args.exclude else exclude_rows
                 result = client.retrieve(
                     queries,
                     k=args.k,

