@@ -19,3 +19,26 @@ def tiny_data_dir(tmp_path_factory: pytest.TempPathFactory) -> str:
     path = str(tmp_path_factory.mktemp("data") / "tiny")
     prepare_synthetic(path, num_users=40, num_items=60, num_ratings=1500, seed=0)
     return path
+
+
+TINY_TRAIN_FLAGS = ("--preset", "tiny", "--epochs", "2", "--no-progress", "--batch-size", "128")
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tiny_data_dir: str, tmp_path_factory: pytest.TempPathFactory) -> str:
+    """A tiny-BERT two-tower model trained for two epochs on ``tiny_data_dir`` (split p2)."""
+    from trainer import task
+
+    path = str(tmp_path_factory.mktemp("model") / "tiny")
+    argv = ["--data", tiny_data_dir, "--split", "p2", "--model-dir", path, *TINY_TRAIN_FLAGS]
+    assert task.main(argv) == 0
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_export(tiny_model_dir: str, tmp_path_factory: pytest.TempPathFactory) -> str:
+    """A ScaNN export of ``tiny_model_dir``: returns ``<base>/movielens/1``."""
+    from trainer.export import IndexConfig, export
+
+    base = str(tmp_path_factory.mktemp("export"))
+    return export(tiny_model_dir, base, "movielens", IndexConfig(kind="scann", max_k=20))

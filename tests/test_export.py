@@ -1,0 +1,233 @@
+"""Export: reload in a fresh process, both index variants, warm-up, atomicity, bad input."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from tests.conftest import REPO
+from trainer.data import records
+from trainer.export import (
+    RECALL_FILE,
+    WARMUP_FILE,
+    ExportError,
+    IndexConfig,
+    build_module,
+    export,
+    save_export,
+)
+
+QUERY_KEYS = ("user_id", "user_age", "user_gender", "user_occupation", "query_text", "history")
+
+
+def _queries(data_dir: str, n: int = 3) -> dict[str, tf.Tensor]:
+    users = records.load_users(data_dir, "p2")
+    return {k: tf.constant(users[k][:n].astype(str)) for k in QUERY_KEYS}
+
+
+def _retrieve(signature, queries, k=5, exclude=None, diversity=0.0):
+    batch = int(queries["query_text"].shape[0])
+    exclude = tf.constant(exclude if exclude is not None else [[""]] * batch)
+    return signature(
+        **queries,
+        k=tf.constant(k),
+        exclude_item_ids=exclude,
+        diversity=tf.constant(diversity, tf.float32),
+    )
+
+
+@pytest.fixture(scope="module")
+def loaded(tiny_export):
+    import tensorflow_text  # noqa: F401
+    from scann.scann_ops.py import scann_ops  # noqa: F401
+
+    return tf.saved_model.load(tiny_export)
+
+
+def test_export_layout_and_metadata(tiny_export):
+    assert os.path.basename(tiny_export) == "1"
+    assert not [n for n in os.listdir(os.path.dirname(tiny_export)) if n.startswith(".tmp")]
+    with open(os.path.join(tiny_export, "assets.extra", RECALL_FILE)) as f:
+        info = json.load(f)
+    assert info["recall_at_10_vs_brute_force"] >= 0.95
+    assert info["index"]["kind"] == "scann" and info["num_items"] == 60
+
+
+def test_warmup_file_parses(tiny_export):
+    from tensorflow_serving.apis import prediction_log_pb2
+
+    path = os.path.join(tiny_export, "assets.extra", WARMUP_FILE)
+    signatures = []
+    for raw in tf.data.TFRecordDataset(path).as_numpy_iterator():
+        log = prediction_log_pb2.PredictionLog.FromString(raw)
+        signatures.append(log.predict_log.request.model_spec.signature_name)
+    assert sorted(signatures) == [
+        "candidate_embedding",
+        "query_embedding",
+        "rank",
+        "serving_default",
+    ]
+
+
+def test_fresh_process_matches_in_memory_model(
+    tiny_export, tiny_model_dir, tiny_data_dir, tmp_path
+):
+    module, *_ = build_module(tiny_model_dir, None, IndexConfig(kind="scann", max_k=20))
+    expected = _retrieve(module.retrieve, _queries(tiny_data_dir), k=5)
+    script = f"""
+import json, numpy as np, tensorflow as tf
+import tensorflow_text
+from scann.scann_ops.py import scann_ops
+sig = tf.saved_model.load({tiny_export!r}).signatures["serving_default"]
+q = json.load(open({str(tmp_path / "q.json")!r}))
+out = sig(**{{k: tf.constant(v) for k, v in q.items()}}, k=tf.constant(5),
+          exclude_item_ids=tf.constant([[""]] * 3), diversity=tf.constant(0.0))
+print(json.dumps({{"ids": out["item_ids"].numpy().astype(str).tolist(),
+                   "scores": out["scores"].numpy().tolist()}}))
+"""
+    queries = {k: v.numpy().astype(str).tolist() for k, v in _queries(tiny_data_dir).items()}
+    (tmp_path / "q.json").write_text(json.dumps(queries))
+    env = {k: v for k, v in os.environ.items() if k != "TF_USE_LEGACY_KERAS"}
+    done = subprocess.run(
+        [sys.executable, "-c", script],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=str(tmp_path),
+        env=env,
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    got = json.loads(done.stdout.strip().splitlines()[-1])
+    assert got["ids"] == expected["item_ids"].numpy().astype(str).tolist()
+    np.testing.assert_allclose(got["scores"], expected["scores"].numpy(), atol=1e-4)
+
+
+def test_signatures_and_options(loaded, tiny_data_dir):
+    sigs = loaded.signatures
+    assert set(sigs) == {"serving_default", "rank", "query_embedding", "candidate_embedding"}
+    queries = _queries(tiny_data_dir)
+    plain = _retrieve(sigs["serving_default"], queries, k=10)
+    assert plain["item_ids"].shape == (3, 10) and plain["titles"].shape == (3, 10)
+    scores = plain["scores"].numpy()
+    assert np.all(np.diff(scores, axis=1) <= 1e-6)
+    # Exclusions remove exactly those items; unknown ids are ignored.
+    first = plain["item_ids"].numpy()[:, :2].astype(str)
+    excluded = _retrieve(
+        sigs["serving_default"],
+        queries,
+        k=10,
+        exclude=[[*row, "no-such-item"] for row in first.tolist()],
+    )
+    ids = excluded["item_ids"].numpy().astype(str)
+    for row, out in zip(first, ids, strict=True):
+        assert not set(row) & set(out)
+    # Diversity re-ranks the same pool: still k distinct items, some order changes.
+    diverse = _retrieve(sigs["serving_default"], queries, k=10, diversity=0.9)
+    assert all(len(set(r)) == 10 for r in diverse["item_ids"].numpy().tolist())
+    # Embeddings are unit vectors; a never-seen item is embedded from its text.
+    emb = sigs["query_embedding"](**queries)["embeddings"].numpy()
+    np.testing.assert_allclose(np.linalg.norm(emb, axis=1), 1.0, atol=1e-4)
+    new = sigs["candidate_embedding"](
+        item_id=tf.constant(["brand-new"]),
+        item_title=tf.constant(["A New Film (2026)"]),
+        item_year=tf.constant(["2026"]),
+        item_genres=tf.constant(["Drama"]),
+        item_text=tf.constant(["A New Film (2026). Genres: Drama"]),
+    )["embeddings"]
+    assert new.shape == (1, emb.shape[1]) and np.isfinite(new.numpy()).all()
+    ratings = sigs["rank"](**queries, candidate_item_ids=tf.constant([["1", "2"]] * 3))["ratings"]
+    assert ratings.shape == (3, 2) and np.isfinite(ratings.numpy()).all()
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        ({"k": 0}, "k must be at least 1"),
+        ({"k": 21}, "k must be at most 20"),
+        ({"diversity": 1.5}, "diversity must be <= 1"),
+    ],
+)
+def test_bad_retrieve_arguments(loaded, tiny_data_dir, change, message):
+    with pytest.raises(tf.errors.InvalidArgumentError, match=message):
+        _retrieve(
+            loaded.signatures["serving_default"],
+            _queries(tiny_data_dir),
+            k=change.get("k", 5),
+            diversity=change.get("diversity", 0.0),
+        )
+
+
+def test_bad_batches_and_ids(loaded, tiny_data_dir):
+    queries = _queries(tiny_data_dir)
+    empty = {k: v[:0] for k, v in queries.items()}
+    with pytest.raises(tf.errors.InvalidArgumentError, match="empty batch"):
+        _retrieve(loaded.signatures["serving_default"], empty, exclude=tf.zeros([0, 1], tf.string))
+    with pytest.raises(tf.errors.InvalidArgumentError, match="not in the catalog"):
+        loaded.signatures["rank"](**queries, candidate_item_ids=tf.constant([["1", "zzz"]] * 3))
+    with pytest.raises((TypeError, ValueError, tf.errors.InvalidArgumentError)):
+        loaded.signatures["query_embedding"](**{**queries, "user_id": tf.constant([1, 2, 3])})
+    # Empty strings and a short history are valid queries.
+    blank = {k: tf.fill(tf.shape(v)[:1], "") for k, v in queries.items() if k != "history"}
+    out = _retrieve(
+        loaded.signatures["serving_default"], {**blank, "history": tf.constant([[""]] * 3)}, k=3
+    )
+    assert out["item_ids"].shape == (3, 3)
+
+
+def test_brute_force_export_and_no_overwrite(tiny_model_dir, tiny_export, tmp_path):
+    base = str(tmp_path)
+    path = export(tiny_model_dir, base, "movielens", IndexConfig(kind="brute_force", max_k=10))
+    assert path.endswith(os.path.join("movielens", "1"))
+    assert tf.saved_model.load(path).signatures["serving_default"] is not None
+    with pytest.raises(ExportError, match="already exists"):
+        export(tiny_model_dir, base, "movielens", IndexConfig(kind="brute_force"), version=1)
+    assert export(tiny_model_dir, base, "movielens", IndexConfig(kind="brute_force")).endswith("2")
+
+
+def test_interrupted_export_leaves_nothing(tiny_model_dir, tiny_data_dir, tmp_path, monkeypatch):
+    module, catalog, users, _ = build_module(tiny_model_dir, None, IndexConfig(kind="brute_force"))
+
+    def boom(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(tf.saved_model, "save", boom)
+    with pytest.raises(KeyboardInterrupt):
+        save_export(module, str(tmp_path), "movielens", None, users, catalog)
+    assert os.listdir(tmp_path / "movielens") == []
+
+
+def test_low_recall_fails_the_export(tiny_model_dir, tmp_path, monkeypatch):
+    import trainer.export as export_lib
+
+    monkeypatch.setattr(export_lib, "recall_against_brute_force", lambda *a, **k: 0.5)
+    with pytest.raises(ExportError, match="recall@10 0.5000 is below --min-recall 0.95"):
+        export(tiny_model_dir, str(tmp_path), "movielens", IndexConfig(kind="scann"))
+    assert not os.path.exists(tmp_path / "movielens" / "1")
+
+
+def test_cli_errors(tmp_path):
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "trainer.export",
+            "--model-dir",
+            str(tmp_path / "none"),
+            "--export-base",
+            str(tmp_path),
+            "--model-name",
+            "m",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=REPO,
+    )
+    assert done.returncode == 2 and "is not a trained model dir" in done.stderr
+    assert "Traceback" not in done.stderr
