@@ -1,0 +1,1 @@
+"""Deployment job definitions: Vertex AI CustomJobs and Kubeflow (TFJob, KFP pipeline)."""

@@ -1,0 +1,1 @@
+"""Vertex AI CustomJob specs (YAML) and ``python -m deploy.vertex.submit``."""
