@@ -19,7 +19,7 @@ $(VENV)/.installed: setup.cfg pyproject.toml
 install: $(VENV)/.installed
 
 demo: install
-	$(PY) -m trainer.data prepare --dataset ml-100k --output $(WORK)/data --overwrite
+	PY=$(PY) WORK=$(WORK) bash scripts/demo.sh
 
 test: install
 	$(VENV)/bin/ruff check .

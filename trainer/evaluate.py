@@ -73,64 +73,6 @@ class PopularityScorer:
         return None
 
 
-class ModelScorer:
-    """A trained two-tower model as a :class:`Scorer` over a fixed catalog."""
-
-    def __init__(self, model, catalog: dict[str, np.ndarray], name: str = "two-tower"):
-        import tensorflow as tf
-
-        self._tf = tf
-        self.model = model
-        self.name = name
-        self.catalog = catalog
-        self._items = np.concatenate(
-            [
-                np.asarray(model.candidate_embeddings(_tensors(catalog, start, 1024)))
-                for start in range(0, len(catalog["item_id"]), 1024)
-            ]
-        )
-
-    @classmethod
-    def from_model_dir(cls, model_dir: str, catalog: dict[str, np.ndarray]) -> ModelScorer:
-        from trainer.model import load_trained
-
-        model, config = load_trained(model_dir)
-        return cls(model, catalog, name=getattr(config, "name", None) or "two-tower")
-
-    def _queries(self, queries: dict[str, np.ndarray]) -> np.ndarray:
-        return np.asarray(self.model.query_embeddings(_tensors(queries, 0, None)))
-
-    def score(self, queries: dict[str, np.ndarray]) -> np.ndarray:
-        return self._queries(queries) @ self._items.T
-
-    def item_embeddings(self) -> np.ndarray | None:
-        return self._items
-
-    def predict_ratings(self, events: dict[str, np.ndarray]) -> np.ndarray | None:
-        index = _index_of(self.catalog)
-        out = []
-        for start in range(0, len(events["item_id"]), 1024):
-            chunk = {k: v[start : start + 1024] for k, v in events.items()}
-            queries = self._queries(chunk)
-            items = self._items[[index[i] for i in chunk["item_id"]]]
-            out.append(np.asarray(self.model.predict_rating(queries, items)).reshape(-1))
-        return np.concatenate(out)
-
-
-def _tensors(table: dict[str, np.ndarray], start: int, size: int | None) -> dict:
-    """String columns of a numpy table as ``tf.string`` tensors (a slice of rows)."""
-    import tensorflow as tf
-
-    stop = None if size is None else start + size
-    return {
-        k: tf.constant(_utf8(v[start:stop]) if v.dtype == object else v[start:stop])
-        for k, v in table.items()
-    }
-
-
-_utf8 = np.vectorize(lambda s: s.encode("utf-8") if isinstance(s, str) else s, otypes=[object])
-
-
 def _batched_scores(scorer: Scorer, queries: dict[str, np.ndarray], batch: int = 512):
     size = len(next(iter(queries.values())))
     for start in range(0, size, batch):
@@ -315,6 +257,8 @@ def load_scorer(args: argparse.Namespace) -> Scorer:
         return PopularityScorer(records.load_catalog(args.data, args.split)["popularity"])
     if not args.model_dir:
         raise DataError("give --model-dir (a trained model) or --baseline")
+    from trainer.model import ModelScorer  # TensorFlow model code only when needed
+
     return ModelScorer.from_model_dir(args.model_dir, records.load_catalog(args.data, args.split))
 
 

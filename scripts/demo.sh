@@ -1,0 +1,52 @@
+#!/usr/bin/env bash
+# The main job on the built-in default, end to end, on this machine's CPU (or a GPU if present):
+# prepare MovieLens-100K -> train the default model (MiniLM towers) -> evaluate -> export with
+# ScaNN -> start the local TF Serving-compatible server -> query it over gRPC -> stop it.
+set -euo pipefail
+PY=${PY:-.venv/bin/python}
+WORK=${WORK:-runs/demo}
+SPLIT=${SPLIT:-p2}
+PORT=${PORT:-8500}
+REST_PORT=${REST_PORT:-8501}
+TRAIN_FLAGS=${TRAIN_FLAGS:-}
+USERS=${USERS:-"1 405"}
+start=$(date +%s)
+
+step() { printf '\n=== %s (%ss) ===\n' "$1" "$(( $(date +%s) - start ))"; }
+
+step "1/6 prepare MovieLens-100K"
+$PY -m trainer.data prepare --dataset ml-100k --output "$WORK/data" --overwrite
+
+step "2/6 train ($SPLIT)"
+rm -rf "$WORK/model"
+# shellcheck disable=SC2086
+$PY -m trainer.task --data "$WORK/data" --split "$SPLIT" --model-dir "$WORK/model" $TRAIN_FLAGS
+
+step "3/6 evaluate"
+$PY -m trainer.evaluate --data "$WORK/data" --split "$SPLIT" --model-dir "$WORK/model" \
+  --output "$WORK/eval_$SPLIT.json"
+
+step "4/6 export with ScaNN"
+$PY -m trainer.export --model-dir "$WORK/model" --export-base "$WORK/export" \
+  --model-name movielens --index scann
+
+step "5/6 start the local model server"
+$PY -m serving.server --model_name movielens --model_base_path "$WORK/export/movielens" \
+  --port "$PORT" --rest_api_port "$REST_PORT" > "$WORK/server.log" 2>&1 &
+server=$!
+trap 'kill -TERM $server 2>/dev/null || true; wait $server 2>/dev/null || true' EXIT
+for _ in $(seq 1 120); do
+  if curl -sf "http://127.0.0.1:$REST_PORT/v1/models/movielens" | grep -q AVAILABLE; then break; fi
+  if ! kill -0 $server 2>/dev/null; then echo "server died:"; tail -20 "$WORK/server.log"; exit 1; fi
+  sleep 1
+done
+curl -s "http://127.0.0.1:$REST_PORT/v1/models/movielens"; echo
+
+step "6/6 query over gRPC: two users, their history and top-10"
+user_flags=""
+for u in $USERS; do user_flags="$user_flags --user $u"; done
+# shellcheck disable=SC2086
+$PY -m serving.client --server "127.0.0.1:$PORT" --model movielens --data "$WORK/data" \
+  --split "$SPLIT" $user_flags --exclude-seen --k 10
+
+step "done: stopping the server"
