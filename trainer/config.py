@@ -48,7 +48,9 @@ class ModelConfig:
     id_embedding_dim: int = 32
     id_dropout: float = 0.2  # share of examples whose id embeddings are zeroed in training
     field_embedding_dim: int = 16
-    history: str = "transformer"  # "transformer" | "attention" | "none"
+    # "attention": attention pooling (default: as good here, 3x cheaper on a CPU than a
+    # transformer block); "transformer": one block first; "none": no history.
+    history: str = "attention"
     history_dim: int = 128
     history_heads: int = 4
     # Heads and tasks.
@@ -90,6 +92,7 @@ class OptimConfig:
     min_lr_ratio: float = 0.05
     clipnorm: float = 1.0  # 0 = no clipping
     early_stopping_patience: int = 2  # epochs without a better recall@10; 0 = never stop
+    restore_best: bool = True  # end with the weights of the best validation epoch
     seed: int = 42
 
 

@@ -282,6 +282,72 @@ def _make_optimizers(
     return [adamw(o.learning_rate)], [rest]
 
 
+def make_train_step(
+    model: TwoTowerModel,
+    config: TrainConfig,
+    strategy: tf.distribute.Strategy,
+    optimizers: list,
+    var_lists: list[list],
+    precision: str,
+) -> Callable:
+    """The distributed step: ``(per-replica batch, stop flag) -> SUM-reduced outputs``.
+
+    Outputs: ``loss`` (summed over replicas: the global mean loss), ``stop`` (> 0 when any
+    worker was signalled) and the per-example sums of :meth:`TwoTowerModel.compute_losses`.
+    """
+    forward = model.forward_numeric
+    if config.runtime.xla == "on":  # the numeric towers only: string ops cannot be compiled
+        forward = tf.function(model.forward_numeric, jit_compile=True, reduce_retracing=True)
+    global_batch = config.optim.batch_size
+    gather = config.model.gather_candidates
+    all_vars = [v for variables in var_lists for v in variables]
+
+    def replica_fn(features, stop):
+        with tf.GradientTape() as tape:
+            loss, sums = model.compute_losses(
+                features,
+                global_batch_size=global_batch,
+                training=True,
+                gather_candidates=gather,
+                forward=forward,
+            )
+            scaled = optimizers[0].scale_loss(loss) if precision == "mixed_float16" else loss
+        grads = tape.gradient(scaled, all_vars)
+        start = 0
+        for opt, variables in zip(optimizers, var_lists, strict=True):
+            pairs = [
+                (g, v)
+                for g, v in zip(grads[start : start + len(variables)], variables, strict=True)
+                if g is not None
+            ]
+            opt.apply_gradients(pairs)
+            start += len(variables)
+        return {"loss": loss, "stop": stop, **sums}
+
+    @tf.function
+    def train_step(batch, stop):
+        outputs = strategy.run(replica_fn, args=(batch, stop))
+        return {k: strategy.reduce("SUM", v, axis=None) for k, v in outputs.items()}
+
+    return train_step
+
+
+def build_for_training(
+    config: TrainConfig,
+    assets: ModelAssets,
+    strategy: tf.distribute.Strategy,
+    total_steps: int,
+    precision: str,
+) -> tuple[TwoTowerModel, list, list[list]]:
+    """Model + optimizers (built) under the strategy's scope."""
+    with strategy.scope():
+        model = build_model(config.model, assets, seed=config.optim.seed)
+        optimizers, var_lists = _make_optimizers(model, config, total_steps, precision)
+        for opt, variables in zip(optimizers, var_lists, strict=True):
+            opt.build(variables)
+    return model, optimizers, var_lists
+
+
 def train(
     config: TrainConfig,
     strategy: tf.distribute.Strategy,
@@ -321,19 +387,20 @@ def train(
         replicas,
     )
 
+    # Loop bookkeeping lives on the host, outside the strategy: plain variables that every
+    # worker updates the same way (a string variable could not be broadcast anyway).
+    state = {
+        "step": tf.Variable(0, dtype=tf.int64, trainable=False),
+        "epoch": tf.Variable(0, dtype=tf.int64, trainable=False),
+        "step_in_epoch": tf.Variable(0, dtype=tf.int64, trainable=False),
+        "best": tf.Variable(-1.0, dtype=tf.float64, trainable=False),
+        "bad_epochs": tf.Variable(0, dtype=tf.int64, trainable=False),
+        "history": tf.Variable("[]", dtype=tf.string, trainable=False),
+    }
+    model, optimizers, var_lists = build_for_training(
+        config, plan.assets, strategy, total_steps, precision
+    )
     with strategy.scope():
-        model = build_model(m, plan.assets, seed=o.seed)
-        optimizers, var_lists = _make_optimizers(model, config, total_steps, precision)
-        for opt, variables in zip(optimizers, var_lists, strict=True):
-            opt.build(variables)
-        state = {
-            "step": tf.Variable(0, dtype=tf.int64, trainable=False),
-            "epoch": tf.Variable(0, dtype=tf.int64, trainable=False),
-            "step_in_epoch": tf.Variable(0, dtype=tf.int64, trainable=False),
-            "best": tf.Variable(-1.0, dtype=tf.float64, trainable=False),
-            "bad_epochs": tf.Variable(0, dtype=tf.int64, trainable=False),
-            "history": tf.Variable("[]", dtype=tf.string, trainable=False),
-        }
         rng = {f"rng_{i}": v for i, v in enumerate(model.rng_variables())}
         checkpoint = tf.train.Checkpoint(
             model=model,
@@ -377,39 +444,7 @@ def train(
         )
     history: list[dict] = json.loads(state["history"].numpy().decode())
 
-    forward = model.forward_numeric
-    if r.xla == "on":
-        forward = tf.function(model.forward_numeric, jit_compile=True, reduce_retracing=True)
-    global_batch = o.batch_size
-    gather = m.gather_candidates
-
-    def replica_fn(features, stop):
-        with tf.GradientTape() as tape:
-            loss, sums = model.compute_losses(
-                features,
-                global_batch_size=global_batch,
-                training=True,
-                gather_candidates=gather,
-                forward=lambda q, c, t: forward(q, c, t),
-            )
-            scaled = optimizers[0].scale_loss(loss) if precision == "mixed_float16" else loss
-        all_vars = [v for variables in var_lists for v in variables]
-        grads = tape.gradient(scaled, all_vars)
-        start = 0
-        for opt, variables in zip(optimizers, var_lists, strict=True):
-            pairs = [
-                (g, v)
-                for g, v in zip(grads[start : start + len(variables)], variables, strict=True)
-                if g is not None
-            ]
-            opt.apply_gradients(pairs)
-            start += len(variables)
-        return {"loss": loss, "stop": stop, **sums}
-
-    @tf.function
-    def train_step(batch, stop):
-        outputs = strategy.run(replica_fn, args=(batch, stop))
-        return {k: strategy.reduce("SUM", v, axis=None) for k, v in outputs.items()}
+    train_step = make_train_step(model, config, strategy, optimizers, var_lists, precision)
 
     writer = tf.summary.create_file_writer(dirs.tensorboard_dir) if dirs.tensorboard_dir else None
     if m.cache_text is False:
@@ -469,6 +504,12 @@ def train(
                     manager.save(checkpoint_number=step)
             if bar is not None:
                 bar.close()
+            log.info(
+                "epoch %d: %d steps in %.1f s",
+                epoch + 1,
+                int(state["step_in_epoch"]) - start_step,
+                time.time() - epoch_start,
+            )
             if status == "running" or int(state["step_in_epoch"]) >= steps_per_epoch:
                 # The epoch is complete: validate, early-stop, move on.
                 train_figures = _window_figures(epoch_sums, epoch_start)
@@ -500,7 +541,7 @@ def train(
         _cleanup_worker_dir(info, dirs)
         return result
     best_latest = tf.train.latest_checkpoint(os.path.join(dirs.checkpoint_dir, "best"))
-    if best_latest and history and o.early_stopping_patience:
+    if best_latest and history and o.restore_best:
         best_epoch = max(history, key=lambda h: h.get("recall_at_10", -1.0))
         if best_epoch is not history[-1]:
             best_checkpoint.restore(best_latest).assert_existing_objects_matched()

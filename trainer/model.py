@@ -316,6 +316,10 @@ class TwoTowerModel(keras.Model):
         )
         self._tasks = _Tasks(config)
 
+    def build(self, input_shape=None):
+        # Sublayers build on their first call (build_model makes one with a dummy batch).
+        self.built = True
+
     # ------------------------------------------------------------------ text
 
     @property
@@ -361,8 +365,9 @@ class TwoTowerModel(keras.Model):
             return self.candidate_encoder(text, training=training)
         return self.item_text_cache(text)
 
-    def _history_text_vectors(self, rows: tf.Tensor) -> tf.Tensor:
-        return self.item_text_cache(tf.gather(self._catalog_text_rows, rows))
+    def _history_text_vectors(self, rows: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
+        """Catalog rows -> (every cached item text vector ``[K, T]``, their rows ``[B, H]``)."""
+        return self.item_text_cache.vectors, tf.gather(self._catalog_text_rows, rows)
 
     def refresh_text_caches(self, batch_size: int = 256) -> None:
         """Recomputes every cached text vector with the live encoders (eager or in a tf.function).

@@ -310,17 +310,27 @@ class IdDropout(keras.layers.Layer):
         return x * keras.ops.cast(keep, x.dtype)
 
 
-def mlp(
-    sizes: Sequence[int], dropout: float, name: str, dtype: str | None = None
-) -> keras.Sequential:
-    layers: list[keras.layers.Layer] = []
-    for i, size in enumerate(sizes):
-        layers.append(
-            keras.layers.Dense(size, activation="gelu", name=f"{name}_dense_{i}", dtype=dtype)
-        )
-        if dropout:
-            layers.append(keras.layers.Dropout(dropout, name=f"{name}_dropout_{i}", dtype=dtype))
-    return keras.Sequential(layers, name=name)
+class MLP(keras.layers.Layer):
+    """Dense + GELU (+ dropout) blocks over the last axis of inputs of any rank."""
+
+    def __init__(self, sizes: Sequence[int], dropout: float, **kwargs):
+        super().__init__(**kwargs)
+        self.dense = [
+            keras.layers.Dense(size, activation="gelu", name=f"dense_{i}", dtype=self.dtype_policy)
+            for i, size in enumerate(sizes)
+        ]
+        self.dropout = keras.layers.Dropout(dropout, dtype=self.dtype_policy) if dropout else None
+
+    def call(self, x: tf.Tensor, training: bool = False) -> tf.Tensor:
+        for dense in self.dense:
+            x = dense(x)
+            if self.dropout is not None:
+                x = self.dropout(x, training=training)
+        return x
+
+
+def mlp(sizes: Sequence[int], dropout: float, name: str, dtype: str | None = None) -> MLP:
+    return MLP(sizes, dropout, name=name, dtype=dtype)
 
 
 class Projection(keras.layers.Layer):
@@ -345,8 +355,8 @@ class HistoryEncoder(keras.layers.Layer):
     optionally one pre-norm transformer block with a padding mask, then attention pooling with
     a learned query over the unmasked positions.
 
-    Inputs: ``text`` float32 ``[B, H, T]``, ``ids`` ``[B, H, E]`` or ``None``, ``mask`` bool
-    ``[B, H]`` (True = a real item).
+    Inputs: ``table`` float32 ``[K, T]`` (text vectors), ``rows`` int ``[B, H]`` (rows of the
+    table), ``ids`` ``[B, H, E]`` or ``None``, ``mask`` bool ``[B, H]`` (True = a real item).
     """
 
     def __init__(
@@ -380,8 +390,10 @@ class HistoryEncoder(keras.layers.Layer):
         )
         self.built = True
 
-    def call(self, text, ids, mask, training: bool = False) -> tf.Tensor:
-        x = self.item_proj(text)
+    def call(self, table, rows, ids, mask, training: bool = False) -> tf.Tensor:
+        # Project the (small) text table once, then gather: B * H times cheaper than projecting
+        # every history position.
+        x = keras.ops.take(self.item_proj(table), rows, axis=0)
         if ids is not None:
             x = x + self.id_proj(ids)
         batch = keras.ops.shape(x)[0]
@@ -416,8 +428,8 @@ class QueryTower(keras.layers.Layer):
 
     Args:
       text_vectors: callable, text input -> ``[B, T]`` float32 (live encoder or cache).
-      item_text_table: callable, catalog rows -> ``[..., T]`` (the candidate side's text
-        vectors of the catalog, for the history).
+      item_text_table: callable, catalog rows ``[B, H]`` -> ``(table [K, T], rows [B, H])``:
+        the candidate side's text vectors of the catalog and where each history item is in it.
       item_id_embedding: the candidate tower's item id embedding, shared by the history.
     """
 
@@ -470,8 +482,8 @@ class QueryTower(keras.layers.Layer):
             ids = None
             if self.config.use_id_embeddings:
                 ids = self.item_id_embedding(inputs["history_ids"])
-            text = self.item_text_table(rows)
-            history = self.history(text, ids, rows > 0, training=training)
+            table, table_rows = self.item_text_table(rows)
+            history = self.history(table, table_rows, ids, rows > 0, training=training)
             parts.append(history)
         fused = keras.ops.concatenate([keras.ops.cast(p, self.compute_dtype) for p in parts], -1)
         return self.projection(fused, training=training)

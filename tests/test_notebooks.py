@@ -1,0 +1,152 @@
+"""Executes every notebook top to bottom on tiny artifacts, so they never rot.
+
+Notebooks are run with ``nbclient`` in a ``python3`` kernel started from this interpreter (the
+venv: jupyter_client replaces the kernelspec's ``python`` with ``sys.executable``), with their
+parameters set through ``NB_*`` environment variables, which the kernel inherits.
+
+* ``train_and_evaluate.ipynb`` prepares synthetic data, trains a tiny-BERT model, evaluates and
+  exports it. It needs ``trainer.task`` and ``trainer.export``'s CLI and is skipped until they
+  exist.
+* ``batch_scoring.ipynb`` runs on the fake export of tests/test_batch_score.py (the real export
+  contract around hash embeddings), and again on conftest's ``tiny_export`` (a trained tiny-BERT
+  model with a ScaNN index).
+
+Both are marked ``slow`` but stay in the default run (about a minute on 2 cores).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+NOTEBOOKS = REPO / "notebooks"
+CELL_TIMEOUT_S = 600
+
+pytestmark = pytest.mark.slow
+
+nbformat = pytest.importorskip("nbformat")
+nbclient = pytest.importorskip("nbclient")
+pytest.importorskip("ipykernel")
+
+
+def execute(name: str, env: dict[str, str], tmp_path: Path) -> nbformat.NotebookNode:
+    """Runs ``notebooks/<name>`` in a fresh kernel with ``env`` set; returns the executed copy.
+
+    The executed copy is written to ``tmp_path`` (for debugging); the committed notebook is
+    never touched. A failing cell raises ``CellExecutionError`` naming the cell and traceback.
+    """
+    nb = nbformat.read(NOTEBOOKS / name, as_version=4)
+    saved = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)  # the kernel process inherits the test process's environment
+    os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), saved.get("PYTHONPATH")]))
+    try:
+        client = nbclient.NotebookClient(
+            nb,
+            timeout=CELL_TIMEOUT_S,
+            kernel_name="python3",
+            resources={"metadata": {"path": str(NOTEBOOKS)}},
+        )
+        client.execute()
+    finally:
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+        nbformat.write(nb, tmp_path / name)
+    return nb
+
+
+def outputs_text(nb: nbformat.NotebookNode) -> str:
+    parts = []
+    for cell in nb.cells:
+        for out in cell.get("outputs", []):
+            parts.append(out.get("text", ""))
+            parts.extend(str(v) for k, v in out.get("data", {}).items() if k.startswith("text/"))
+    return "\n".join(parts)
+
+
+def test_notebooks_are_committed_without_outputs():
+    for path in sorted(NOTEBOOKS.glob("*.ipynb")):
+        nb = nbformat.read(path, as_version=4)
+        nbformat.validate(nb)
+        for cell in nb.cells:
+            if cell.cell_type == "code":
+                assert not cell.outputs and cell.execution_count is None, path.name
+        first_code = next(c for c in nb.cells if c.cell_type == "code")
+        assert "parameters" in first_code.metadata.get("tags", []), path.name
+
+
+def _trainer_available() -> str | None:
+    """Why the trainer cannot run yet (a module missing), or None."""
+    for module in ("trainer.task", "trainer.model", "trainer.export"):
+        if importlib.util.find_spec(module) is None:
+            return f"{module} does not exist yet"
+    return None
+
+
+def test_train_and_evaluate_notebook(tmp_path: Path):
+    """prepare (synthetic) -> train (tiny BERT, 1 epoch) -> evaluate -> export -> query."""
+    reason = _trainer_available()
+    if reason:
+        pytest.skip(f"train_and_evaluate.ipynb needs the trainer: {reason}")
+    env = {
+        "NB_WORK_DIR": str(tmp_path / "work"),
+        "NB_DATASET": "synthetic",
+        "NB_PRESET": "tiny",
+        "NB_SPLIT": "p2",
+        "NB_EPOCHS": "1",
+        "NB_BATCH_SIZE": "64",
+        "NB_MAX_STEPS": "0",
+        "NB_INDEX": "brute_force",
+        "NB_MODEL_NAME": "movielens",
+    }
+    nb = execute("train_and_evaluate.ipynb", env, tmp_path)
+    work = tmp_path / "work"
+    assert (work / "data" / "manifest.json").exists()
+    assert (work / "export" / "movielens" / "1" / "saved_model.pb").exists()
+    report = json.loads((work / "eval.json").read_text())
+    assert "recall@10" in report["metrics"]
+    text = outputs_text(nb)
+    assert "two-tower" in text and "popularity" in text and "Traceback" not in text
+
+
+@pytest.mark.parametrize("model", ["fake_export", "trained_export"])
+def test_batch_scoring_notebook(model: str, tiny_data_dir: str, tmp_path: Path, request):
+    """On the fake export always (isolates the notebook), and on the trained one once it exists."""
+    if model == "trained_export":
+        reason = _trainer_available()
+        if reason:
+            pytest.skip(f"no trained export yet: {reason}")
+        # conftest's session fixture: a tiny-BERT model trained on tiny_data_dir and exported.
+        data_dir, export = tiny_data_dir, request.getfixturevalue("tiny_export")
+    else:
+        from tests.test_batch_score import build_fake_export
+
+        data_dir = tiny_data_dir
+        build_fake_export(data_dir, str(tmp_path / "export"))
+        export = str(tmp_path / "export" / "movielens")
+    out = tmp_path / "scores"
+    env = {
+        "NB_DATA_DIR": data_dir,
+        "NB_EXPORT": export,
+        "NB_SPLIT": "p2",
+        "NB_K": "5",
+        "NB_OUTPUT_DIR": str(out),
+        "NB_LAMBDAS": "0,0.5",
+        "NB_SERVER": "",
+    }
+    nb = execute("batch_scoring.ipynb", env, tmp_path)
+    text = outputs_text(nb)
+    assert "recall@5" in text and "two-tower" in text
+    assert (out / "_SUCCESS").exists() and list(out.glob("part-*.parquet"))
+    for figure in ("score_distributions", "lorenz", "genre_mix", "mmr_tradeoff"):
+        assert (out / "figures" / f"{figure}.png").stat().st_size > 1000, figure
+    images = sum("image/png" in o.get("data", {}) for c in nb.cells for o in c.get("outputs", []))
+    assert images == 4
+    assert "<-" in text  # the explanations printed "recommendation <- nearest history titles"

@@ -1,0 +1,373 @@
+"""The trainer: flags and errors, loss going down, kill-and-resume, multi-worker (tiny BERT)."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shlex
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+
+from tests.conftest import REPO
+from trainer import task
+from trainer.config import ConfigError, TrainConfig, parse_args
+
+# Deterministic kernels, so a resumed run can be compared with an uninterrupted one exactly.
+ENV = {
+    **os.environ,
+    "TF_DETERMINISTIC_OPS": "1",
+    "TF_CPP_MIN_LOG_LEVEL": "2",
+    "CUDA_VISIBLE_DEVICES": "",
+}
+# p2 of the tiny data: 1,228 train examples -> 38 steps of 32 per epoch.
+RESUME_FLAGS = shlex.split(
+    "--preset tiny --split p2 --batch-size 32 --epochs 4 --checkpoint-every 5 "
+    "--early-stopping-patience 0 --no-progress --log-every 1000"
+)
+
+
+def _read_json(path: str) -> dict:
+    with open(path) as f:
+        return json.load(f)
+
+
+def _train_cmd(data_dir: str, model_dir: str, *extra: str) -> list[str]:
+    return [
+        sys.executable,
+        "-m",
+        "trainer.task",
+        "--data",
+        data_dir,
+        "--model-dir",
+        model_dir,
+        *RESUME_FLAGS,
+        *extra,
+    ]
+
+
+def _weights(model_dir: str) -> list[np.ndarray]:
+    from trainer.model import load_trained
+
+    model, _ = load_trained(model_dir)
+    return [np.asarray(w) for w in model.weights]
+
+
+def _assert_same_weights(a: str, b: str, atol: float = 1e-5) -> None:
+    wa, wb = _weights(a), _weights(b)
+    assert len(wa) == len(wb)
+    for x, y in zip(wa, wb, strict=True):
+        np.testing.assert_allclose(x, y, atol=atol)
+
+
+def _checkpoint_step(checkpoint_dir: str) -> int:
+    import tensorflow as tf
+
+    latest = tf.train.latest_checkpoint(checkpoint_dir)
+    return int(tf.train.load_checkpoint(latest).get_tensor("step/.ATTRIBUTES/VARIABLE_VALUE"))
+
+
+def _wait_for(path_glob: str, process: subprocess.Popen, timeout: float = 120) -> None:
+    import glob
+
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if glob.glob(path_glob):
+            return
+        if process.poll() is not None:
+            raise AssertionError(
+                f"trainer exited early ({process.returncode}): {process.stderr.read()}"
+            )
+        time.sleep(0.02)
+    process.kill()
+    raise AssertionError(f"no {path_glob} after {timeout}s")
+
+
+# ----------------------------------------------------------------------------- configuration
+
+
+def test_flags_override_the_config_file(tmp_path):
+    path = tmp_path / "c.json"
+    path.write_text(
+        json.dumps({"model": {"embedding_dim": 32, "temperature": 0.1}, "batch_size": 256})
+    )
+    config = parse_args(["--config", str(path), "--temperature", "0.07", "--no-logq-correction"])
+    assert config.model.embedding_dim == 32
+    assert config.model.temperature == 0.07
+    assert config.optim.batch_size == 256
+    assert config.model.logq_correction is False
+    yaml_path = tmp_path / "c.yaml"
+    yaml_path.write_text("optim:\n  epochs: 7\nranking_layers: [64, 32]\n")
+    config = parse_args(["--config", str(yaml_path)])
+    assert config.optim.epochs == 7 and config.model.ranking_layers == (64, 32)
+    assert TrainConfig.from_dict(config.to_dict()) == config
+
+
+def test_resolve_picks_cpu_and_gpu_defaults():
+    cpu = TrainConfig().resolve(has_gpu=False)
+    assert cpu.model.freeze_bert and cpu.model.cache_text and cpu.model.query_text == "profile"
+    assert cpu.runtime.xla == "off" and cpu.runtime.mixed_precision == "off"
+    gpu = TrainConfig().resolve(has_gpu=True)
+    assert not gpu.model.freeze_bert and not gpu.model.cache_text
+    assert gpu.model.query_text == "query_text" and gpu.runtime.xla == "on"
+
+
+def test_batch_must_split_over_replicas():
+    with pytest.raises(ConfigError, match="not divisible by the 3 replicas"):
+        TrainConfig().validate(num_replicas=3)
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--learning-rate", "-0.1"], "--learning-rate must be positive"),
+        (["--train-top-layers", "2", "--freeze-bert"], "give one of them"),
+        (["--batch-size", "0"], "--batch-size must be at least 1"),
+        (["--temperature", "abc"], "cannot read 'abc' as float"),
+        (["--no-such-flag", "1"], "unrecognized arguments"),
+        (["--cache-text", "--no-freeze-bert"], "--cache-text needs a frozen BERT"),
+        (["--split", "p9"], "--split must be one of"),
+        (["--history-dim", "30", "--history-heads", "4"], "must be divisible"),
+        (["--config", "/no/such/file.json"], "no such file"),
+        (["--preset", "no-such-preset"], "no-such-preset"),
+    ],
+)
+def test_bad_flags_exit_2_with_a_message(argv, message, tiny_data_dir, tmp_path, capsys):
+    code = task.main(["--data", tiny_data_dir, "--model-dir", str(tmp_path / "m"), *argv])
+    err = capsys.readouterr().err
+    assert code == 2
+    assert message in err and "Traceback" not in err
+
+
+def _manifest_without(data_dir: str, tmp_path, split: str) -> str:
+    copy = str(tmp_path / "data")
+    shutil.copytree(data_dir, copy)
+    manifest = _read_json(os.path.join(copy, "manifest.json"))
+    del manifest["splits"][split]
+    with open(os.path.join(copy, "manifest.json"), "w") as f:
+        json.dump(manifest, f)
+    return copy
+
+
+@pytest.mark.parametrize("case", ["missing_dir", "missing_split", "missing_shard", "no_data"])
+def test_bad_data_exits_2_with_a_message(case, tiny_data_dir, tmp_path, capsys):
+    data, split, message = tiny_data_dir, "p2", ""
+    if case == "missing_dir":
+        data, message = str(tmp_path / "nothing"), "no manifest.json"
+    elif case == "missing_split":
+        data, message = _manifest_without(tiny_data_dir, tmp_path, "p3"), "'p3' was not prepared"
+        split = "p3"
+    elif case == "missing_shard":
+        data = str(tmp_path / "data")
+        shutil.copytree(tiny_data_dir, data)
+        os.remove(os.path.join(data, "p2", "train-00001-of-00004.tfrecord"))
+        message = "expected 4 shards"
+    argv = ["--split", split, "--model-dir", str(tmp_path / "m"), "--preset", "tiny"]
+    if case == "no_data":
+        message = "--data is required"
+    else:
+        argv += ["--data", data]
+    assert task.main(argv) == 2
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err
+
+
+def test_process_exit_code_and_no_traceback(tmp_path):
+    cmd = [sys.executable, "-m", "trainer.task", "--data", str(tmp_path), "--model-dir",
+           str(tmp_path / "m"), "--epochs", "-1"]  # fmt: skip
+    result = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, env=ENV, timeout=120)
+    assert result.returncode == 2
+    assert "error: --epochs must be at least 1" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+# ----------------------------------------------------------------------------- training
+
+
+def test_training_lowers_the_loss_and_writes_the_model_dir(tiny_data_dir, tmp_path):
+    model_dir = str(tmp_path / "model")
+    flags = "--preset tiny --epochs 4 --batch-size 64 --early-stopping-patience 0 --no-progress"
+    argv = ["--data", tiny_data_dir, "--split", "p1", "--model-dir", model_dir,
+            "--learning-rate", "0.003", *shlex.split(flags)]  # fmt: skip
+    assert task.main(argv) == 0
+    metrics = _read_json(os.path.join(model_dir, "metrics.json"))
+    history = metrics["history"]
+    assert [h["epoch"] for h in history] == [1, 2, 3, 4]
+    assert history[-1]["train_retrieval_loss"] < history[0]["train_retrieval_loss"] - 0.05
+    assert history[-1]["train_rmse"] < history[0]["train_rmse"]
+    assert "recall_at_10" in history[0] and "rmse" in history[0]
+    for name in ("config.json", "assets.json", "encoders.json", "model.weights.h5"):
+        assert os.path.isfile(os.path.join(model_dir, name)), name
+    assert os.listdir(model_dir + "-logs"), "TensorBoard events"
+    assert [p for p in os.listdir(tmp_path) if p.startswith(".")] == []
+
+
+@pytest.fixture(scope="module")
+def reference_run(tiny_data_dir, tmp_path_factory) -> str:
+    """The resume tests' run, uninterrupted."""
+    model_dir = str(tmp_path_factory.mktemp("reference") / "model")
+    result = subprocess.run(
+        _train_cmd(tiny_data_dir, model_dir),
+        cwd=REPO,
+        env=ENV,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert result.returncode == 0, result.stderr
+    return model_dir
+
+
+@pytest.mark.parametrize("how", [signal.SIGKILL, signal.SIGTERM])
+def test_killed_run_resumes_with_the_same_weights(how, reference_run, tiny_data_dir, tmp_path):
+    model_dir = str(tmp_path / "model")
+    checkpoints = model_dir + "-checkpoints"
+    process = subprocess.Popen(
+        _train_cmd(tiny_data_dir, model_dir),
+        cwd=REPO,
+        env=ENV,
+        stderr=subprocess.PIPE,
+        stdout=subprocess.DEVNULL,
+        text=True,
+    )
+    _wait_for(os.path.join(checkpoints, "ckpt-10.index"), process)
+    process.send_signal(how)
+    _, stderr = process.communicate(timeout=120)
+    if how == signal.SIGTERM:
+        assert process.returncode == 128 + signal.SIGTERM, stderr
+        stopped = int(re.search(r"interrupted at step (\d+)", stderr).group(1))
+        assert _checkpoint_step(checkpoints) == stopped  # saved exactly where it stopped
+    else:
+        assert process.returncode == -signal.SIGKILL
+        stopped = _checkpoint_step(checkpoints)
+    assert 10 <= stopped < 4 * 38, "the kill must land mid-run"
+    assert not os.path.exists(model_dir)
+
+    resumed = subprocess.run(
+        _train_cmd(tiny_data_dir, model_dir),
+        cwd=REPO,
+        env=ENV,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert resumed.returncode == 0, resumed.stderr
+    assert re.search(rf"resumed from .*ckpt-{stopped}: step {stopped},", resumed.stderr)
+    _assert_same_weights(model_dir, reference_run)
+    ours = _read_json(os.path.join(model_dir, "metrics.json"))
+    theirs = _read_json(os.path.join(reference_run, "metrics.json"))
+    assert ours["steps"] == theirs["steps"] == 4 * 38
+    assert [h["recall_at_10"] for h in ours["history"]] == pytest.approx(
+        [h["recall_at_10"] for h in theirs["history"]], abs=1e-4
+    )
+
+
+def _free_ports(n: int) -> list[int]:
+    sockets = [socket.socket() for _ in range(n)]
+    for s in sockets:
+        s.bind(("localhost", 0))
+    ports = [s.getsockname()[1] for s in sockets]
+    for s in sockets:
+        s.close()
+    return ports
+
+
+def test_two_workers_end_with_identical_weights(tiny_data_dir, tmp_path):
+    ports = _free_ports(2)
+    cluster = {"worker": [f"localhost:{p}" for p in ports]}
+    model_dir = str(tmp_path / "model")
+    processes = []
+    for index in range(2):
+        env = {
+            **ENV,
+            "TF_CONFIG": json.dumps(
+                {"cluster": cluster, "task": {"type": "worker", "index": index}}
+            ),
+        }
+        flags = "--preset tiny --batch-size 64 --epochs 1 --max-steps 8 --worker-model-copy"
+        cmd = [sys.executable, "-m", "trainer.task", "--data", tiny_data_dir, "--split", "p2",
+               "--model-dir", model_dir, "--no-progress", *shlex.split(flags)]  # fmt: skip
+        processes.append(
+            subprocess.Popen(
+                cmd, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True
+            )
+        )
+    errors = []
+    for process in processes:
+        try:
+            _, err = process.communicate(timeout=300)
+        except subprocess.TimeoutExpired:
+            for p in processes:
+                p.kill()
+            raise
+        errors.append(err)
+        assert process.returncode == 0, err
+    assert re.search(r"worker:0, \w+ with 2 replica\(s\)", errors[0]), errors[0]
+    worker_copy = model_dir + "-worker-1"
+    assert os.path.isfile(os.path.join(model_dir, "model.weights.h5"))
+    _assert_same_weights(model_dir, worker_copy, atol=0)
+    metrics = _read_json(os.path.join(model_dir, "metrics.json"))
+    assert metrics["replicas"] == 2 and metrics["steps"] == 8
+    # Only the chief keeps checkpoints; the worker's temporary saves are gone.
+    assert not [d for d in os.listdir(model_dir + "-checkpoints") if d.startswith("workertemp")]
+
+
+# ----------------------------------------------------------------------------- environment
+
+
+def test_cluster_roles_from_tf_config_and_vertex_cluster_spec():
+    from trainer import env
+
+    assert env.cluster_info({}).is_chief and not env.cluster_info({}).is_multi_worker
+    workers = {"worker": ["a:1", "b:2"]}
+    tf_config = lambda task: {"TF_CONFIG": json.dumps({"cluster": workers, "task": task})}
+    first = env.cluster_info(tf_config({"type": "worker", "index": 0}))
+    second = env.cluster_info(tf_config({"type": "worker", "index": 1}))
+    assert first.is_chief and not second.is_chief and second.num_workers == 2
+    vertex = {
+        "CLUSTER_SPEC": json.dumps(
+            {
+                "cluster": {"workerpool0": ["c:1"], "workerpool1": ["w:1", "w:2"]},
+                "task": {"type": "workerpool1", "index": 1},
+            }
+        )
+    }
+    info = env.cluster_info(vertex)
+    assert info.task_type == "worker" and info.task_id == 1 and not info.is_chief
+    assert info.num_workers == 3
+    with pytest.raises(ConfigError, match="not valid JSON"):
+        env.cluster_info({"TF_CONFIG": "{"})
+    with pytest.raises(ConfigError, match="out of range"):
+        env.cluster_info(tf_config({"type": "worker", "index": 5}))
+
+
+def test_output_dirs_follow_vertex_and_keep_workers_apart():
+    from trainer import env
+    from trainer.config import RuntimeConfig
+
+    vertex = {
+        "AIP_MODEL_DIR": "gs://b/model",
+        "AIP_CHECKPOINT_DIR": "gs://b/ckpt",
+        "AIP_TENSORBOARD_LOG_DIR": "gs://b/tb",
+    }
+    chief = env.output_dirs(RuntimeConfig(), env.ClusterInfo({}, None, 0), vertex)
+    assert (chief.model_dir, chief.checkpoint_dir, chief.tensorboard_dir) == (
+        "gs://b/model",
+        "gs://b/ckpt",
+        "gs://b/tb",
+    )
+    worker = env.output_dirs(
+        RuntimeConfig(model_dir="/m"), env.ClusterInfo({"worker": ["a", "b"]}, "worker", 1), {}
+    )
+    assert worker.checkpoint_dir == "/m-checkpoints"
+    assert worker.save_checkpoint_dir.startswith("/m-checkpoints/workertemp_")
+    assert worker.tensorboard_dir is None
+    with pytest.raises(ConfigError, match="--model-dir is required"):
+        env.output_dirs(RuntimeConfig(), env.ClusterInfo({}, None, 0), {})
