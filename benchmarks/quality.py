@@ -27,7 +27,8 @@ sys.path.insert(0, ROOT)
 #: Extra ``trainer.task`` flags of each trained system (on top of the defaults).
 SYSTEMS = {
     "two_tower": [],  # the default: frozen MiniLM towers, history encoder, ids, DCN head
-    "id_only": ["--no-use-text"],  # the same TFRS tasks with ids and fields only: no BERT
+    # The same TFRS tasks over ids alone (user, item, history ids): no BERT, no side features.
+    "id_only": ["--no-use-text", "--no-use-side-features"],
     "popularity": None,  # not trained
 }
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.util
+import json
 
 import numpy as np
 import pytest
@@ -164,6 +165,16 @@ def test_save_and_load_round_trip(tiny_model, batch, tmp_path):
     assert leftovers == []
 
 
+def test_load_trained_rejects_weights_of_another_architecture(tiny_model, tmp_path):
+    model_dir = str(tmp_path / "model")
+    M.save_trained(tiny_model, resolved(), model_dir)
+    config = json.loads((tmp_path / "model" / M.CONFIG_FILE).read_text())
+    config["model"]["history"] = "transformer"  # the weights file has no transformer block
+    (tmp_path / "model" / M.CONFIG_FILE).write_text(json.dumps(config))
+    with pytest.raises(ConfigError, match="does not fit the model"):
+        M.load_trained(model_dir)
+
+
 def test_load_trained_rejects_a_dir_that_is_not_a_model(tmp_path):
     with pytest.raises(ConfigError, match="not a trained model dir"):
         M.load_trained(str(tmp_path))
@@ -189,6 +200,7 @@ def test_scorer_scores_the_whole_catalog(tiny_model, tiny_data_dir):
         {"history": "attention", "ranking_head": "mlp", "use_id_embeddings": False},
         {"share_encoder": False, "freeze_bert": False, "query_text": "query_text"},
         {"freeze_bert": False, "train_top_layers": 1, "pooling": "cls"},
+        {"use_text": False, "use_side_features": False},
     ],
 )
 def test_variants_build_and_embed(assets, batch, overrides):
@@ -200,6 +212,19 @@ def test_variants_build_and_embed(assets, batch, overrides):
     if overrides.get("train_top_layers"):
         names = {v.path for v in bert}
         assert all("transformer_layer_1" in n for n in names), names
+    if overrides.get("use_text") is False:
+        # ID-only: the item text must not move the candidate embedding.
+        changed = dict(batch, item_text=tf.fill(tf.shape(batch["item_text"]), "something else"))
+        np.testing.assert_allclose(
+            model.candidate_embeddings(changed).numpy(),
+            model.candidate_embeddings(batch).numpy(),
+            atol=1e-6,
+        )
+
+
+def test_id_only_needs_ids():
+    with pytest.raises(ConfigError, match="--no-use-text"):
+        resolved(use_text=False, use_id_embeddings=False)
 
 
 def test_unknown_preset_is_a_config_error():

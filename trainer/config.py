@@ -44,9 +44,16 @@ class ModelConfig:
     tower_layers: tuple[int, ...] = (256,)
     dropout: float = 0.1
     use_id_embeddings: bool = True
+    # The ID-only baseline turns both off: no text (no BERT in either tower, nor in the history)
+    # and no side features (profile fields, genres, year); then only ids remain.
+    use_text: bool = True
+    use_side_features: bool = True
     id_buckets: int = 50_000
     id_embedding_dim: int = 32
     id_dropout: float = 0.2  # share of examples whose id embeddings are zeroed in training
+    # A D-dim id embedding added to each tower's output before normalisation (zero-initialised):
+    # the matrix-factorisation term, which an MLP over fused features learns far more slowly.
+    id_residual: bool = True
     field_embedding_dim: int = 16
     # "attention": attention pooling (default: as good here, 3x cheaper on a CPU than a
     # transformer block); "transformer": one block first; "none": no history.
@@ -148,6 +155,10 @@ class TrainConfig:
         _choice("--query-text", m.query_text, (AUTO, "profile", "query_text"))
         _choice("--history", m.history, ("transformer", "attention", "none"))
         _choice("--ranking-head", m.ranking_head, ("dcn", "mlp"))
+        if not (m.use_text or m.use_id_embeddings):
+            raise ConfigError("--no-use-text needs --use-id-embeddings: the towers need an input")
+        if not m.use_text and m.query_text == "query_text":
+            raise ConfigError("--query-text query_text needs --use-text")
         _choice("--split", d.split, ("p1", "p2", "p3"))
         _choice("--decay", o.decay, ("cosine", "linear", "constant"))
         _choice("--mixed-precision", r.mixed_precision, (AUTO, "off", "float16", "bfloat16"))

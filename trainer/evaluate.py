@@ -166,7 +166,12 @@ def beyond_accuracy(scorer: Scorer, top10: np.ndarray, catalog: dict[str, np.nda
 
 
 def mmr_tradeoff(
-    scorer: Scorer, pool: np.ndarray, data_dir: str, split: str, catalog: dict[str, np.ndarray]
+    scorer: Scorer,
+    pool: np.ndarray,
+    data_dir: str,
+    split: str,
+    catalog: dict[str, np.ndarray],
+    part: str = "test",
 ) -> list[dict]:
     """Recall@10 and diversity of MMR re-ranking of the top-``MMR_POOL`` at a few λ."""
     embeddings = scorer.item_embeddings()
@@ -180,7 +185,7 @@ def mmr_tradeoff(
         ]
     )
     index = _index_of(catalog)
-    truth_by_user = _items_by_user(records.load_events(data_dir, split, "test"), index)
+    truth_by_user = _items_by_user(records.load_events(data_dir, split, part), index)
     truth = [np.array(truth_by_user.get(u, []), dtype=np.int64) for u in users["user_id"]]
     rows = []
     for lam in MMR_LAMBDAS:
@@ -198,8 +203,18 @@ def mmr_tradeoff(
     return rows
 
 
-def evaluate(scorer: Scorer, data_dir: str, split: str, *, mmr: bool = True) -> dict:
-    """Every figure of ``split`` for one scorer, as a JSON-ready dict."""
+def evaluate(
+    scorer: Scorer, data_dir: str, split: str, *, mmr: bool = True, part: str = "test"
+) -> dict:
+    """Every figure of ``split`` for one scorer, as a JSON-ready dict.
+
+    ``part="valid"`` (p2, p3) scores the validation part instead, to choose settings without
+    looking at the test part.
+    """
+    if part not in ("test", "valid"):
+        raise DataError(f"--part must be test or valid, not {part!r}")
+    if part == "valid" and split == "p1":
+        raise DataError("p1 has no validation part (the TFRS protocol is train/test only)")
     start = time.time()
     catalog = records.load_catalog(data_dir, split)
     if split == "p1":
@@ -207,17 +222,18 @@ def evaluate(scorer: Scorer, data_dir: str, split: str, *, mmr: bool = True) -> 
         users = records.load_users(data_dir, split)
         pool = _user_topk(scorer, users, {}, MMR_POOL)
     else:
-        result, pool = evaluate_full_ranking(scorer, data_dir, split, catalog)
+        result, pool = evaluate_full_ranking(scorer, data_dir, split, catalog, part)
     result.update(beyond_accuracy(scorer, pool[:, :10], catalog))
-    out = {"scorer": scorer.name, "split": split, "metrics": result}
+    out = {"scorer": scorer.name, "split": split, "part": part, "metrics": result}
     if mmr and split != "p1":
-        out["mmr"] = mmr_tradeoff(scorer, pool, data_dir, split, catalog)
+        out["mmr"] = mmr_tradeoff(scorer, pool, data_dir, split, catalog, part)
     out["seconds"] = round(time.time() - start, 1)
     return out
 
 
 def format_report(report: dict) -> str:
-    lines = [f"{report['scorer']} on {report['split']} ({report['seconds']}s)"]
+    part = report.get("part", "test")
+    lines = [f"{report['scorer']} on {report['split']} {part} ({report['seconds']}s)"]
     rows = [
         {"metric": k, "value": f"{v:.4f}" if isinstance(v, float) else str(v)}
         for k, v in report["metrics"].items()
@@ -249,6 +265,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--baseline", choices=["popularity"], help="evaluate a baseline instead")
     parser.add_argument("--output", help="write the report as JSON here")
     parser.add_argument("--no-mmr", action="store_true", help="skip the MMR trade-off")
+    parser.add_argument(
+        "--part",
+        default="test",
+        choices=["test", "valid"],
+        help="which held-out part to score (valid: p2 and p3, for choosing settings)",
+    )
     return parser
 
 
@@ -265,8 +287,10 @@ def load_scorer(args: argparse.Namespace) -> Scorer:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        records.part_files(args.data, args.split, "test")
-        report = evaluate(load_scorer(args), args.data, args.split, mmr=not args.no_mmr)
+        records.part_files(args.data, args.split, args.part)
+        report = evaluate(
+            load_scorer(args), args.data, args.split, mmr=not args.no_mmr, part=args.part
+        )
     except (DataError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

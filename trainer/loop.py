@@ -114,6 +114,18 @@ class DataPlan:
     assets: ModelAssets
     catalog: dict[str, np.ndarray]
     valid: dict[str, np.ndarray]
+    # user id -> catalog rows of the items the user has in the training stream (excluded from
+    # validation rankings, as the evaluation protocols exclude them).
+    seen: dict[str, np.ndarray] = dataclasses.field(default_factory=dict)
+
+
+def _seen_items(events: Mapping[str, np.ndarray], catalog: Mapping[str, np.ndarray]) -> dict:
+    index = {item: i for i, item in enumerate(catalog["item_id"])}
+    rows: dict[str, list[int]] = {}
+    for user, item in zip(events["user_id"], events["item_id"], strict=True):
+        if item in index:
+            rows.setdefault(user, []).append(index[item])
+    return {user: np.asarray(r, dtype=np.int64) for user, r in rows.items()}
 
 
 def plan_data(config: TrainConfig) -> DataPlan:
@@ -137,6 +149,7 @@ def plan_data(config: TrainConfig) -> DataPlan:
         holdout = 0.0
         valid = records.load_events(data_dir, split, "valid")
         train_examples = int(parts["train"]["examples"])
+        seen = _seen_items(records.load_events(data_dir, split, "train"), catalog)
     else:
         holdout = config.data.valid_fraction
         train = records.load_events(data_dir, split, "train")
@@ -145,8 +158,9 @@ def plan_data(config: TrainConfig) -> DataPlan:
         ).numpy()
         valid = {k: v[mask] for k, v in train.items()}
         train_examples = int((~mask).sum())
+        seen = _seen_items({k: v[~mask] for k, v in train.items()}, catalog)
     return DataPlan(
-        data_dir, split, holdout, train_examples, history_length, assets, catalog, valid
+        data_dir, split, holdout, train_examples, history_length, assets, catalog, valid, seen
     )
 
 
@@ -177,6 +191,9 @@ def train_dataset(
 def evaluate_validation(model: TwoTowerModel, plan: DataPlan, config: TrainConfig) -> dict:
     """Full-catalog recall@10 / @50 of a sample of positive validation events, and RMSE.
 
+    Each event's user's training items are removed from its ranking (as p2/p3 evaluation does),
+    so a model that rightly scores what the user already rated is not penalised for it.
+
     Runs on every worker (same weights, same data: same answer, so early stopping agrees).
     """
     from trainer.model import _embed
@@ -194,6 +211,8 @@ def evaluate_validation(model: TwoTowerModel, plan: DataPlan, config: TrainConfi
     if len(positive):
         queries = {k: v[positive] for k, v in valid.items()}
         scores = _embed(model, "query", queries) @ items.T
+        for row, user in enumerate(queries["user_id"]):
+            scores[row, plan.seen.get(user, [])] = -np.inf
         truth = np.array([index.get(i, -1) for i in queries["item_id"]])
         true_scores = scores[np.arange(len(truth)), np.maximum(truth, 0)]
         rank = (scores > true_scores[:, None]).sum(axis=1)

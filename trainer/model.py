@@ -673,13 +673,22 @@ def load_trained(model_dir: str) -> tuple[TwoTowerModel, TrainConfig]:
     weights = os.path.join(model_dir, WEIGHTS_FILE)
     if not tf.io.gfile.exists(weights):
         raise ConfigError(f"{model_dir} is not a trained model dir: no {WEIGHTS_FILE}")
+    local = weights
     if weights.startswith("gs://"):
         local = os.path.join("/tmp", f"{uuid.uuid4().hex}.weights.h5")
         tf.io.gfile.copy(weights, local)
+    try:
         model.load_weights(local)
-        os.remove(local)
-    else:
-        model.load_weights(weights)
+    except (ValueError, KeyError, OSError) as e:
+        # Keras lists every unmatched layer; the first lines say enough.
+        detail = " ".join(str(e).split())[:300]
+        raise ConfigError(
+            f"{weights} does not fit the model its {CONFIG_FILE} describes (written by another "
+            f"version of this code, or a damaged file): {detail}"
+        ) from e
+    finally:
+        if local != weights:
+            os.remove(local)
     return model, config
 
 

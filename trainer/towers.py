@@ -342,9 +342,35 @@ class Projection(keras.layers.Layer):
         self.norm = keras.layers.LayerNormalization(name="norm")
         self.out = keras.layers.Dense(dim, name="out", dtype="float32")
 
-    def call(self, x: tf.Tensor, training: bool = False) -> tf.Tensor:
-        x = self.hidden(self.norm(x), training=training)
-        return keras.ops.normalize(self.out(keras.ops.cast(x, "float32")), axis=-1, order=2)
+    def call(
+        self, x: tf.Tensor, training: bool = False, residual: tf.Tensor | None = None
+    ) -> tf.Tensor:
+        """``residual`` ``[B, D]``, optional: added before normalisation (the id term)."""
+        x = self.out(keras.ops.cast(self.hidden(self.norm(x), training=training), "float32"))
+        if residual is not None:
+            x = x + keras.ops.cast(residual, "float32")
+        return keras.ops.normalize(x, axis=-1, order=2)
+
+
+def _dropped_ids(dropout, embedding, residual, ids, training: bool):
+    """``(id embedding [B, E], residual [B, D] or None)`` with one id-dropout mask for both, so
+    the examples that lose their id lose it entirely and the features learn to stand alone."""
+    x = embedding(ids)
+    if residual is None:
+        return dropout(x, training=training), None
+    size = keras.ops.shape(x)[-1]
+    both = dropout(keras.ops.concatenate([x, residual(ids)], axis=-1), training=training)
+    return both[:, :size], both[:, size:]
+
+
+def id_residual_embedding(config: ModelConfig, name: str) -> keras.layers.Embedding | None:
+    """The tower's D-dim id term, or None. Zeros at first, so an id never seen in training
+    (a cold item, a new user) adds exactly nothing and the features alone place it."""
+    if not (config.use_id_embeddings and config.id_residual):
+        return None
+    return keras.layers.Embedding(
+        config.id_buckets, config.embedding_dim, embeddings_initializer="zeros", name=name
+    )
 
 
 class HistoryEncoder(keras.layers.Layer):
@@ -355,8 +381,9 @@ class HistoryEncoder(keras.layers.Layer):
     optionally one pre-norm transformer block with a padding mask, then attention pooling with
     a learned query over the unmasked positions.
 
-    Inputs: ``table`` float32 ``[K, T]`` (text vectors), ``rows`` int ``[B, H]`` (rows of the
-    table), ``ids`` ``[B, H, E]`` or ``None``, ``mask`` bool ``[B, H]`` (True = a real item).
+    Inputs: ``table`` float32 ``[K, T]`` (text vectors) or ``None`` (ID-only), ``rows`` int
+    ``[B, H]`` (rows of the table), ``ids`` ``[B, H, E]`` or ``None``, ``mask`` bool ``[B, H]``
+    (True = a real item).
     """
 
     def __init__(
@@ -392,10 +419,12 @@ class HistoryEncoder(keras.layers.Layer):
 
     def call(self, table, rows, ids, mask, training: bool = False) -> tf.Tensor:
         # Project the (small) text table once, then gather: B * H times cheaper than projecting
-        # every history position.
-        x = keras.ops.take(self.item_proj(table), rows, axis=0)
+        # every history position. No table (ID-only model): the ids alone.
+        x = None
+        if table is not None:
+            x = keras.ops.take(self.item_proj(table), rows, axis=0)
         if ids is not None:
-            x = x + self.id_proj(ids)
+            x = self.id_proj(ids) if x is None else x + self.id_proj(ids)
         batch = keras.ops.shape(x)[0]
         summary = keras.ops.broadcast_to(
             keras.ops.cast(self.summary, x.dtype), (batch, 1, self.dim)
@@ -458,6 +487,7 @@ class QueryTower(keras.layers.Layer):
                 config.id_buckets, config.id_embedding_dim, name="user_id_embedding"
             )
             self.id_dropout = IdDropout(config.id_dropout, name="user_id_dropout")
+        self.residual = id_residual_embedding(config, "user_id_residual")
         self.history = None
         if config.history != "none":
             self.history = HistoryEncoder(
@@ -473,20 +503,29 @@ class QueryTower(keras.layers.Layer):
         )
 
     def call(self, inputs: dict, training: bool = False) -> tf.Tensor:
-        parts = [self.text_proj(self.text_vectors(inputs["text"], training=training))]
-        parts += [layer(inputs[name]) for name, layer in self.fields.items()]
+        parts = []
+        if self.config.use_text:
+            parts.append(self.text_proj(self.text_vectors(inputs["text"], training=training)))
+        if self.config.use_side_features:
+            parts += [layer(inputs[name]) for name, layer in self.fields.items()]
+        residual = None
         if self.config.use_id_embeddings:
-            parts.append(self.id_dropout(self.user_embedding(inputs["user_id"]), training=training))
+            ids, residual = _dropped_ids(
+                self.id_dropout, self.user_embedding, self.residual, inputs["user_id"], training
+            )
+            parts.append(ids)
         if self.history is not None:
             rows = inputs["history_rows"]
             ids = None
             if self.config.use_id_embeddings:
                 ids = self.item_id_embedding(inputs["history_ids"])
-            table, table_rows = self.item_text_table(rows)
+            table, table_rows = None, None
+            if self.config.use_text:
+                table, table_rows = self.item_text_table(rows)
             history = self.history(table, table_rows, ids, rows > 0, training=training)
             parts.append(history)
         fused = keras.ops.concatenate([keras.ops.cast(p, self.compute_dtype) for p in parts], -1)
-        return self.projection(fused, training=training)
+        return self.projection(fused, training=training, residual=residual)
 
 
 class CandidateTower(keras.layers.Layer):
@@ -508,22 +547,25 @@ class CandidateTower(keras.layers.Layer):
         self.year = keras.layers.Embedding(num_years, config.field_embedding_dim, name="year")
         if config.use_id_embeddings:
             self.id_dropout = IdDropout(config.id_dropout, name="item_id_dropout")
+        self.residual = id_residual_embedding(config, "item_id_residual")
         self.projection = Projection(
             config.tower_layers, config.embedding_dim, config.dropout, name="projection"
         )
 
     def call(self, inputs: dict, training: bool = False) -> tf.Tensor:
-        parts = [
-            self.text_proj(self.text_vectors(inputs["text"], training=training)),
-            self.genres(inputs["genres"]),
-            self.year(inputs["year"]),
-        ]
+        parts = []
+        if self.config.use_text:
+            parts.append(self.text_proj(self.text_vectors(inputs["text"], training=training)))
+        if self.config.use_side_features:
+            parts += [self.genres(inputs["genres"]), self.year(inputs["year"])]
+        residual = None
         if self.config.use_id_embeddings:
-            parts.append(
-                self.id_dropout(self.item_id_embedding(inputs["item_id"]), training=training)
+            ids, residual = _dropped_ids(
+                self.id_dropout, self.item_id_embedding, self.residual, inputs["item_id"], training
             )
+            parts.append(ids)
         fused = keras.ops.concatenate([keras.ops.cast(p, self.compute_dtype) for p in parts], -1)
-        return self.projection(fused, training=training)
+        return self.projection(fused, training=training, residual=residual)
 
 
 # ----------------------------------------------------------------------------- ranking head
