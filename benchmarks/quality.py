@@ -222,9 +222,11 @@ def main() -> None:
                     *shlex.split(args.train_flags),
                 ]
                 train_seconds = round(run(cmd, model_dir + ".log"), 1)
-                results["systems"][system] = cmd[3:]
                 with open(os.path.join(model_dir, "config.json")) as f:
-                    results["systems"][system] = json.load(f)
+                    results["systems"][f"{system}/{split}"] = {
+                        "flags": cmd[3:],
+                        "config": json.load(f),
+                    }
             report = evaluate(args.work, data, split, system, model_dir)
             report["train_seconds"] = train_seconds
             results["splits"][split][system] = report

@@ -21,7 +21,11 @@ def tiny_data_dir(tmp_path_factory: pytest.TempPathFactory) -> str:
     return path
 
 
-TINY_TRAIN_FLAGS = ("--preset", "tiny", "--epochs", "2", "--no-progress", "--batch-size", "128")
+# The history encoder explicitly: p2 would leave it out, and the export must carry it.
+TINY_TRAIN_FLAGS = (
+    "--preset", "tiny", "--epochs", "2", "--no-progress", "--batch-size", "128",
+    "--history", "attention",
+)  # fmt: skip
 
 
 @pytest.fixture(scope="session")

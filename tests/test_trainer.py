@@ -117,6 +117,14 @@ def test_resolve_picks_cpu_and_gpu_defaults():
     gpu = TrainConfig().resolve(has_gpu=True)
     assert not gpu.model.freeze_bert and not gpu.model.cache_text
     assert gpu.model.query_text == "query_text" and gpu.runtime.xla == "on"
+    # The history encoder goes where queries are events with a past (p1), not on the per-user
+    # random splits; an explicit choice is kept.
+    for split, history in (("p1", "attention"), ("p2", "none"), ("p3", "none")):
+        config = TrainConfig()
+        config.data.split = split
+        assert config.resolve(has_gpu=False).model.history == history
+    config = parse_args(["--split", "p2", "--history", "transformer"])
+    assert config.resolve(has_gpu=False).model.history == "transformer"
 
 
 def test_batch_must_split_over_replicas():

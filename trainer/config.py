@@ -55,16 +55,20 @@ class ModelConfig:
     # the matrix-factorisation term, which an MLP over fused features learns far more slowly.
     id_residual: bool = True
     field_embedding_dim: int = 16
-    # "attention": attention pooling (default: as good here, 3x cheaper on a CPU than a
-    # transformer block); "transformer": one block first; "none": no history.
-    history: str = "attention"
+    # The recent-history encoder: "attention" (attention pooling; as good as "transformer" here
+    # and 3x cheaper on a CPU), "transformer" (one block first) or "none". "auto": attention
+    # where each query is an event with its own past (p1), none on the per-user random splits
+    # (p2, p3), where one query per user has no "recent" to speak of: there the history pulls
+    # the user towards their last-rated movies and measured valid recall@10 halves (0.22 ->
+    # 0.11).
+    history: str = AUTO
     history_dim: int = 128
     history_heads: int = 4
     # Heads and tasks.
     ranking_head: str = "dcn"  # "dcn" | "mlp"
     ranking_layers: tuple[int, ...] = (128, 64)
     cross_layers: int = 2
-    temperature: float = 0.05
+    temperature: float = 0.1  # chosen on p2 valid: 0.05 and 0.1 within 0.004 recall@10
     remove_accidental_hits: bool = True
     logq_correction: bool = True
     num_hard_negatives: int = 0  # 0 = every in-batch negative
@@ -89,9 +93,10 @@ class DataConfig:
 class OptimConfig:
     """Optimiser, schedule and stopping."""
 
-    epochs: int = 4
+    epochs: int = 10  # an upper bound: early stopping on valid recall@10 usually ends sooner
     batch_size: int = 512  # global batch, split over replicas
-    learning_rate: float = 2e-3
+    # The id embeddings learn slowly at 2e-3 (sparse updates): 1e-2 lifts p2 valid recall@10.
+    learning_rate: float = 1e-2
     bert_learning_rate: float = 3e-5  # for the BERT weights when they train
     weight_decay: float = 1e-4
     warmup_fraction: float = 0.05
@@ -153,7 +158,7 @@ class TrainConfig:
         m, d, o, r = self.model, self.data, self.optim, self.runtime
         _choice("--pooling", m.pooling, ("mean", "cls"))
         _choice("--query-text", m.query_text, (AUTO, "profile", "query_text"))
-        _choice("--history", m.history, ("transformer", "attention", "none"))
+        _choice("--history", m.history, (AUTO, "transformer", "attention", "none"))
         _choice("--ranking-head", m.ranking_head, ("dcn", "mlp"))
         if not (m.use_text or m.use_id_embeddings):
             raise ConfigError("--no-use-text needs --use-id-embeddings: the towers need an input")
@@ -266,6 +271,8 @@ class TrainConfig:
             m.cache_text = bool(m.freeze_bert) and m.query_text != "query_text"
         if m.query_text == AUTO:
             m.query_text = "profile" if m.cache_text else "query_text"
+        if m.history == AUTO:
+            m.history = "attention" if c.data.split == "p1" else "none"
         if r.mixed_precision == AUTO:
             r.mixed_precision = "gpu" if has_gpu else "off"  # the loop picks bf16 or fp16
         if r.xla == AUTO:

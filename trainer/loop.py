@@ -117,6 +117,8 @@ class DataPlan:
     # user id -> catalog rows of the items the user has in the training stream (excluded from
     # validation rankings, as the evaluation protocols exclude them).
     seen: dict[str, np.ndarray] = dataclasses.field(default_factory=dict)
+    # One query per user from the train part (p2, p3): validation is then per user, as RecBole.
+    users: dict[str, np.ndarray] | None = None
 
 
 def _seen_items(events: Mapping[str, np.ndarray], catalog: Mapping[str, np.ndarray]) -> dict:
@@ -160,7 +162,16 @@ def plan_data(config: TrainConfig) -> DataPlan:
         train_examples = int((~mask).sum())
         seen = _seen_items({k: v[~mask] for k, v in train.items()}, catalog)
     return DataPlan(
-        data_dir, split, holdout, train_examples, history_length, assets, catalog, valid, seen
+        data_dir,
+        split,
+        holdout,
+        train_examples,
+        history_length,
+        assets,
+        catalog,
+        valid,
+        seen,
+        users if holdout == 0 else None,
     )
 
 
@@ -189,10 +200,12 @@ def train_dataset(
 
 
 def evaluate_validation(model: TwoTowerModel, plan: DataPlan, config: TrainConfig) -> dict:
-    """Full-catalog recall@10 / @50 of a sample of positive validation events, and RMSE.
+    """Full-catalog recall@10 / @50 on the validation data, and RMSE.
 
-    Each event's user's training items are removed from its ranking (as p2/p3 evaluation does),
-    so a model that rightly scores what the user already rated is not penalised for it.
+    With a valid part (p2, p3) recall is per user, as the protocol measures it: one query per
+    user from the train part, every valid item relevant. Otherwise (p1's held-out slice of
+    train) it is per event over a sample of positive events, each with its own past. Either way
+    the user's training items are removed from the ranking, as evaluation removes them.
 
     Runs on every worker (same weights, same data: same answer, so early stopping agrees).
     """
@@ -208,7 +221,9 @@ def evaluate_validation(model: TwoTowerModel, plan: DataPlan, config: TrainConfi
     if len(positive) > config.data.valid_queries:
         positive = np.sort(rng.choice(positive, config.data.valid_queries, replace=False))
     index = {item: i for i, item in enumerate(plan.catalog["item_id"])}
-    if len(positive):
+    if plan.users is not None:
+        out.update(_per_user_recall(model, plan, items, index))
+    elif len(positive):
         queries = {k: v[positive] for k, v in valid.items()}
         scores = _embed(model, "query", queries) @ items.T
         for row, user in enumerate(queries["user_id"]):
@@ -227,6 +242,25 @@ def evaluate_validation(model: TwoTowerModel, plan: DataPlan, config: TrainConfi
     predicted = np.asarray(model.predict_rating(tf.constant(q), tf.constant(c)))
     out["rmse"] = float(np.sqrt(np.mean((np.clip(predicted, 1, 5) - subset["rating"]) ** 2)))
     return out
+
+
+def _per_user_recall(
+    model: TwoTowerModel, plan: DataPlan, items: np.ndarray, index: dict[str, int]
+) -> dict[str, float]:
+    from trainer import metrics
+    from trainer.model import _embed
+
+    truth_by_user: dict[str, list[int]] = {}
+    for user, item in zip(plan.valid["user_id"], plan.valid["item_id"], strict=True):
+        if item in index:
+            truth_by_user.setdefault(user, []).append(index[item])
+    scores = _embed(model, "query", plan.users) @ items.T
+    for row, user in enumerate(plan.users["user_id"]):
+        scores[row, plan.seen.get(user, [])] = -np.inf
+    top = np.argsort(-scores, axis=1, kind="stable")[:, :50]
+    truth = [np.asarray(truth_by_user.get(u, []), np.int64) for u in plan.users["user_id"]]
+    ranked = metrics.ranking_metrics(top, truth, ks=(10, 50))
+    return {"recall_at_10": ranked["recall@10"], "recall_at_50": ranked["recall@50"]}
 
 
 # ----------------------------------------------------------------------------- the loop

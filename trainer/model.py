@@ -46,6 +46,7 @@ from trainer.towers import (
     TextCache,
     TextEncoder,
     backbone_from_spec,
+    id_embedding,
     load_backbone_and_tokenizer,
 )
 
@@ -289,8 +290,8 @@ class TwoTowerModel(keras.Model):
         self._sampling_probability = tf.constant(assets.sampling_probability())
         self.item_id_embedding = None
         if config.use_id_embeddings:
-            self.item_id_embedding = keras.layers.Embedding(
-                config.id_buckets, config.id_embedding_dim, name="item_id_embedding"
+            self.item_id_embedding = id_embedding(
+                config, config.id_embedding_dim, "item_id_embedding"
             )
         self.query_tower = QueryTower(
             config,

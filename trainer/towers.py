@@ -368,9 +368,14 @@ def id_residual_embedding(config: ModelConfig, name: str) -> keras.layers.Embedd
     (a cold item, a new user) adds exactly nothing and the features alone place it."""
     if not (config.use_id_embeddings and config.id_residual):
         return None
-    return keras.layers.Embedding(
-        config.id_buckets, config.embedding_dim, embeddings_initializer="zeros", name=name
-    )
+    return id_embedding(config, config.embedding_dim, name)
+
+
+def id_embedding(config: ModelConfig, dim: int, name: str) -> keras.layers.Embedding:
+    """A hashed-id embedding, zero-initialised: an id never trained on (a new user, a cold item)
+    then reads exactly as a dropped id (:class:`IdDropout`), which the tower learned to handle,
+    instead of as random noise."""
+    return keras.layers.Embedding(config.id_buckets, dim, embeddings_initializer="zeros", name=name)
 
 
 class HistoryEncoder(keras.layers.Layer):
@@ -483,9 +488,7 @@ class QueryTower(keras.layers.Layer):
             for name in ("user_age", "user_gender", "user_occupation")
         }
         if config.use_id_embeddings:
-            self.user_embedding = keras.layers.Embedding(
-                config.id_buckets, config.id_embedding_dim, name="user_id_embedding"
-            )
+            self.user_embedding = id_embedding(config, config.id_embedding_dim, "user_id_embedding")
             self.id_dropout = IdDropout(config.id_dropout, name="user_id_dropout")
         self.residual = id_residual_embedding(config, "user_id_residual")
         self.history = None
