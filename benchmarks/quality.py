@@ -120,6 +120,10 @@ def fmt(value: object) -> str:
     return f"{value:.4f}" if isinstance(value, float) else ("–" if value is None else str(value))
 
 
+def _seconds(value: float | None) -> str:
+    return "–" if value is None else f"{value:.0f}"
+
+
 def markdown(results: dict) -> str:
     lines = []
     for split, rows in results["splits"].items():
@@ -132,7 +136,7 @@ def markdown(results: dict) -> str:
             lines.append(
                 f"| {system} | "
                 + " | ".join(fmt(m.get(c)) for c in columns)
-                + f" | {fmt(report.get('train_seconds'))} |"
+                + f" | {_seconds(report.get('train_seconds'))} |"
             )
         lines.append("")
     lines.append("| protocol | figure | anchor | target | ours (two_tower) | met |")
@@ -166,7 +170,17 @@ def main() -> None:
     parser.add_argument("--systems", nargs="+", default=list(SYSTEMS), choices=list(SYSTEMS))
     parser.add_argument("--train-flags", default="", help="extra trainer.task flags for all")
     parser.add_argument("--seed", type=int, default=42)
+    parser.add_argument(
+        "--table-only", action="store_true", help="rewrite quality.md from quality.json"
+    )
     args = parser.parse_args()
+    if args.table_only:
+        with open(os.path.join(RESULTS, "quality.json")) as f:
+            table = markdown(json.load(f))
+        with open(os.path.join(RESULTS, "quality.md"), "w") as f:
+            f.write(table)
+        print(table)
+        return
     os.makedirs(args.work, exist_ok=True)
     data = os.path.join(args.work, "data")
     start = time.time()

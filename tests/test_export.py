@@ -211,6 +211,28 @@ def test_low_recall_fails_the_export(tiny_model_dir, tmp_path, monkeypatch):
     assert not os.path.exists(tmp_path / "movielens" / "1")
 
 
+def test_low_recall_searches_more_leaves_when_not_pinned(tiny_model_dir, tmp_path, monkeypatch):
+    import trainer.export as export_lib
+
+    searched = []
+
+    def recall(module, queries, k=10):
+        searched.append(module.index_config.num_leaves_to_search)
+        return 0.9 if module.index_config.num_leaves_to_search < 20 else 0.99
+
+    monkeypatch.setattr(export_lib, "recall_against_brute_force", recall)
+    path = export(tiny_model_dir, str(tmp_path), "m", IndexConfig(kind="scann", num_leaves=30))
+    assert searched == [8, 16, 30]
+    with open(os.path.join(path, "assets.extra", "recall_check.json")) as f:
+        info = json.load(f)
+    assert info["index"]["num_leaves_to_search"] == 30
+    assert info["recall_at_10_vs_brute_force"] == 0.99
+    # A pinned --num-leaves-to-search is kept: the check fails instead.
+    pinned = IndexConfig(kind="scann", num_leaves=30, num_leaves_to_search=8)
+    with pytest.raises(ExportError, match="below --min-recall"):
+        export(tiny_model_dir, str(tmp_path), "m", pinned)
+
+
 def test_cli_errors(tmp_path):
     done = subprocess.run(
         [

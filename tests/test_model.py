@@ -43,7 +43,8 @@ def batch(tiny_data_dir: str) -> dict:
 
 @pytest.fixture(scope="module")
 def tiny_model(assets: M.ModelAssets) -> M.TwoTowerModel:
-    return M.build_model(resolved().model, assets, seed=1)
+    # Threshold 4 so that the batch has negatives-only rows too (sample weight 0).
+    return M.build_model(resolved(positive_threshold=4.0).model, assets, seed=1)
 
 
 def test_tiny_vocabulary_covers_movielens_like_text():
@@ -129,7 +130,8 @@ def test_losses_and_in_batch_metrics(tiny_model, batch):
         return tiny_model.compute_losses(features, global_batch_size=48, training=False)
 
     loss, sums = losses(batch)
-    positives = float(np.sum(batch["rating"].numpy() >= 4.0))
+    threshold = tiny_model.model_config.positive_threshold
+    positives = float(np.sum(batch["rating"].numpy() >= threshold))
     assert np.isfinite(float(loss)) and float(loss) > 0
     assert float(sums["positives"]) == positives
     assert 0 <= float(sums["hits_at_10"]) <= positives

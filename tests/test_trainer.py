@@ -379,3 +379,30 @@ def test_output_dirs_follow_vertex_and_keep_workers_apart():
     assert worker.tensorboard_dir is None
     with pytest.raises(ConfigError, match="--model-dir is required"):
         env.output_dirs(RuntimeConfig(), env.ClusterInfo({}, None, 0), {})
+
+
+def test_best_epoch_checkpoint_restores_every_weight(tiny_data_dir, tmp_path):
+    """The restore-best checkpoint must hold every weight, including those of layers kept in
+    lists and dicts (MLP blocks, field embeddings), which the model object alone misses."""
+    import tensorflow as tf
+
+    from trainer import loop
+    from trainer.data import records
+    from trainer.model import ModelAssets, build_model
+
+    config = TrainConfig()
+    config.model.preset = "tiny"
+    config = config.resolve(has_gpu=False)
+    assets = ModelAssets.from_tables(
+        records.load_catalog(tiny_data_dir, "p2"), records.load_users(tiny_data_dir, "p2"), 20
+    )
+    model = build_model(config.model, assets, seed=0)
+    floats = [v for v in model.weights if "float" in str(v.dtype)]
+    saved = [v.numpy().copy() for v in floats]
+    checkpoint = tf.train.Checkpoint(model=model, weights=loop.model_weights(model))
+    path = checkpoint.save(str(tmp_path / "best"))
+    for v in floats:
+        v.assign(np.full(v.shape, 7.0, dtype=v.dtype))
+    checkpoint.restore(path).assert_existing_objects_matched()
+    for v, before in zip(floats, saved, strict=True):
+        np.testing.assert_array_equal(v.numpy(), before, err_msg=v.path)

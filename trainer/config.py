@@ -73,7 +73,9 @@ class ModelConfig:
     logq_correction: bool = True
     num_hard_negatives: int = 0  # 0 = every in-batch negative
     gather_candidates: bool = True  # all-gather candidates across replicas as negatives
-    positive_threshold: float = 4.0  # ratings >= this are retrieval positives
+    # Ratings >= this are retrieval positives. 1 = every rating, as the TFRS and RecBole
+    # protocols count them (p2 valid recall@10: 0.2255 at 1 against 0.2017 at 4).
+    positive_threshold: float = 1.0
     retrieval_weight: float = 1.0
     ranking_weight: float = 1.0
 
@@ -103,7 +105,7 @@ class OptimConfig:
     decay: str = "cosine"  # "cosine" | "linear" | "constant"
     min_lr_ratio: float = 0.05
     clipnorm: float = 1.0  # 0 = no clipping
-    early_stopping_patience: int = 2  # epochs without a better recall@10; 0 = never stop
+    early_stopping_patience: int = 3  # epochs without a better recall@10; 0 = never stop
     restore_best: bool = True  # end with the weights of the best validation epoch
     seed: int = 42
 

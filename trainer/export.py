@@ -70,6 +70,9 @@ class IndexConfig:
     num_reordering_candidates: int = 0  # 0 = max(4 * pool, 256)
     min_recall: float = 0.95
     recall_queries: int = 500
+    # When num_leaves_to_search was derived (not given): double it until the recall check
+    # passes, instead of failing. How spread the trained embeddings are decides what is enough.
+    auto_tune: bool = True
 
     def resolved(self, num_items: int) -> IndexConfig:
         if self.kind not in ("scann", "brute_force"):
@@ -92,6 +95,7 @@ class IndexConfig:
             num_leaves=leaves,
             num_leaves_to_search=min(search, leaves),
             num_reordering_candidates=max(reorder, pool),
+            auto_tune=self.auto_tune and not self.num_leaves_to_search,
         )
 
 
@@ -143,18 +147,25 @@ class RecommenderModule(tf.Module):
         )
         self.scann = None
         if index.kind == "scann":
-            import tensorflow_recommenders as tfrs
+            self.build_index(index)
 
-            self.scann = tfrs.layers.factorized_top_k.ScaNN(
-                k=index.pool,
-                num_leaves=index.num_leaves,
-                num_leaves_to_search=index.num_leaves_to_search,
-                num_reordering_candidates=index.num_reordering_candidates,
-                parallelize_batch_searches=True,
-            )
-            self.scann.index(
-                tf.constant(item_embeddings, tf.float32), tf.range(len(ids), dtype=tf.int32)
-            )
+    def build_index(self, index: IndexConfig) -> None:
+        """(Re)builds the ScaNN index over the catalog embeddings with ``index``'s parameters.
+
+        Call it before the signatures are traced: a traced signature keeps the index it saw.
+        """
+        import tensorflow_recommenders as tfrs
+
+        self.index_config = index
+        self.scann = tfrs.layers.factorized_top_k.ScaNN(
+            k=index.pool,
+            num_leaves=index.num_leaves,
+            num_leaves_to_search=index.num_leaves_to_search,
+            num_reordering_candidates=index.num_reordering_candidates,
+            parallelize_batch_searches=True,
+        )
+        count = int(self.embeddings.shape[0])
+        self.scann.index(self.embeddings.read_value(), tf.range(count, dtype=tf.int32))
 
     # ------------------------------------------------------------------ graph pieces
 
@@ -441,11 +452,21 @@ def save_export(
         name: np.asarray(queries[name][: config.recall_queries]).astype(object)
         for name in (*QUERY_INPUTS, "history")
     }
-    recall = recall_against_brute_force(module, sample) if config.kind == "scann" else 1.0
-    print(
-        f"index {config.kind}: recall@10 against brute force = {recall:.4f} "
-        f"on {len(sample['query_text'])} queries"
-    )
+    recall = 1.0
+    while config.kind == "scann":
+        recall = recall_against_brute_force(module, sample)
+        print(
+            f"index scann ({config.num_leaves_to_search}/{config.num_leaves} leaves searched): "
+            f"recall@10 against brute force = {recall:.4f} on {len(sample['query_text'])} queries"
+        )
+        if recall >= config.min_recall or not config.auto_tune:
+            break
+        if config.num_leaves_to_search >= config.num_leaves:
+            break
+        config = dataclasses.replace(
+            config, num_leaves_to_search=min(2 * config.num_leaves_to_search, config.num_leaves)
+        )
+        module.build_index(config)
     if recall < config.min_recall:
         raise ExportError(
             f"{config.kind} recall@10 {recall:.4f} is below --min-recall "

@@ -263,6 +263,22 @@ def _per_user_recall(
     return {"recall_at_10": ranked["recall@10"], "recall_at_50": ranked["recall@50"]}
 
 
+def model_weights(model: keras.Model) -> dict[str, keras.Variable]:
+    """Every weight of the model by its path, for ``tf.train.Checkpoint``.
+
+    A checkpoint of the model object alone misses the weights of Keras 3 layers kept in plain
+    lists or dicts (an MLP's blocks, the per-field embeddings): restoring the best epoch from
+    it left those at the last epoch's values. Listing every weight explicitly closes that gap.
+    """
+    out: dict[str, keras.Variable] = {}
+    for v in model.weights:
+        key = v.path.replace("/", ".")
+        while key in out:
+            key += "_"
+        out[key] = v
+    return out
+
+
 # ----------------------------------------------------------------------------- the loop
 
 
@@ -455,13 +471,15 @@ def train(
     )
     with strategy.scope():
         rng = {f"rng_{i}": v for i, v in enumerate(model.rng_variables())}
+        weights = model_weights(model)
         checkpoint = tf.train.Checkpoint(
             model=model,
+            weights=weights,
             **rng,
             **{f"optimizer_{i}": opt for i, opt in enumerate(optimizers)},
             **state,
         )
-        best_checkpoint = tf.train.Checkpoint(model=model)
+        best_checkpoint = tf.train.Checkpoint(model=model, weights=weights)
     trainable = sum(int(np.prod(v.shape)) for v in model.trainable_variables)
     frozen = sum(int(np.prod(v.shape)) for v in model.non_trainable_variables)
     log.info(
