@@ -18,7 +18,7 @@ step "1/6 prepare MovieLens-100K"
 $PY -m trainer.data prepare --dataset ml-100k --output "$WORK/data" --overwrite
 
 step "2/6 train ($SPLIT)"
-rm -rf "$WORK/model"
+rm -rf "$WORK/model" "$WORK/model-checkpoints" "$WORK/model-logs"  # a fresh run, not a resume
 # shellcheck disable=SC2086
 $PY -m trainer.task --data "$WORK/data" --split "$SPLIT" --model-dir "$WORK/model" $TRAIN_FLAGS
 
