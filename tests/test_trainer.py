@@ -217,18 +217,23 @@ def test_training_lowers_the_loss_and_writes_the_model_dir(tiny_data_dir, tmp_pa
     assert [p for p in os.listdir(tmp_path) if p.startswith(".")] == []
 
 
-@pytest.fixture(scope="module")
-def reference_run(tiny_data_dir, tmp_path_factory) -> str:
-    """The resume tests' run, uninterrupted."""
-    model_dir = str(tmp_path_factory.mktemp("reference") / "model")
-    result = subprocess.run(
-        _train_cmd(tiny_data_dir, model_dir),
+def _run_training(data_dir: str, model_dir: str) -> subprocess.CompletedProcess:
+    """The resume tests' training command, run to its end."""
+    return subprocess.run(
+        _train_cmd(data_dir, model_dir),
         cwd=REPO,
         env=ENV,
         capture_output=True,
         text=True,
         timeout=300,
     )
+
+
+@pytest.fixture(scope="module")
+def reference_run(tiny_data_dir, tmp_path_factory) -> str:
+    """The resume tests' run, uninterrupted."""
+    model_dir = str(tmp_path_factory.mktemp("reference") / "model")
+    result = _run_training(tiny_data_dir, model_dir)
     assert result.returncode == 0, result.stderr
     return model_dir
 
@@ -258,14 +263,7 @@ def test_killed_run_resumes_with_the_same_weights(how, reference_run, tiny_data_
     assert 10 <= stopped < 4 * 38, "the kill must land mid-run"
     assert not os.path.exists(model_dir)
 
-    resumed = subprocess.run(
-        _train_cmd(tiny_data_dir, model_dir),
-        cwd=REPO,
-        env=ENV,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
+    resumed = _run_training(tiny_data_dir, model_dir)
     assert resumed.returncode == 0, resumed.stderr
     assert re.search(rf"resumed from .*ckpt-{stopped}: step {stopped},", resumed.stderr)
     _assert_same_weights(model_dir, reference_run)

@@ -79,11 +79,13 @@ def _batched_scores(scorer: Scorer, queries: dict[str, np.ndarray], batch: int =
         yield start, scorer.score({k: v[start : start + batch] for k, v in queries.items()})
 
 
-def _index_of(catalog: dict[str, np.ndarray]) -> dict[str, int]:
+def index_of(catalog: dict[str, np.ndarray]) -> dict[str, int]:
+    """Item id -> catalog row."""
     return {item: i for i, item in enumerate(catalog["item_id"])}
 
 
-def _items_by_user(events: dict[str, np.ndarray], index: dict[str, int]) -> dict[str, list[int]]:
+def items_by_user(events: dict[str, np.ndarray], index: dict[str, int]) -> dict[str, list[int]]:
+    """User id -> catalog rows of the user's items in ``events`` (a missing user: none)."""
     groups: dict[str, list[int]] = defaultdict(list)
     for user, item in zip(events["user_id"], events["item_id"], strict=True):
         groups[user].append(index[item])
@@ -93,7 +95,7 @@ def _items_by_user(events: dict[str, np.ndarray], index: dict[str, int]) -> dict
 def evaluate_p1(scorer: Scorer, data_dir: str, catalog: dict[str, np.ndarray]) -> dict:
     """TFRS protocol: factorized top-k accuracy of each test rating, and the ranking RMSE."""
     test = records.load_events(data_dir, "p1", "test")
-    index = _index_of(catalog)
+    index = index_of(catalog)
     truth = np.array([index[i] for i in test["item_id"]])
     hits = {k: 0 for k in K_ACCURACY}
     for start, scores in _batched_scores(scorer, test):
@@ -128,15 +130,15 @@ def evaluate_full_ranking(
     scorer: Scorer, data_dir: str, split: str, catalog: dict[str, np.ndarray], part: str = "test"
 ) -> tuple[dict, np.ndarray]:
     """RecBole protocol over ``part``; returns the metrics and the users' top-``MMR_POOL`` lists."""
-    index = _index_of(catalog)
+    index = index_of(catalog)
     users = records.load_users(data_dir, split)
-    seen = _items_by_user(records.load_events(data_dir, split, "train"), index)
+    seen = items_by_user(records.load_events(data_dir, split, "train"), index)
     if part == "test":  # RecBole removes train and valid interactions when testing
-        for user, items in _items_by_user(
+        for user, items in items_by_user(
             records.load_events(data_dir, split, "valid"), index
         ).items():
             seen[user].extend(items)
-    truth_by_user = _items_by_user(records.load_events(data_dir, split, part), index)
+    truth_by_user = items_by_user(records.load_events(data_dir, split, part), index)
     pool = _user_topk(scorer, users, seen, MMR_POOL)
     truth = [np.array(truth_by_user.get(u, []), dtype=np.int64) for u in users["user_id"]]
     result = metrics.ranking_metrics(pool, truth, ks=K_RANKING)
@@ -184,8 +186,8 @@ def mmr_tradeoff(
             for start, s in _batched_scores(scorer, users)
         ]
     )
-    index = _index_of(catalog)
-    truth_by_user = _items_by_user(records.load_events(data_dir, split, part), index)
+    index = index_of(catalog)
+    truth_by_user = items_by_user(records.load_events(data_dir, split, part), index)
     truth = [np.array(truth_by_user.get(u, []), dtype=np.int64) for u in users["user_id"]]
     rows = []
     for lam in MMR_LAMBDAS:

@@ -30,9 +30,11 @@ import numpy as np
 import tensorflow as tf
 
 from trainer import env as env_lib
+from trainer import metrics
 from trainer.config import ConfigError, TrainConfig
 from trainer.data import records, schema
 from trainer.data.movielens import DataError
+from trainer.evaluate import index_of, items_by_user
 from trainer.model import ModelAssets, TwoTowerModel, build_model, save_trained
 
 log = logging.getLogger("trainer")
@@ -116,18 +118,9 @@ class DataPlan:
     valid: dict[str, np.ndarray]
     # user id -> catalog rows of the items the user has in the training stream (excluded from
     # validation rankings, as the evaluation protocols exclude them).
-    seen: dict[str, np.ndarray] = dataclasses.field(default_factory=dict)
+    seen: dict[str, list[int]] = dataclasses.field(default_factory=dict)
     # One query per user from the train part (p2, p3): validation is then per user, as RecBole.
     users: dict[str, np.ndarray] | None = None
-
-
-def _seen_items(events: Mapping[str, np.ndarray], catalog: Mapping[str, np.ndarray]) -> dict:
-    index = {item: i for i, item in enumerate(catalog["item_id"])}
-    rows: dict[str, list[int]] = {}
-    for user, item in zip(events["user_id"], events["item_id"], strict=True):
-        if item in index:
-            rows.setdefault(user, []).append(index[item])
-    return {user: np.asarray(r, dtype=np.int64) for user, r in rows.items()}
 
 
 def plan_data(config: TrainConfig) -> DataPlan:
@@ -151,7 +144,7 @@ def plan_data(config: TrainConfig) -> DataPlan:
         holdout = 0.0
         valid = records.load_events(data_dir, split, "valid")
         train_examples = int(parts["train"]["examples"])
-        seen = _seen_items(records.load_events(data_dir, split, "train"), catalog)
+        seen = items_by_user(records.load_events(data_dir, split, "train"), index_of(catalog))
     else:
         holdout = config.data.valid_fraction
         train = records.load_events(data_dir, split, "train")
@@ -160,7 +153,7 @@ def plan_data(config: TrainConfig) -> DataPlan:
         ).numpy()
         valid = {k: v[mask] for k, v in train.items()}
         train_examples = int((~mask).sum())
-        seen = _seen_items({k: v[~mask] for k, v in train.items()}, catalog)
+        seen = items_by_user({k: v[~mask] for k, v in train.items()}, index_of(catalog))
     return DataPlan(
         data_dir,
         split,
@@ -220,7 +213,7 @@ def evaluate_validation(model: TwoTowerModel, plan: DataPlan, config: TrainConfi
     rng = np.random.default_rng(config.optim.seed)
     if len(positive) > config.data.valid_queries:
         positive = np.sort(rng.choice(positive, config.data.valid_queries, replace=False))
-    index = {item: i for i, item in enumerate(plan.catalog["item_id"])}
+    index = index_of(plan.catalog)
     if plan.users is not None:
         out.update(_per_user_recall(model, plan, items, index))
     elif len(positive):
@@ -247,18 +240,13 @@ def evaluate_validation(model: TwoTowerModel, plan: DataPlan, config: TrainConfi
 def _per_user_recall(
     model: TwoTowerModel, plan: DataPlan, items: np.ndarray, index: dict[str, int]
 ) -> dict[str, float]:
-    from trainer import metrics
     from trainer.model import _embed
 
-    truth_by_user: dict[str, list[int]] = {}
-    for user, item in zip(plan.valid["user_id"], plan.valid["item_id"], strict=True):
-        if item in index:
-            truth_by_user.setdefault(user, []).append(index[item])
+    truth_by_user = items_by_user(plan.valid, index)
+    user_ids = plan.users["user_id"]
     scores = _embed(model, "query", plan.users) @ items.T
-    for row, user in enumerate(plan.users["user_id"]):
-        scores[row, plan.seen.get(user, [])] = -np.inf
-    top = np.argsort(-scores, axis=1, kind="stable")[:, :50]
-    truth = [np.asarray(truth_by_user.get(u, []), np.int64) for u in plan.users["user_id"]]
+    top = metrics.top_k_from_scores(scores, 50, [plan.seen.get(u, []) for u in user_ids])
+    truth = [np.asarray(truth_by_user.get(u, []), np.int64) for u in user_ids]
     ranked = metrics.ranking_metrics(top, truth, ks=(10, 50))
     return {"recall_at_10": ranked["recall@10"], "recall_at_50": ranked["recall@50"]}
 
