@@ -182,7 +182,8 @@ def test_factorized_top_k_chunked_matches_dense():
     truth[:4] = 9
     dense = metrics.factorized_top_k_accuracy(q @ c.T, truth, ks=(1, 5, 10, 100))
     chunked = metrics.factorized_top_k_accuracy_chunked(
-        q, c, truth, ks=(1, 5, 10, 100), query_block=7, candidate_block=16)
+        q, c, truth, ks=(1, 5, 10, 100), query_block=7, candidate_block=16
+    )
     assert chunked == pytest.approx(dense)
     assert chunked["top_100_accuracy"] == 1.0
 
@@ -219,13 +220,15 @@ def test_popularity_percentile():
     assert metrics.popularity_percentile(np.array([[4]]), popularity) == pytest.approx(100.0)
     assert metrics.popularity_percentile(np.array([[1]]), popularity) == pytest.approx(0.0)
     assert metrics.popularity_percentile(np.array([[2, -1], [0, 3]]), popularity) == pytest.approx(
-        100 * (1.5 + 3 + 1.5) / 4 / 3)
+        100 * (1.5 + 3 + 1.5) / 4 / 3
+    )
     assert metrics.popularity_percentile(np.array([[0, 1]]), np.ones(3)) == pytest.approx(50.0)
 
 
 def test_rmse():
     assert metrics.rmse(np.array([1.0, 2.0, 3.0]), np.array([1.0, 4.0, 3.0])) == pytest.approx(
-        math.sqrt(4 / 3))
+        math.sqrt(4 / 3)
+    )
     with pytest.raises(ValueError):
         metrics.rmse(np.ones(2), np.ones(3))
 
@@ -254,7 +257,8 @@ def test_mmr_diversity_picks_the_dissimilar_item_second():
     for lam in (0.3, 0.6, 0.9):
         # second pick: item 1 scores (1-l)*0.95 - l*~1.0, item 2 scores (1-l)*0.6 - 0
         np.testing.assert_array_equal(
-            metrics.mmr_rerank(candidates, relevance, emb, 3, lam), [[0, 2, 1]])
+            metrics.mmr_rerank(candidates, relevance, emb, 3, lam), [[0, 2, 1]]
+        )
     np.testing.assert_array_equal(metrics.mmr_rerank(candidates, relevance, emb, 3, 0.1),
                                   [[0, 1, 2]])  # fmt: skip
 

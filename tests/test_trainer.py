@@ -74,12 +74,23 @@ def _checkpoint_step(checkpoint_dir: str) -> int:
     return int(tf.train.load_checkpoint(latest).get_tensor("step/.ATTRIBUTES/VARIABLE_VALUE"))
 
 
-def _wait_for(path_glob: str, process: subprocess.Popen, timeout: float = 120) -> None:
-    import glob
+def _latest_step(checkpoint_dir: str) -> int:
+    """The step of the checkpoint the state file names (0 when none yet).
 
+    The state file is written after a checkpoint's own files, atomically, so a run killed at any
+    moment resumes from the step it names, not from the newest ``ckpt-N.index`` on disk.
+    """
+    import tensorflow as tf
+
+    latest = tf.train.latest_checkpoint(checkpoint_dir)
+    return int(latest.rsplit("-", 1)[1]) if latest else 0
+
+
+def _wait_for_checkpoint(checkpoint_dir: str, step: int, process: subprocess.Popen,
+                         timeout: float = 120) -> None:  # fmt: skip
     deadline = time.time() + timeout
     while time.time() < deadline:
-        if glob.glob(path_glob):
+        if _latest_step(checkpoint_dir) >= step:
             return
         if process.poll() is not None:
             raise AssertionError(
@@ -87,7 +98,7 @@ def _wait_for(path_glob: str, process: subprocess.Popen, timeout: float = 120) -
             )
         time.sleep(0.02)
     process.kill()
-    raise AssertionError(f"no {path_glob} after {timeout}s")
+    raise AssertionError(f"no checkpoint at step {step} in {checkpoint_dir} after {timeout}s")
 
 
 # ----------------------------------------------------------------------------- configuration
@@ -250,7 +261,7 @@ def test_killed_run_resumes_with_the_same_weights(how, reference_run, tiny_data_
         stdout=subprocess.DEVNULL,
         text=True,
     )
-    _wait_for(os.path.join(checkpoints, "ckpt-10.index"), process)
+    _wait_for_checkpoint(checkpoints, 10, process)
     process.send_signal(how)
     _, stderr = process.communicate(timeout=120)
     if how == signal.SIGTERM:
