@@ -75,7 +75,7 @@ def build_fake_export(
     module = RecommenderModule(
         query_model=towers.query,
         candidate_model=towers.candidate,
-        rating_fn=lambda q, c: 3.0 + tf.einsum("bd,bmd->bm", q, c),
+        rating_fn=lambda q, c, u, i: 3.0 + tf.einsum("bd,bmd->bm", q, c),
         catalog=catalog,
         item_embeddings=item_embeddings,
         index=IndexConfig(kind="brute_force", max_k=max_k).resolved(len(catalog["item_id"])),

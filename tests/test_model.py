@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
 import json
 
@@ -104,15 +105,44 @@ def test_predict_rating_shapes(tiny_model):
     q = tf.math.l2_normalize(tf.random.normal([3, 64]), -1)
     c = tf.math.l2_normalize(tf.random.normal([3, 64]), -1)
     many = tf.math.l2_normalize(tf.random.normal([3, 5, 64]), -1)
-    assert tiny_model.predict_rating(q, c).shape == (3,)
-    ratings = tiny_model.predict_rating(q, many)
+    users = tf.constant(["1", "2", "3"])
+    items = tf.constant([[str(10 * b + m) for m in range(5)] for b in range(3)])
+    assert tiny_model.predict_rating(q, c, users, items[:, 0]).shape == (3,)
+    ratings = tiny_model.predict_rating(q, many, users, items)
     assert ratings.shape == (3, 5)
     # Row b, column m of the [B, M] form is the pair (q[b], many[b, m]).
     np.testing.assert_allclose(
         ratings[1, 2].numpy(),
-        tiny_model.predict_rating(q[1:2], many[1:2, 2]).numpy()[0],
+        tiny_model.predict_rating(q[1:2], many[1:2, 2], users[1:2], items[1:2, 2]).numpy()[0],
         rtol=1e-5,
     )
+
+
+def test_ranking_head_id_terms_are_biased_matrix_factorisation():
+    head = T.RankingHead([8], 0, 0.0, id_buckets=10, factor_dim=3)
+    q = tf.math.l2_normalize(tf.random.normal([2, 4]), -1)
+    c = tf.math.l2_normalize(tf.random.normal([2, 4]), -1)
+    users, items = tf.constant([1, 2]), tf.constant([3, 4])
+    head(q, c, users, items)
+    base = T.RankingHead([8], 0, 0.0)
+    base(q, c)
+    base.set_weights(head.get_weights()[:-2])
+    user_terms = head.user_terms.embeddings.numpy()[[1, 2]]
+    item_terms = head.item_terms.embeddings.numpy()[[3, 4]]
+    expected = (
+        base(q, c).numpy()
+        + user_terms[:, 0]
+        + item_terms[:, 0]
+        + (user_terms[:, 1:] * item_terms[:, 1:]).sum(-1)
+    )
+    np.testing.assert_allclose(head(q, c, users, items).numpy(), expected, rtol=1e-5)
+    np.testing.assert_allclose(
+        head.id_penalty(users, items).numpy(),
+        (user_terms**2).sum(-1) + (item_terms**2).sum(-1),
+        rtol=1e-5,
+    )
+    with pytest.raises(ValueError, match="user and item ids"):
+        head(q, c)
 
 
 def test_cross_layer_is_x0_times_affine_plus_x():
@@ -137,6 +167,17 @@ def test_losses_and_in_batch_metrics(tiny_model, batch):
     assert 0 <= float(sums["hits_at_10"]) <= positives
     expected = np.sum((tiny_model(batch)["rating"].numpy() - batch["rating"].numpy()) ** 2)
     np.testing.assert_allclose(float(sums["squared_error"]), expected, rtol=1e-4)
+
+
+def test_ranking_loss_is_a_per_example_sum_like_the_retrieval_loss(tiny_model, batch, monkeypatch):
+    # The loss is scaled by the global batch once; a ranking loss that came back as a batch
+    # mean would weigh 1/batch of what --ranking-weight says.
+    config = dataclasses.replace(
+        tiny_model.model_config, retrieval_weight=0.0, ranking_weight=1.0, rating_l2=0.0
+    )
+    monkeypatch.setattr(tiny_model, "model_config", config)
+    loss, sums = tiny_model.compute_losses(batch, global_batch_size=48, training=False)
+    np.testing.assert_allclose(float(loss) * 48, float(sums["squared_error"]), rtol=1e-4)
 
 
 def test_in_batch_hits_ignores_other_copies_of_the_positive():

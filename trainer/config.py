@@ -68,6 +68,10 @@ class ModelConfig:
     ranking_head: str = "dcn"  # "dcn" | "mlp"
     ranking_layers: tuple[int, ...] = (128, 64)
     cross_layers: int = 2
+    # The ranking head's biased-MF id terms: user and item biases plus a dot of this many
+    # factors (0 = biases only, -1 = no id terms; none without id embeddings).
+    rating_factor_dim: int = 16
+    rating_l2: float = 0.1  # per-example L2 on those terms (p1 valid RMSE: 0.02 overfits by epoch 2)
     temperature: float = 0.1  # chosen on p2 valid: 0.05 and 0.1 within 0.004 recall@10
     remove_accidental_hits: bool = True
     logq_correction: bool = True
@@ -227,6 +231,7 @@ class TrainConfig:
             ("--num-hard-negatives", m.num_hard_negatives),
             ("--train-top-layers", m.train_top_layers),
             ("--cross-layers", m.cross_layers),
+            ("--rating-l2", m.rating_l2),
             ("--max-steps", r.max_steps),
             ("--valid-queries", d.valid_queries),
             ("--early-stopping-patience", o.early_stopping_patience),
@@ -235,6 +240,11 @@ class TrainConfig:
                 raise ConfigError(f"{flag} must not be negative, got {value}")
         if m.retrieval_weight == 0 and m.ranking_weight == 0:
             raise ConfigError("--retrieval-weight and --ranking-weight cannot both be 0")
+        if m.rating_factor_dim < -1:
+            raise ConfigError(
+                f"--rating-factor-dim must be -1 (no id terms), 0 (biases) or more, "
+                f"got {m.rating_factor_dim}"
+            )
         if m.train_top_layers and m.freeze_bert:
             raise ConfigError(
                 "--train-top-layers trains part of BERT and --freeze-bert freezes all of it; "

@@ -110,7 +110,8 @@ class RecommenderModule(tf.Module):
       query_model: raw query features (``QUERY_INPUTS`` ``[B]`` + ``history`` ``[B, H]``) ->
         L2-normalised embeddings ``[B, D]``, tokenization in its graph.
       candidate_model: raw candidate features ``[B]`` -> embeddings ``[B, D]``.
-      rating_fn: ``(query [B, D], candidates [B, M, D]) -> ratings [B, M]``.
+      rating_fn: ``(query [B, D], candidates [B, M, D], user_ids [B], item_ids [B, M]) ->
+        ratings [B, M]`` (ids as raw strings).
       catalog: the catalog table (``item_id``, ``item_title`` and the other candidate fields).
       item_embeddings: ``[N, D]`` embeddings of the catalog, in catalog order.
     """
@@ -119,7 +120,7 @@ class RecommenderModule(tf.Module):
         self,
         query_model: Callable[[dict[str, tf.Tensor]], tf.Tensor],
         candidate_model: Callable[[dict[str, tf.Tensor]], tf.Tensor],
-        rating_fn: Callable[[tf.Tensor, tf.Tensor], tf.Tensor],
+        rating_fn: Callable[[tf.Tensor, tf.Tensor, tf.Tensor, tf.Tensor], tf.Tensor],
         catalog: dict[str, np.ndarray],
         item_embeddings: np.ndarray,
         index: IndexConfig,
@@ -310,7 +311,8 @@ class RecommenderModule(tf.Module):
         with tf.control_dependencies([check]):
             queries = self._query(features)
         candidates = tf.gather(self.embeddings, indices)
-        return {"ratings": tf.cast(self.rating_fn(queries, candidates), tf.float32)}
+        ratings = self.rating_fn(queries, candidates, user_id, candidate_item_ids)
+        return {"ratings": tf.cast(ratings, tf.float32)}
 
     @tf.function(
         input_signature=[
@@ -539,7 +541,7 @@ def build_module(
     module = RecommenderModule(
         query_model=lambda f: model.query_embeddings(f),
         candidate_model=lambda f: model.candidate_embeddings(f),
-        rating_fn=lambda q, c: _pairwise_ratings(model, q, c),
+        rating_fn=lambda q, c, u, i: _pairwise_ratings(model, q, c, u, i),
         catalog=catalog,
         item_embeddings=item_embeddings,
         index=index.resolved(len(catalog["item_id"])),
@@ -556,13 +558,18 @@ def build_module(
     return module, catalog, users, info
 
 
-def _pairwise_ratings(model, queries: tf.Tensor, candidates: tf.Tensor) -> tf.Tensor:
-    """Ranking head over every (query, candidate) pair: ``[B, D]``, ``[B, M, D]`` -> ``[B, M]``."""
+def _pairwise_ratings(
+    model, queries: tf.Tensor, candidates: tf.Tensor, user_ids: tf.Tensor, item_ids: tf.Tensor
+) -> tf.Tensor:
+    """Ranking head over every (query, candidate) pair: ``[B, D]``, ``[B, M, D]`` (with user ids
+    ``[B]`` and candidate item ids ``[B, M]``) -> ``[B, M]``."""
     shape = tf.shape(candidates)
     dim = candidates.shape[-1]
     tiled = tf.repeat(queries, shape[1], axis=0)  # [B * M, D]
     flat = tf.reshape(candidates, [-1, dim])
-    return tf.reshape(model.predict_rating(tiled, flat), shape[:2])
+    users = tf.repeat(user_ids, shape[1], axis=0)
+    items = tf.reshape(item_ids, [-1])
+    return tf.reshape(model.predict_rating(tiled, flat, users, items), shape[:2])
 
 
 def export(

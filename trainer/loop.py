@@ -202,7 +202,7 @@ def evaluate_validation(model: TwoTowerModel, plan: DataPlan, config: TrainConfi
 
     Runs on every worker (same weights, same data: same answer, so early stopping agrees).
     """
-    from trainer.model import _embed
+    from trainer.model import _embed, predict_ratings
 
     items = _embed(model, "candidate", plan.catalog)
     valid = plan.valid
@@ -228,11 +228,9 @@ def evaluate_validation(model: TwoTowerModel, plan: DataPlan, config: TrainConfi
             out[f"recall_at_{k}"] = float(np.mean((rank < k) & (truth >= 0)))
     cap = min(len(valid["rating"]), 20_000)
     subset = {k: v[:cap] for k, v in valid.items()}
-    from trainer.model import ModelScorer  # noqa: F401  (same embedding path as evaluation)
-
     q = _embed(model, "query", subset)
     c = _embed(model, "candidate", subset)
-    predicted = np.asarray(model.predict_rating(tf.constant(q), tf.constant(c)))
+    predicted = predict_ratings(model, q, c, subset)
     out["rmse"] = float(np.sqrt(np.mean((np.clip(predicted, 1, 5) - subset["rating"]) ** 2)))
     return out
 

@@ -309,10 +309,13 @@ class TwoTowerModel(keras.Model):
             num_years=self.preprocessor.num_years,
             name="candidate_tower",
         )
+        rating_ids = config.use_id_embeddings and config.rating_factor_dim >= 0
         self.ranking_head = RankingHead(
             config.ranking_layers,
             config.cross_layers if config.ranking_head == "dcn" else 0,
             config.dropout,
+            id_buckets=config.id_buckets if rating_ids else 0,
+            factor_dim=max(config.rating_factor_dim, 0),
             name="ranking_head",
         )
         self._tasks = _Tasks(config)
@@ -411,16 +414,27 @@ class TwoTowerModel(keras.Model):
         return self.candidate_tower(self.preprocess_candidate(features), training=training)
 
     def predict_rating(
-        self, query_emb: tf.Tensor, cand_emb: tf.Tensor, training: bool = False
+        self,
+        query_emb: tf.Tensor,
+        cand_emb: tf.Tensor,
+        user_ids: tf.Tensor,
+        item_ids: tf.Tensor,
+        training: bool = False,
     ) -> tf.Tensor:
         """Ranking head: ``[B, D]`` x ``[B, D]`` -> ``[B]``, or ``[B, D]`` x ``[B, M, D]`` ->
-        ``[B, M]`` (float32 ratings on the 1..5 scale, not clipped)."""
-        return self.ranking_head(query_emb, cand_emb, training=training)
+        ``[B, M]`` (float32 ratings on the 1..5 scale, not clipped). ``user_ids`` ``[B]`` and
+        ``item_ids`` ``[B]`` or ``[B, M]`` are the raw string ids of the pairs."""
+        hash_ids = self.preprocessor.hash_ids
+        return self.ranking_head(
+            query_emb, cand_emb, hash_ids(user_ids), hash_ids(item_ids), training=training
+        )
 
     def call(self, features: Mapping[str, tf.Tensor], training: bool = False) -> dict:
         query = self.query_embeddings(features, training=training)
         candidate = self.candidate_embeddings(features, training=training)
-        rating = self.predict_rating(query, candidate, training=training)
+        rating = self.predict_rating(
+            query, candidate, features["user_id"], features["item_id"], training=training
+        )
         return {"query": query, "candidate": candidate, "rating": rating}
 
     def sampling_probability(self, rows: tf.Tensor) -> tf.Tensor:
@@ -471,7 +485,14 @@ class TwoTowerModel(keras.Model):
             compute_metrics=False,
             compute_batch_metrics=False,
         )
-        ranking_loss = self._tasks.ranking(labels=labels, predictions=rating)
+        # [B, 1]: Keras' MSE averages over the last axis, so [B] ratings would come back as the
+        # batch *mean* (1/batch of the weight the flags give it) instead of a per-example sum.
+        ranking_loss = self._tasks.ranking(labels=labels[:, None], predictions=rating[:, None])
+        if config.rating_l2:
+            penalty = self.ranking_head.id_penalty(
+                query_inputs["user_id"], candidate_inputs["item_id"]
+            )
+            ranking_loss += config.rating_l2 * tf.reduce_sum(penalty)
         total = config.retrieval_weight * retrieval_loss + config.ranking_weight * ranking_loss
         sums = {
             "examples": tf.cast(tf.size(labels), tf.float32),
@@ -486,7 +507,13 @@ class TwoTowerModel(keras.Model):
         """Numeric inputs -> ``(query [b, D], candidate [b, D], rating [b])``, float32."""
         query = self.query_tower(query_inputs, training=training)
         candidate = self.candidate_tower(candidate_inputs, training=training)
-        rating = self.predict_rating(query, candidate, training=training)
+        rating = self.ranking_head(
+            query,
+            candidate,
+            query_inputs["user_id"],
+            candidate_inputs["item_id"],
+            training=training,
+        )
         return tf.cast(query, tf.float32), tf.cast(candidate, tf.float32), rating
 
     def rng_variables(self) -> list:
@@ -727,10 +754,21 @@ class ModelScorer:
             chunk = {k: v[start : start + 1024] for k, v in events.items()}
             q = _embed(self.model, "query", chunk)
             c = _embed(self.model, "candidate", chunk)
-            out.append(np.asarray(self.model.predict_rating(tf.constant(q), tf.constant(c))))
+            out.append(predict_ratings(self.model, q, c, chunk))
         return np.concatenate(out) if out else np.zeros([0], np.float32)
 
 
+def predict_ratings(
+    model: TwoTowerModel, query: np.ndarray, candidate: np.ndarray, events: Mapping
+) -> np.ndarray:
+    """Ranking head over embedded events (``[N, D]`` each, ``events`` with their raw
+    ``user_id`` and ``item_id``) -> ``[N]``."""
+    user_ids, item_ids = (tf.constant(np.asarray(events[k]).astype(str)) for k in KEYS_OF_PAIR)
+    rating = model.predict_rating(tf.constant(query), tf.constant(candidate), user_ids, item_ids)
+    return np.asarray(rating)
+
+
+KEYS_OF_PAIR = ("user_id", "item_id")
 _QUERY_KEYS = (*schema.QUERY_STRING_FEATURES, "history")
 
 
