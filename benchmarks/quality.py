@@ -1,18 +1,27 @@
-"""Quality benchmark: the default model and the baselines on MovieLens-100K under p1, p2 and p3.
+"""Quality benchmark: the default model and the baselines on MovieLens-100K under p1-p4.
 
 Every system is trained (where it trains) on the split's train part, chosen on its valid part,
 and scored by ``trainer.evaluate`` on its test part: the same harness, the same protocol.
 
-    python benchmarks/quality.py [--splits p1 p2 p3] [--systems two_tower id_only popularity]
-                                 [--work runs/quality] [--train-flags "--epochs 6"]
+    python benchmarks/quality.py [--splits p1 p2 p3 p4] [--seeds 42 1 2]
+                                 [--systems two_tower id_only popularity ease]
+                                 [--work runs/quality] [--train-flags "--epochs 6"] [--name quality]
 
-Writes ``benchmarks/results/quality.json`` and ``quality.md`` (the README's table), with the
-seed, each system's configuration and the wall times.
+* Trained systems (``two_tower``, ``id_only``) are trained once per seed of ``--seeds``; their
+  figures are the mean over seeds, with the standard deviation and the min-max printed.
+* Baselines (``popularity``, ``ease``) do not depend on a training seed and run once; EASE's
+  L2 weight is chosen on the valid part (``trainer.evaluate --baseline ease``).
+* The data is prepared once with ``--data-seed`` (the split itself stays fixed across seeds).
+
+Writes ``benchmarks/results/NAME.json`` and ``NAME.md`` (the README's table; ``--name quality``
+by default, so a partial run can go to its own file), with every seed's report, each system's
+configuration and the wall times; the last table checks issue 11's targets.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import shlex
@@ -20,26 +29,86 @@ import subprocess
 import sys
 import time
 
+import numpy as np
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RESULTS = os.path.join(ROOT, "benchmarks", "results")
 sys.path.insert(0, ROOT)
 
-#: Extra ``trainer.task`` flags of each trained system (on top of the defaults).
-SYSTEMS = {
+SPLITS = ("p1", "p2", "p3", "p4")
+#: Extra ``trainer.task`` flags of each trained system (on top of the defaults); ``None``: a
+#: baseline of ``trainer.evaluate --baseline NAME`` (not trained, no seed).
+SYSTEMS: dict[str, list[str] | None] = {
     "two_tower": [],  # the default: frozen MiniLM towers, history encoder, ids, DCN head
     # The same TFRS tasks over ids alone (user, item, history ids): no BERT, no side features.
     "id_only": ["--no-use-text", "--no-use-side-features"],
-    "popularity": None,  # not trained
+    "popularity": None,
+    "ease": None,  # closed-form item-item model, L2 weight chosen on valid
 }
+#: The system the targets are about.
+OURS = "two_tower"
 
 #: Published figures on the same protocols (see the README for sources).
 ANCHORS = {
-    ("p1", "top_100_accuracy"): ("TFRS basic 0.23, deep ~0.29", 0.32),
-    ("p1", "rmse"): ("TFRS multitask 1.11, DCN 0.933; SVD 0.934, SVD++ 0.919", 0.91),
-    ("p2", "recall@10"): ("RecBole BPR 0.247, ItemKNN 0.247, Pop 0.084", 0.26),
-    ("p2", "ndcg@10"): ("RecBole BPR 0.293, ItemKNN 0.283, Pop 0.101", 0.31),
-    ("p3", "cold_recall@10"): ("popularity and ID-only cannot see these movies", None),
+    ("p1", "top_100_accuracy"): "TFRS basic 0.23, deep ~0.29",
+    ("p1", "rmse"): "TFRS multitask 1.11, DCN 0.933; SVD 0.934, SVD++ 0.919",
+    ("p2", "recall@10"): "RecBole BPR 0.247, ItemKNN 0.247, Pop 0.084",
+    ("p2", "ndcg@10"): "RecBole BPR 0.293, ItemKNN 0.283, Pop 0.101",
+    ("p3", "cold_recall@10"): "popularity, ID-only and EASE cannot see these movies",
+    ("p4", "recall@10"): "EASE fold-in (Steck 2019: ML-20M strong generalisation)",
+    ("p4", "ndcg@10"): "EASE fold-in",
 }
+
+
+@dataclasses.dataclass(frozen=True)
+class Target:
+    """One of issue 11's targets on ``OURS``'s mean test figure.
+
+    ``floor``: at least this value (``ceiling``: at most); ``above``: strictly above this
+    system's figure on the same split; ``ratio_of``: at least ``floor`` x this metric of the
+    same system (p3: cold recall against warm recall).
+    """
+
+    split: str
+    metric: str
+    floor: float | None = None
+    ceiling: float | None = None
+    above: str | None = None
+    ratio_of: str | None = None
+
+    def check(self, rows: dict) -> tuple[str, bool]:
+        """(target text, met) against ``rows`` = one split's ``{system: entry}``."""
+        ours = _metric(rows, OURS, self.metric)
+        texts, met = [], ours is not None
+        if self.ratio_of is not None:
+            base = _metric(rows, OURS, self.ratio_of)
+            need = None if base is None else self.floor * base
+            texts.append(f"≥ {self.floor:g} × {self.ratio_of} ({fmt(need)})")
+            met = met and need is not None and ours >= need
+        elif self.floor is not None:
+            texts.append(f"≥ {self.floor:g}")
+            met = met and ours >= self.floor
+        if self.ceiling is not None:
+            texts.append(f"≤ {self.ceiling:g}")
+            met = met and ours <= self.ceiling
+        if self.above is not None:
+            other = _metric(rows, self.above, self.metric)
+            texts.append(f"> {self.above} ({fmt(other)})")
+            met = met and other is not None and ours > other
+        return " and ".join(texts), bool(met)
+
+
+#: Issue 11, "Targets" (test parts, mean of the seeds).
+TARGETS = (
+    Target("p1", "top_100_accuracy", floor=0.65),
+    Target("p1", "rmse", ceiling=0.89),
+    Target("p2", "recall@10", floor=0.29, above="ease"),
+    Target("p2", "ndcg@10", floor=0.34, above="ease"),
+    Target("p3", "cold_recall@10", floor=0.5, ratio_of="recall@10"),
+    Target("p4", "recall@10", above="ease"),
+    Target("p4", "ndcg@10", above="ease"),
+)
+
 COLUMNS = {
     "p1": [
         "top_10_accuracy",
@@ -72,7 +141,19 @@ COLUMNS = {
         "coverage@10",
         "intra_list_diversity@10",
     ],
+    "p4": ["recall@10", "ndcg@10", "mrr@10", "hit@10", "coverage@10"],
 }
+PROTOCOLS = {
+    "p1": "TFRS: random 80/20, seen items kept",
+    "p2": "RecBole: per-user 80/10/10, full ranking, seen removed",
+    "p3": "cold start: 10% of movies held out of training",
+    "p4": "new users: 10% of users held out of training, 80% of their ratings folded in",
+}
+
+
+def _metric(rows: dict, system: str, metric: str) -> float | None:
+    value = rows.get(system, {}).get("metrics", {}).get(metric)
+    return None if value is None or (isinstance(value, float) and np.isnan(value)) else value
 
 
 def run(cmd: list[str], log_path: str) -> float:
@@ -85,39 +166,74 @@ def run(cmd: list[str], log_path: str) -> float:
         )
         for line in proc.stdout:
             log.write(line)
-            if " INFO " in line or line.startswith(("error", "|")):
+            if " INFO " in line or line.startswith(("error", "|", "L2 weight")):
                 print("   ", line.rstrip(), flush=True)
         if proc.wait() != 0:
             raise SystemExit(f"failed ({proc.returncode}): see {log_path}")
     return time.time() - start
 
 
-def evaluate(work: str, data: str, split: str, system: str, model_dir: str | None) -> dict:
-    out = os.path.join(work, f"eval_{system}_{split}.json")
-    source = ["--baseline", "popularity"] if model_dir is None else ["--model-dir", model_dir]
-    seconds = run(
-        [
-            sys.executable,
-            "-m",
-            "trainer.evaluate",
-            "--data",
-            data,
-            "--split",
-            split,
-            *source,
-            "--output",
-            out,
-        ],
-        out + ".log",
-    )
+def evaluate(
+    work: str, data: str, split: str, tag: str, source: list[str], mmr: bool = True
+) -> dict:
+    """``trainer.evaluate`` on the test part; ``source``: ``--model-dir D`` or ``--baseline B``."""
+    out = os.path.join(work, f"eval_{tag}_{split}.json")
+    cmd = [sys.executable, "-m", "trainer.evaluate", "--data", data, "--split", split, *source]
+    seconds = run([*cmd, *([] if mmr else ["--no-mmr"]), "--output", out], out + ".log")
     with open(out) as f:
         report = json.load(f)
     report["eval_seconds"] = round(seconds, 1)
     return report
 
 
+def aggregate(per_seed: dict[int, dict]) -> dict:
+    """Mean over seeds of every numeric figure, with its spread.
+
+    ``per_seed``: seed -> evaluate report. Returns ``{"metrics": mean, "spread": {metric:
+    {"std", "min", "max"}}, "seeds": [...], "per_seed": per_seed}`` (``std`` with ``ddof=1``;
+    0 for a single seed).
+    """
+    if not per_seed:
+        raise ValueError("no seed to aggregate")
+    reports = list(per_seed.values())
+    names = [k for k, v in reports[0]["metrics"].items() if isinstance(v, int | float)]
+    mean, spread = {}, {}
+    for name in names:
+        values = np.array([r["metrics"][name] for r in reports if name in r["metrics"]], float)
+        mean[name] = float(values.mean())
+        spread[name] = {
+            "std": float(values.std(ddof=1)) if len(values) > 1 else 0.0,
+            "min": float(values.min()),
+            "max": float(values.max()),
+        }
+    train = [r["train_seconds"] for r in reports if r.get("train_seconds") is not None]
+    return {
+        "metrics": mean,
+        "spread": spread,
+        "seeds": list(per_seed),
+        "train_seconds": round(float(np.mean(train)), 1) if train else None,
+        "per_seed": {str(s): r for s, r in per_seed.items()},
+    }
+
+
 def fmt(value: object) -> str:
     return f"{value:.4f}" if isinstance(value, float) else ("–" if value is None else str(value))
+
+
+def _cell(entry: dict, metric: str) -> str:
+    """``mean ± std`` for a system run over several seeds, the plain figure otherwise."""
+    value = entry.get("metrics", {}).get(metric)
+    spread = entry.get("spread", {}).get(metric)
+    if value is None or spread is None or len(entry.get("seeds", [])) < 2:
+        return fmt(value)
+    return f"{value:.4f} ± {spread['std']:.4f}"
+
+
+def _range(entry: dict, metric: str) -> str:
+    spread = entry.get("spread", {}).get(metric)
+    if spread is None or len(entry.get("seeds", [])) < 2:
+        return ""
+    return f" ({spread['min']:.4f}–{spread['max']:.4f})"
 
 
 def _seconds(value: float | None) -> str:
@@ -125,139 +241,156 @@ def _seconds(value: float | None) -> str:
 
 
 def markdown(results: dict) -> str:
-    lines = []
+    """The README's tables: one per protocol, then the targets."""
+    seeds = results.get("seeds", [results.get("seed")])
+    lines = [
+        f"Test parts; trained systems: mean ± std over seeds {', '.join(map(str, seeds))} "
+        "(min–max in the targets table); baselines are deterministic (one run).\n"
+    ]
     for split, rows in results["splits"].items():
         columns = COLUMNS[split]
         lines.append(f"**{split}** ({results['protocols'][split]})\n")
         lines.append("| system | " + " | ".join(columns) + " | train s |")
         lines.append("|" + " --- |" * (len(columns) + 2))
-        for system, report in rows.items():
-            m = report["metrics"]
+        for system, entry in rows.items():
+            note = ""
+            if entry.get("scorer_config", {}).get("l2") is not None:
+                note = f" (λ {entry['scorer_config']['l2']:g})"
             lines.append(
-                f"| {system} | "
-                + " | ".join(fmt(m.get(c)) for c in columns)
-                + f" | {_seconds(report.get('train_seconds'))} |"
+                f"| {system}{note} | "
+                + " | ".join(_cell(entry, c) for c in columns)
+                + f" | {_seconds(entry.get('train_seconds'))} |"
             )
         lines.append("")
-    lines.append("| protocol | figure | anchor | target | ours (two_tower) | met |")
+    lines.append(f"| protocol | figure | anchor | target | ours ({OURS}) | met |")
     lines.append("| --- | --- | --- | --- | --- | --- |")
-    for (split, metric), (anchor, target) in ANCHORS.items():
-        rows = results["splits"].get(split, {})
-        ours = rows.get("two_tower", {}).get("metrics", {}).get(metric)
-        if target is None:
-            others = [
-                rows.get(s, {}).get("metrics", {}).get(metric) for s in ("popularity", "id_only")
-            ]
-            met = ours is not None and all(o is not None and ours > o for o in others)
-            target_text = "above both: " + ", ".join(fmt(o) for o in others)
-        else:
-            lower_is_better = metric == "rmse"
-            met = ours is not None and (ours <= target if lower_is_better else ours >= target)
-            target_text = ("≤ " if lower_is_better else "≥ ") + str(target)
+    for target in TARGETS:
+        rows = results["splits"].get(target.split)
+        if rows is None:
+            continue
+        text, met = target.check(rows)
+        ours = rows.get(OURS, {})
         lines.append(
-            f"| {split} | {metric} | {anchor} | {target_text} | {fmt(ours)} | "
-            f"{'yes' if met else 'no'} |"
+            f"| {target.split} | {target.metric} | "
+            f"{ANCHORS.get((target.split, target.metric), '')} | {text} | "
+            f"{_cell(ours, target.metric)}{_range(ours, target.metric)} | "
+            f"{'yes' if met else ('–' if not ours else 'no')} |"
         )
     return "\n".join(lines) + "\n"
 
 
-def main() -> None:
+def _needs_prepare(data: str, splits: list[str]) -> bool:
+    """No data yet, or data prepared before some requested protocol existed."""
+    path = os.path.join(data, "manifest.json")
+    if not os.path.exists(path):
+        return True
+    with open(path) as f:
+        prepared = json.load(f).get("splits", {})
+    return any(s not in prepared for s in splits) or (
+        "p4" in splits and "heldout_users" not in prepared["p4"]
+    )
+
+
+def prepare(work: str, data: str, seed: int, overwrite: bool) -> None:
+    cmd = [sys.executable, "-m", "trainer.data", "prepare", "--dataset", "ml-100k"]
+    cmd += ["--output", data, "--seed", str(seed), *(["--overwrite"] if overwrite else [])]
+    run(cmd, os.path.join(work, "prepare.log"))
+
+
+def train(work: str, data: str, split: str, system: str, seed: int, extra: list[str]) -> dict:
+    """Trains ``system`` on ``split`` with ``seed``; returns its test report with the config."""
+    model_dir = os.path.join(work, f"{system}_{split}_s{seed}")
+    subprocess.run(["rm", "-rf", model_dir, model_dir + "-checkpoints"], check=True)
+    cmd = [sys.executable, "-m", "trainer.task", "--data", data, "--split", split]
+    cmd += ["--model-dir", model_dir, "--no-progress", "--seed", str(seed)]
+    cmd += [*SYSTEMS[system], *extra]
+    train_seconds = round(run(cmd, model_dir + ".log"), 1)
+    report = evaluate(work, data, split, f"{system}_s{seed}", ["--model-dir", model_dir])
+    report["train_seconds"] = train_seconds
+    with open(os.path.join(model_dir, "config.json")) as f:
+        report["train"] = {"flags": cmd[3:], "config": json.load(f)}
+    return report
+
+
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--work", default=os.path.join(ROOT, "runs", "quality"))
-    parser.add_argument("--splits", nargs="+", default=["p1", "p2", "p3"])
+    parser.add_argument("--splits", nargs="+", default=list(SPLITS), choices=list(SPLITS))
     parser.add_argument("--systems", nargs="+", default=list(SYSTEMS), choices=list(SYSTEMS))
     parser.add_argument("--train-flags", default="", help="extra trainer.task flags for all")
-    parser.add_argument("--seed", type=int, default=42)
     parser.add_argument(
-        "--table-only", action="store_true", help="rewrite quality.md from quality.json"
+        "--seeds", nargs="+", type=int, default=[42, 1, 2], help="training seeds (mean, spread)"
     )
-    args = parser.parse_args()
+    parser.add_argument("--data-seed", type=int, default=42, help="seed of the prepared splits")
+    parser.add_argument(
+        "--reprepare", action="store_true", help="prepare the data again even if present"
+    )
+    parser.add_argument(
+        "--name", default="quality", help="results file stem under benchmarks/results/"
+    )
+    parser.add_argument("--table-only", action="store_true", help="rewrite NAME.md from NAME.json")
+    return parser
+
+
+def _write(name: str, results: dict) -> str:
+    os.makedirs(RESULTS, exist_ok=True)
+    table = markdown(results)
+    with open(os.path.join(RESULTS, f"{name}.json"), "w") as f:
+        json.dump(results, f, indent=2)
+    with open(os.path.join(RESULTS, f"{name}.md"), "w") as f:
+        f.write(table)
+    return table
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = build_parser().parse_args(argv)
+    if not args.name or os.sep in args.name or args.name.startswith("."):
+        raise SystemExit(f"--name must be a plain file stem, got {args.name!r}")
+    if len(set(args.seeds)) != len(args.seeds):
+        raise SystemExit(f"--seeds must be distinct, got {args.seeds}")
     if args.table_only:
-        with open(os.path.join(RESULTS, "quality.json")) as f:
-            table = markdown(json.load(f))
-        with open(os.path.join(RESULTS, "quality.md"), "w") as f:
-            f.write(table)
-        print(table)
+        with open(os.path.join(RESULTS, f"{args.name}.json")) as f:
+            results = json.load(f)
+        print(_write(args.name, results))
         return
     os.makedirs(args.work, exist_ok=True)
     data = os.path.join(args.work, "data")
     start = time.time()
-    if not os.path.exists(os.path.join(data, "manifest.json")):
-        run(
-            [
-                sys.executable,
-                "-m",
-                "trainer.data",
-                "prepare",
-                "--dataset",
-                "ml-100k",
-                "--output",
-                data,
-                "--seed",
-                str(args.seed),
-            ],
-            os.path.join(args.work, "prepare.log"),
-        )
+    if args.reprepare or _needs_prepare(data, args.splits):
+        prepare(args.work, data, args.data_seed, overwrite=os.path.exists(data))
+    with open(os.path.join(data, "manifest.json")) as f:
+        manifest = json.load(f)
     results: dict = {
         "dataset": "ml-100k",
-        "seed": args.seed,
+        "data_seed": args.data_seed,
+        "data_created": manifest.get("created"),
+        "seeds": args.seeds,
         "systems": {},
         "splits": {},
-        "protocols": {
-            "p1": "TFRS: random 80/20, seen items kept",
-            "p2": "RecBole: per-user 80/10/10, full ranking, seen removed",
-            "p3": "cold start: 10% of movies held out of training",
-        },
+        "protocols": {s: PROTOCOLS[s] for s in args.splits},
     }
+    extra = shlex.split(args.train_flags)
     for split in args.splits:
         results["splits"][split] = {}
         for system in args.systems:
-            flags = SYSTEMS[system]
-            model_dir, train_seconds = None, None
-            if flags is not None:
-                model_dir = os.path.join(args.work, f"{system}_{split}")
-                subprocess.run(["rm", "-rf", model_dir, model_dir + "-checkpoints"], check=True)
-                cmd = [
-                    sys.executable,
-                    "-m",
-                    "trainer.task",
-                    "--data",
-                    data,
-                    "--split",
-                    split,
-                    "--model-dir",
-                    model_dir,
-                    "--no-progress",
-                    "--seed",
-                    str(args.seed),
-                    *flags,
-                    *shlex.split(args.train_flags),
-                ]
-                train_seconds = round(run(cmd, model_dir + ".log"), 1)
-                with open(os.path.join(model_dir, "config.json")) as f:
-                    results["systems"][f"{system}/{split}"] = {
-                        "flags": cmd[3:],
-                        "config": json.load(f),
-                    }
-            report = evaluate(args.work, data, split, system, model_dir)
-            report["train_seconds"] = train_seconds
-            results["splits"][split][system] = report
+            if SYSTEMS[system] is None:
+                entry = evaluate(args.work, data, split, system, ["--baseline", system])
+                entry["train_seconds"] = None
+            else:
+                per_seed = {s: train(args.work, data, split, system, s, extra) for s in args.seeds}
+                entry = aggregate(per_seed)
+                results["systems"][f"{system}/{split}"] = per_seed[args.seeds[0]]["train"]
+            results["splits"][split][system] = entry
             print(
                 f"{split} {system}: "
-                + ", ".join(f"{k} {fmt(report['metrics'].get(k))}" for k in COLUMNS[split][:4]),
+                + ", ".join(f"{k} {_cell(entry, k)}" for k in COLUMNS[split][:4]),
                 flush=True,
             )
     results["wall_seconds"] = round(time.time() - start, 1)
     results["cpu_cores"] = os.cpu_count()
-    os.makedirs(RESULTS, exist_ok=True)
-    with open(os.path.join(RESULTS, "quality.json"), "w") as f:
-        json.dump(results, f, indent=2)
-    table = markdown(results)
-    with open(os.path.join(RESULTS, "quality.md"), "w") as f:
-        f.write(table)
-    print(table)
+    print(_write(args.name, results))
 
 
 if __name__ == "__main__":

@@ -151,7 +151,8 @@ def build_inputs(target: str, model: str, signature: str, batch: int, k: int) ->
         "query_text": ["space adventure with robots"] * batch,
     }
     with ServingClient(target, model, timeout_s=60) as client:
-        return client.build_inputs(signature, columns, {"k": k, "diversity": 0.0}, batch)
+        extras = {"k": np.full([batch], k, np.int32), "diversity": np.zeros([batch], np.float32)}
+        return client.build_inputs(signature, columns, extras, batch)
 
 
 def to_markdown(result: dict) -> str:

@@ -14,23 +14,23 @@ start=$(date +%s)
 
 step() { printf '\n=== %s (%ss) ===\n' "$1" "$(( $(date +%s) - start ))"; }
 
-step "1/6 prepare MovieLens-100K"
+step "1/7 prepare MovieLens-100K"
 $PY -m trainer.data prepare --dataset ml-100k --output "$WORK/data" --overwrite
 
-step "2/6 train ($SPLIT)"
+step "2/7 train ($SPLIT)"
 rm -rf "$WORK/model" "$WORK/model-checkpoints" "$WORK/model-logs"  # a fresh run, not a resume
 # shellcheck disable=SC2086
 $PY -m trainer.task --data "$WORK/data" --split "$SPLIT" --model-dir "$WORK/model" $TRAIN_FLAGS
 
-step "3/6 evaluate"
+step "3/7 evaluate"
 $PY -m trainer.evaluate --data "$WORK/data" --split "$SPLIT" --model-dir "$WORK/model" \
   --output "$WORK/eval_$SPLIT.json"
 
-step "4/6 export with ScaNN"
+step "4/7 export with ScaNN"
 $PY -m trainer.export --model-dir "$WORK/model" --export-base "$WORK/export" \
   --model-name movielens --index scann
 
-step "5/6 start the local model server"
+step "5/7 start the local model server"
 $PY -m serving.server --model_name movielens --model_base_path "$WORK/export/movielens" \
   --port "$PORT" --rest_api_port "$REST_PORT" > "$WORK/server.log" 2>&1 &
 server=$!
@@ -42,11 +42,20 @@ for _ in $(seq 1 120); do
 done
 curl -s "http://127.0.0.1:$REST_PORT/v1/models/movielens"; echo
 
-step "6/6 query over gRPC: two users, their history and top-10"
+step "6/7 query over gRPC: two users, their history and top-10"
 user_flags=""
 for u in $USERS; do user_flags="$user_flags --user $u"; done
 # shellcheck disable=SC2086
 $PY -m serving.client --server "127.0.0.1:$PORT" --model movielens --data "$WORK/data" \
   --split "$SPLIT" $user_flags --exclude-seen --k 10
+
+step "7/7 a new user: no id, no history, only the titles they typed"
+cat > "$WORK/new_user.json" <<'JSON'
+{"user_id": "", "user_age": "25-34", "user_gender": "F", "user_occupation": "writer",
+ "query_text": "Liked: Star Wars (1977); Return of the Jedi (1983); Empire Strikes Back, The (1980).",
+ "history": [""]}
+JSON
+$PY -m serving.client --server "127.0.0.1:$PORT" --model movielens --query-json "$WORK/new_user.json" \
+  --k 10 --exclude 50,181,172
 
 step "done: stopping the server"

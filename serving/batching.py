@@ -1,9 +1,13 @@
 """Server-side request batching, after TF Serving's SharedBatchScheduler + BatchingSession.
 
-Tasks with the same key (same servable, signature, trailing input shapes and scalar inputs) are
-queued together; a batch is formed when it reaches `max_batch_size` rows or its oldest task has
-waited `batch_timeout_micros`, and only when one of `num_batch_threads` workers is free, so
-batches grow while the model is busy. The merged call is split back row-wise.
+Tasks with the same key (same servable, signature and trailing input shapes) are queued
+together; a batch is formed when it reaches `max_batch_size` rows or its oldest task has waited
+`batch_timeout_micros`, and only when one of `num_batch_threads` workers is free, so batches
+grow while the model is busy. The merged call is split back row-wise.
+
+As in TF Serving, every input of a batched request needs a leading batch dimension of the same
+size: rank-0 inputs are refused with TF Serving's own message instead of being run unbatched,
+so nothing passes here that ``tensorflow_model_server --enable_batching`` would refuse.
 
 This module needs only numpy, so it can be tested without TensorFlow.
 """
@@ -272,52 +276,34 @@ class Batcher:
 
 
 def _merge(parts: list[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
-    """Concatenates batched (rank >= 1) inputs; scalars are equal by key, so take the first."""
+    """Concatenates every input along dim 0."""
     if len(parts) == 1:
         return parts[0]
-    merged: dict[str, np.ndarray] = {}
-    for name, first in parts[0].items():
-        if np.ndim(first) == 0:
-            merged[name] = first
-        else:
-            merged[name] = np.concatenate([p[name] for p in parts], axis=0)
-    return merged
+    return {name: np.concatenate([p[name] for p in parts], axis=0) for name in parts[0]}
 
 
 def batch_key_and_size(
-    base_key: Hashable,
-    inputs: Mapping[str, np.ndarray],
-    batched_names: frozenset[str],
-) -> tuple[Hashable, int] | None:
-    """Returns (queue key, rows) for a batchable request, or None to run it unbatched.
+    base_key: Hashable, inputs: Mapping[str, np.ndarray]
+) -> tuple[Hashable, int]:
+    """Returns (queue key, rows) for a request, raising TF Serving's batching errors.
 
-    Batchable: every input in `batched_names` has the same dim 0 size (> 0) and every other
-    input is a scalar; the key holds the trailing shapes and the scalar values, since only
-    requests that agree on those can be concatenated.
+    The key holds the trailing shapes, since only requests that agree on them can be
+    concatenated (``pad_variable_length_inputs`` is not implemented).
     """
     size: int | None = None
     shapes: list[tuple[str, tuple[int, ...]]] = []
-    scalars: list[tuple[str, str, bytes]] = []
     for name in sorted(inputs):
         arr = inputs[name]
-        if name in batched_names:
-            if arr.ndim == 0 or (size is not None and arr.shape[0] != size):
-                return None
-            size = arr.shape[0]
-            shapes.append((name, arr.shape[1:]))
-        elif arr.ndim == 0:
-            scalars.append((name, arr.dtype.str, _scalar_bytes(arr)))
-        else:
-            return None
-    if not size:
-        return None
-    return (base_key, tuple(shapes), tuple(scalars)), size
-
-
-def _scalar_bytes(arr: np.ndarray) -> bytes:
-    value = arr.item()
-    if isinstance(value, bytes):
-        return value
-    if isinstance(value, str):
-        return value.encode()
-    return arr.tobytes()
+        if np.ndim(arr) == 0:
+            raise ServingError(
+                Code.INVALID_ARGUMENT,
+                "Batching Run() input tensors must have at least one dimension",
+            )
+        if size is not None and arr.shape[0] != size:
+            raise ServingError(
+                Code.INVALID_ARGUMENT,
+                "Batching Run() input tensors must have equal 0th-dimension size",
+            )
+        size = arr.shape[0]
+        shapes.append((name, tuple(arr.shape[1:])))
+    return (base_key, tuple(shapes)), size or 0

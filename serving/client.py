@@ -157,27 +157,38 @@ class ServingClient:
     def retrieve(
         self,
         queries: Mapping[str, Any] | Sequence[Mapping[str, Any]],
-        k: int = 10,
+        k: int | Sequence[int] = 10,
         exclude_item_ids: Sequence[Sequence[str]] | None = None,
-        diversity: float | None = None,
+        diversity: float | Sequence[float] | None = None,
         *,
         signature_name: str = RETRIEVE_SIGNATURE,
         version: int | None = None,
         version_label: str | None = None,
     ) -> dict[str, Any]:
-        """Top-k items per query: {"item_ids", "scores", "titles", ...} with str, not bytes."""
+        """Top-k items per query: {"item_ids", "scores", "titles", ...} with str, not bytes.
+
+        ``k`` and ``diversity`` are one value for every query or one per query. Outputs are
+        ``[B, max(k)]``; a row with a smaller ``k`` is padded with ``""`` / ``-inf``.
+        """
         columns = _to_columns(queries)
         batch = _batch_size(columns)
-        extras: dict[str, Any] = {"k": k}
+        ks = np.broadcast_to(np.asarray(k, dtype=np.int32), [batch])
+        extras: dict[str, Any] = {"k": ks}
         if exclude_item_ids is not None:
             if len(exclude_item_ids) != batch:
                 raise ValueError(f"exclude_item_ids has {len(exclude_item_ids)} rows, not {batch}")
             extras["exclude_item_ids"] = _pad_strings(exclude_item_ids)
         if diversity is not None:
-            extras["diversity"] = diversity
+            extras["diversity"] = np.broadcast_to(np.asarray(diversity, np.float32), [batch])
         inputs = self.build_inputs(signature_name, columns, extras, batch)
         outputs = self.predict(inputs, signature_name, version, version_label)
-        return {name: _decode(value) for name, value in outputs.items()}
+        # Server-side batching may merge this request with one asking a larger k; the extra
+        # columns are padding for these rows.
+        width = int(ks.max()) if batch else 0
+        return {
+            name: _decode(value[:, :width] if name in _TOP_K_OUTPUTS else value)
+            for name, value in outputs.items()
+        }
 
     def rank(
         self,
@@ -224,6 +235,13 @@ class ServingClient:
                 value = extras[name]
             else:
                 value = _default_value(info, batch)
+            if info["shape"] is not None and not info["shape"] and np.ndim(value) == 1:
+                # An export from before per-query k/diversity: one value for the request.
+                distinct = np.unique(np.asarray(value))
+                if len(distinct) != 1:
+                    raise ValueError(f"model {self.model_name}: input {name!r} is one value "
+                                     f"for the whole request, got {distinct.tolist()}")  # fmt: skip
+                value = distinct[0]
             inputs[name] = _cast(value, info, name)
         return inputs
 
@@ -290,6 +308,9 @@ def _pad_strings(rows: Sequence[Sequence[Any]]) -> np.ndarray:
         for j, value in enumerate(row):
             out[i, j] = value if isinstance(value, bytes) else str(value).encode("utf-8")
     return out
+
+
+_TOP_K_OUTPUTS = ("item_ids", "scores", "titles")
 
 
 def _default_value(info: Mapping[str, Any], batch: int) -> Any:

@@ -5,12 +5,20 @@ availability-preserving policy: a new version is loaded fully before the served 
 (one pointer assignment under a lock), and only then are the versions that left the policy
 unloaded. A request holds a reference to the `Servable` it resolved, so a version being unloaded
 finishes the requests already running on it.
+
+A version is loaded the way TF Serving loads it (the session-based SavedModel loader, run by
+the SignatureDefs' tensor names; :mod:`serving.session_runner`), and the PredictionLogs of its
+``assets.extra/tf_serving_warmup_requests`` are replayed before it turns AVAILABLE. Base paths
+are read through ``tf.io.gfile``, so ``gs://`` and the other TensorFlow file systems work.
+A version that fails to load goes to END with its error in GetModelStatus; its retries are
+scheduled for later polls instead of sleeping, so newer versions and other models keep loading.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import logging
+import math
 import os
 import re
 import threading
@@ -67,11 +75,20 @@ class LoaderOptions:
     saved_model_tags: tuple[str, ...] = ("serve",)
     max_num_load_retries: int = 5
     load_retry_interval_micros: int = 60_000_000
+    intra_op_parallelism: int = 0  # 0: TensorFlow's default
+    inter_op_parallelism: int = 0
+
+
+WARMUP_FILE = "tf_serving_warmup_requests"
+MAX_WARMUP_RECORDS = 1000  # TF Serving's limit
 
 
 @dataclasses.dataclass
 class SignatureInfo:
-    """A callable signature plus the input/output specs requests are validated against."""
+    """A callable signature plus the input/output specs requests are validated against.
+
+    ``fn(arrays, output_filter)`` feeds numpy arrays by input alias and returns numpy outputs.
+    """
 
     name: str
     fn: Callable[..., Any]
@@ -88,7 +105,8 @@ class Servable:
     path: str
     signatures: dict[str, SignatureInfo]
     signature_def_map: Any  # tensorflow_serving.apis.get_model_metadata_pb2.SignatureDefMap
-    handle: Any = None  # the object tf.saved_model.load returned; keeps variables alive
+    handle: Any = None  # the SessionModel; its session lives as long as the Servable
+    warmup_requests: int = 0
 
 
 @dataclasses.dataclass
@@ -153,31 +171,56 @@ def list_versions(base_path: str) -> dict[int, str]:
     """Returns {version: path} for the integer-named subdirectories of base_path.
 
     Anything else (temp dirs such as `.tmp-3` or `3.tmp`, files) is ignored, so exporters can
-    write to a temp name and rename it into place.
+    write to a temp name and rename it into place. Any ``tf.io.gfile`` path works (``gs://``).
     """
+    import tensorflow as tf
+
     found: dict[int, str] = {}
-    with os.scandir(base_path) as entries:
-        for entry in entries:
-            if _VERSION_DIR.match(entry.name) and entry.is_dir():
-                found[int(entry.name)] = entry.path
+    try:
+        names = tf.io.gfile.listdir(base_path)
+    except tf.errors.OpError as exc:
+        raise OSError(f"cannot list {base_path}: {exc.message}") from exc
+    for name in names:
+        name = name.rstrip("/")
+        path = _join(base_path, name)
+        if _VERSION_DIR.match(name) and tf.io.gfile.isdir(path):
+            found[int(name)] = path
     return found
+
+
+def _join(base: str, name: str) -> str:
+    return base.rstrip("/") + "/" + name if "://" in base else os.path.join(base, name)
 
 
 def _fingerprint(path: str) -> tuple[int, int]:
     """Changes when a version folder is rewritten, so a failed version is retried then."""
+    import tensorflow as tf
+
     for name in ("saved_model.pb", "saved_model.pbtxt"):
         try:
-            st = os.stat(os.path.join(path, name))
-            return (st.st_mtime_ns, st.st_size)
-        except FileNotFoundError:
+            st = tf.io.gfile.stat(_join(path, name))
+            return (st.mtime_nsec, st.length)
+        except tf.errors.NotFoundError:
             continue
-    return (os.stat(path).st_mtime_ns, -1)
+    return (-1, -1)
 
 
 def _has_saved_model(path: str) -> bool:
+    import tensorflow as tf
+
     return any(
-        os.path.exists(os.path.join(path, name)) for name in ("saved_model.pb", "saved_model.pbtxt")
+        tf.io.gfile.exists(_join(path, name)) for name in ("saved_model.pb", "saved_model.pbtxt")
     )
+
+
+@dataclasses.dataclass
+class _Failure:
+    """A version that failed to load: retried at ``retry_at`` (monotonic), or when its
+    folder changes."""
+
+    fingerprint: tuple[int, int]
+    attempts: int
+    retry_at: float
 
 
 class _ModelSlot:
@@ -187,7 +230,7 @@ class _ModelSlot:
         self.config = config
         self.served: dict[int, Servable] = {}
         self.states: dict[int, VersionState] = {}
-        self.failed: dict[int, tuple[int, int]] = {}
+        self.failed: dict[int, _Failure] = {}
         self.warned_missing = False
 
 
@@ -347,23 +390,21 @@ class ServableManager:
         slot.warned_missing = False
 
         loaded: dict[int, Servable] = dict(slot.served)
-        # A version that failed stays skipped until its folder changes; a failure makes the
-        # policy fall back to the next candidate, so the previous version keeps serving.
+        # A failed version is skipped until its retry time or until its folder changes; the
+        # policy then falls back to the next candidate, so the previous version keeps serving.
+        fingerprints = {v: _fingerprint_safe(p) for v, p in ready.items()}
         while True:
+            now = time.monotonic()
             candidates = {
-                v
-                for v, p in ready.items()
-                if v in loaded or slot.failed.get(v) != _fingerprint_safe(p)
+                v for v in ready if v in loaded or self._may_load(slot, v, fingerprints[v], now)
             }
             wanted = cfg.policy.select(candidates)
             missing = sorted(wanted - set(loaded), reverse=True)
             if not missing or self._stop.is_set():
                 break
             for version in missing:
-                servable = self._load_with_retries(slot, version, ready[version])
-                if servable is None:
-                    slot.failed[version] = _fingerprint_safe(ready[version])
-                else:
+                servable = self._load_once(slot, version, ready[version], fingerprints[version])
+                if servable is not None:
                     slot.failed.pop(version, None)
                     loaded[version] = servable
         new_served = {v: s for v, s in loaded.items() if v in wanted}
@@ -380,133 +421,187 @@ class ServableManager:
             log_event(logger, logging.INFO, "unload", model=cfg.name, version=version)
         # Versions loaded but not wanted (e.g. policy changed mid-load) are dropped here too.
 
-    def _load_with_retries(self, slot: _ModelSlot, version: int, path: str) -> Servable | None:
+    def _may_load(
+        self, slot: _ModelSlot, version: int, fingerprint: tuple[int, int], now: float
+    ) -> bool:
+        failure = slot.failed.get(version)
+        return failure is None or failure.fingerprint != fingerprint or failure.retry_at <= now
+
+    def _load_once(
+        self, slot: _ModelSlot, version: int, path: str, fingerprint: tuple[int, int]
+    ) -> Servable | None:
+        """One load attempt; a failure schedules the next retry instead of waiting for it."""
         cfg = slot.config
-        attempts = 1 + max(0, self._options.max_num_load_retries)
+        previous = slot.failed.get(version)
+        attempt = 1 if previous is None or previous.fingerprint != fingerprint else (
+            previous.attempts + 1
+        )  # fmt: skip
         with self._lock:
             slot.states[version] = VersionState(STATE_LOADING)
-        for attempt in range(1, attempts + 1):
-            start = time.monotonic()
-            try:
-                servable = self._loader(cfg.name, version, path, self._options)
-            except Exception as exc:
-                message = f"{type(exc).__name__}: {exc}"
-                log_event(
-                    logger,
-                    logging.ERROR,
-                    "load_failure",
-                    model=cfg.name,
-                    version=version,
-                    path=path,
-                    attempt=attempt,
-                    error=message[:2000],
-                )
-                if attempt < attempts and not self._stop.wait(
-                    self._options.load_retry_interval_micros / 1e6
-                ):
-                    continue
-                with self._lock:
-                    slot.states[version] = VersionState(STATE_END, Code.UNKNOWN, message[:2000])
-                return None
+        start = time.monotonic()
+        try:
+            servable = self._loader(cfg.name, version, path, self._options)
+        except Exception as exc:
+            message = f"{type(exc).__name__}: {exc}"[:2000]
+            retries_left = self._options.max_num_load_retries - (attempt - 1)
+            interval = self._options.load_retry_interval_micros / 1e6
+            retry_at = time.monotonic() + interval if retries_left > 0 else math.inf
+            slot.failed[version] = _Failure(fingerprint, attempt, retry_at)
             log_event(
                 logger,
-                logging.INFO,
-                "load",
+                logging.ERROR,
+                "load_failure",
                 model=cfg.name,
                 version=version,
                 path=path,
-                signatures=sorted(servable.signatures),
-                duration_s=round(time.monotonic() - start, 3),
+                attempt=attempt,
+                retries_left=max(0, retries_left),
+                error=message,
             )
-            return servable
-        return None
+            with self._lock:
+                slot.states[version] = VersionState(STATE_END, Code.UNKNOWN, message)
+            return None
+        log_event(
+            logger,
+            logging.INFO,
+            "load",
+            model=cfg.name,
+            version=version,
+            path=path,
+            signatures=sorted(servable.signatures),
+            warmup_requests=servable.warmup_requests,
+            duration_s=round(time.monotonic() - start, 3),
+        )
+        return servable
+
+    # -- model config reload ------------------------------------------------------------------
+
+    def update_configs(self, configs: Iterable[ModelConfig]) -> None:
+        """Applies a re-read model config file: adds, changes and removes models.
+
+        A removed model's versions are unloaded (requests already holding them finish).
+        """
+        configs = list(configs)
+        with self._poll_lock:
+            slots = dict(self._slots)
+            names = {cfg.name for cfg in configs}
+            for cfg in configs:
+                slot = slots.get(cfg.name)
+                if slot is None:
+                    slots[cfg.name] = _ModelSlot(cfg)
+                elif slot.config != cfg:
+                    slot.config = cfg
+            for name in [n for n in slots if n not in names]:
+                slot = slots.pop(name)
+                with self._lock:
+                    for version in sorted(slot.served):
+                        slot.states[version] = VersionState(STATE_END)
+                        log_event(logger, logging.INFO, "unload", model=name, version=version)
+                    slot.served = {}
+            self._slots = slots  # copy-on-write: readers see the old or the new dict
 
 
 def _fingerprint_safe(path: str) -> tuple[int, int]:
     try:
         return _fingerprint(path)
-    except OSError:
+    except Exception:  # a listing race or a flaky remote file system: treat as unknown
         return (-1, -1)
 
 
-_CUSTOM_OPS_LOCK = threading.Lock()
-_custom_ops_registered = False
-
-
 def register_custom_ops() -> None:
-    """Imports the op libraries our exports embed (TF Text tokenizers, ScaNN) once.
+    """Registers TF Text's and ScaNN's ops (see :mod:`serving.session_runner`)."""
+    from serving.session_runner import register_custom_ops as register
 
-    Without them tf.saved_model.load fails with `Op type not registered`. A missing package is
-    only logged: models that do not use its ops still load.
-    """
-    global _custom_ops_registered
-    with _CUSTOM_OPS_LOCK:
-        if _custom_ops_registered:
-            return
-        try:
-            import tensorflow_text  # noqa: F401
-        except Exception as exc:  # pragma: no cover - depends on the install
-            log_event(
-                logger,
-                logging.WARNING,
-                "custom_ops_missing",
-                package="tensorflow_text",
-                error=str(exc),
-            )
-        try:
-            from scann.scann_ops.py import scann_ops  # noqa: F401
-        except Exception as exc:  # pragma: no cover - depends on the install
-            log_event(
-                logger, logging.WARNING, "custom_ops_missing", package="scann", error=str(exc)
-            )
-        _custom_ops_registered = True
+    register()
 
 
-def read_signature_def_map(path: str, tags: Iterable[str]) -> Any:
-    """Reads the SignatureDefs from saved_model.pb exactly as TF Serving reports them."""
-    from google.protobuf import text_format
-    from tensorflow.core.protobuf import saved_model_pb2
-    from tensorflow_serving.apis import get_model_metadata_pb2
+def _tensor_spec(info: Any) -> Any:
+    import tensorflow as tf
 
-    saved_model = saved_model_pb2.SavedModel()
-    pb_path = os.path.join(path, "saved_model.pb")
-    if os.path.exists(pb_path):
-        with open(pb_path, "rb") as f:
-            saved_model.ParseFromString(f.read())
-    else:
-        with open(os.path.join(path, "saved_model.pbtxt")) as f:
-            text_format.Parse(f.read(), saved_model)
-    wanted = set(tags)
-    for meta_graph in saved_model.meta_graphs:
-        if wanted <= set(meta_graph.meta_info_def.tags):
-            result = get_model_metadata_pb2.SignatureDefMap()
-            for key, sig in meta_graph.signature_def.items():
-                result.signature_def[key].CopyFrom(sig)
-            return result
-    raise ValueError(f"no MetaGraphDef with tags {sorted(wanted)} in {path}")
+    dtype = tf.dtypes.as_dtype(info.dtype)
+    if info.tensor_shape.unknown_rank:
+        return tf.TensorSpec(None, dtype, name=info.name)
+    dims = [d.size if d.size >= 0 else None for d in info.tensor_shape.dim]
+    return tf.TensorSpec(dims, dtype, name=info.name)
 
 
 def load_servable(name: str, version: int, path: str, options: LoaderOptions) -> Servable:
-    """Loads one SavedModel version with tf.saved_model.load and indexes its signatures."""
-    register_custom_ops()
-    import tensorflow as tf
+    """Loads one version through the session-based loader, then replays its warm-up file."""
+    from tensorflow_serving.apis import get_model_metadata_pb2
 
-    tags = list(options.saved_model_tags)
-    handle = tf.saved_model.load(path, tags=tags)
+    from serving.session_runner import SessionModel
+
+    model = SessionModel(
+        path,
+        options.saved_model_tags,
+        intra_op_parallelism=options.intra_op_parallelism,
+        inter_op_parallelism=options.inter_op_parallelism,
+    )
     signatures: dict[str, SignatureInfo] = {}
-    for sig_name, fn in handle.signatures.items():
-        _, kwargs = fn.structured_input_signature
-        outputs = fn.structured_outputs
-        if not isinstance(outputs, Mapping):
-            raise ValueError(f"signature {sig_name!r} must return a dict of named outputs")
+    sig_map = get_model_metadata_pb2.SignatureDefMap()
+    for sig_name, sig_def in model.signature_defs.items():
+        sig_map.signature_def[sig_name].CopyFrom(sig_def)
+        if sig_name.startswith("__"):
+            continue  # the loader's own ops (`__saved_model_init_op`): metadata only
+
+        def run(arrays: Mapping[str, Any], output_filter: Any = (), _name: str = sig_name) -> Any:
+            return model.run(_name, arrays, output_filter)
+
         signatures[sig_name] = SignatureInfo(
-            name=sig_name, fn=fn, inputs=dict(kwargs), outputs=dict(outputs)
+            name=sig_name,
+            fn=run,
+            inputs={k: _tensor_spec(v) for k, v in sig_def.inputs.items()},
+            outputs={k: _tensor_spec(v) for k, v in sig_def.outputs.items()},
         )
-    return Servable(
+    servable = Servable(
         name=name,
         version=version,
         path=path,
         signatures=signatures,
-        signature_def_map=read_signature_def_map(path, tags),
-        handle=handle,
+        signature_def_map=sig_map,
+        handle=model,
     )
+    try:
+        servable.warmup_requests = replay_warmup(servable)
+    except BaseException:
+        model.close()
+        raise
+    return servable
+
+
+def replay_warmup(servable: Servable) -> int:
+    """Runs the PredictLogs of ``assets.extra/tf_serving_warmup_requests`` (at most 1,000).
+
+    As in TF Serving, a failing warm-up request fails the load, so a version that cannot
+    answer its own sample requests never turns AVAILABLE. Returns the number replayed.
+    """
+    import tensorflow as tf
+    from tensorflow_serving.apis import prediction_log_pb2
+
+    path = _join(_join(servable.path, "assets.extra"), WARMUP_FILE)
+    if not tf.io.gfile.exists(path):
+        return 0
+    count = 0
+    for raw in tf.data.TFRecordDataset(path).take(MAX_WARMUP_RECORDS):
+        log = prediction_log_pb2.PredictionLog.FromString(raw.numpy())
+        if log.WhichOneof("log_type") != "predict_log":
+            raise ValueError(
+                f"warm-up record {count}: only predict_log records are supported, got "
+                f"{log.WhichOneof('log_type')}"
+            )
+        request = log.predict_log.request
+        sig_name = request.model_spec.signature_name or "serving_default"
+        sig = servable.signatures.get(sig_name)
+        if sig is None:
+            raise ValueError(f"warm-up record {count}: no signature {sig_name!r}")
+        inputs = {k: tf.make_ndarray(v) for k, v in request.inputs.items()}
+        try:
+            sig.fn(inputs)
+        except Exception as exc:
+            first = str(getattr(exc, "message", exc)).strip().splitlines()[:1]
+            raise ValueError(
+                f"warm-up record {count} ({sig_name}) failed: {type(exc).__name__}: "
+                f"{first[0] if first else ''}"
+            ) from exc
+        count += 1
+    return count

@@ -14,6 +14,7 @@ import tensorflow as tf
 
 from serving.batching import Batcher, batch_key_and_size
 from serving.errors import Code, ServingError, from_exception
+from serving.metrics import Metrics
 from serving.model_manager import Servable, ServableManager, SignatureInfo
 
 DEFAULT_SIGNATURE = "serving_default"
@@ -32,9 +33,17 @@ class PredictResult:
 class Predictor:
     """Runs Predict requests against a ServableManager, optionally through a Batcher."""
 
-    def __init__(self, manager: ServableManager, batcher: Batcher | None = None) -> None:
+    def __init__(
+        self,
+        manager: ServableManager,
+        batcher: Batcher | None = None,
+        max_batch_size: int = 0,
+        metrics: Metrics | None = None,
+    ) -> None:
         self.manager = manager
         self.batcher = batcher
+        self.metrics = metrics if metrics is not None else Metrics()
+        self.max_batch_size = max_batch_size  # rows along dim 0 per request; 0: unbounded
 
     def resolve(
         self,
@@ -82,20 +91,19 @@ class Predictor:
         arrays: dict[str, np.ndarray],
         output_filter: Sequence[str] = (),
     ) -> PredictResult:
-        """Runs validated inputs, batched when a Batcher is set and the request allows it."""
+        """Runs validated inputs, batched when a Batcher is set."""
         wanted = check_output_filter(sig, output_filter)
+        if self.max_batch_size:
+            check_batch_size(arrays, self.max_batch_size)
 
         def call(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
             return call_signature(sig, batch)
 
         outputs: Mapping[str, np.ndarray] | None = None
         if self.batcher is not None:
-            batched_names = frozenset(
-                n for n, spec in sig.inputs.items() if spec.shape.rank and spec.shape[0] is None
-            )
-            keyed = batch_key_and_size((id(servable), sig.name), arrays, batched_names)
-            if keyed is not None:
-                key, size = keyed
+            # TF Serving's BatchingSession: every input needs the same dim 0; no rank-0 inputs.
+            key, size = batch_key_and_size((id(servable), sig.name), arrays)
+            if size:
                 outputs = self.batcher.submit(key, arrays, size, call)
         if outputs is None:
             outputs = call(arrays)
@@ -147,6 +155,20 @@ def check_input(sig: SignatureInfo, name: str, dtype: tf.DType, shape: Sequence[
         )
 
 
+def check_batch_size(arrays: Mapping[str, np.ndarray], limit: int) -> None:
+    """RESOURCE_EXHAUSTED when a request carries more rows than the server allows.
+
+    One huge request would otherwise hold a worker (and its memory) for as long as it takes.
+    """
+    for name, arr in arrays.items():
+        if np.ndim(arr) and arr.shape[0] > limit:
+            raise ServingError(
+                Code.RESOURCE_EXHAUSTED,
+                f"input '{name}' has {arr.shape[0]} rows, more than the server's limit of "
+                f"{limit} per request (--max_batch_size_per_request)",
+            )
+
+
 def check_output_filter(sig: SignatureInfo, output_filter: Sequence[str]) -> list[str]:
     """Returns the output names to send back (all when the filter is empty)."""
     if not output_filter:
@@ -166,18 +188,21 @@ def check_output_filter(sig: SignatureInfo, output_filter: Sequence[str]) -> lis
 
 
 def call_signature(sig: SignatureInfo, arrays: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
-    """Calls the concrete function; TF errors keep their canonical code and message."""
+    """Runs the signature (Session.run on its tensor names); TF errors keep their code."""
     try:
-        tensors = {
-            name: tf.convert_to_tensor(arr, dtype=sig.inputs[name].dtype)
+        feeds = {
+            name: np.asarray(arr, dtype=object if sig.inputs[name].dtype == tf.string else
+                             sig.inputs[name].dtype.as_numpy_dtype)
             for name, arr in arrays.items()
-        }
-        outputs = sig.fn(**tensors)
-        return {name: value.numpy() for name, value in outputs.items()}
+        }  # fmt: skip
+        return dict(sig.fn(feeds))
     except ServingError:
         raise
     except Exception as exc:
-        raise from_exception(exc) from exc
+        err = from_exception(exc)
+        # Python's Session.run prefixes this; TF Serving's Session::Run status does not.
+        message = err.message.removeprefix("Graph execution error:").strip()
+        raise ServingError(err.code, message) from exc
 
 
 def _tf_dtype_of(arr: np.ndarray, wanted: tf.DType) -> tf.DType:

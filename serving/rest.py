@@ -1,4 +1,4 @@
-"""TF Serving's REST API (/v1/models/...) on the standard library's HTTP server.
+"""TF Serving's REST API (/v1/models/...) on Tornado's asynchronous HTTP server.
 
 JSON shapes follow tensorflow_serving/util/json_tensor.cc and model_servers/http_rest_api_*.cc:
 row format (`instances` -> `predictions`), columnar format (`inputs` -> `outputs`), string
@@ -13,16 +13,16 @@ import binascii
 import json
 import logging
 import re
-import sys
 import threading
+import time
 import urllib.parse
 from collections.abc import Mapping
 from concurrent.futures import ThreadPoolExecutor
-from http.server import BaseHTTPRequestHandler, HTTPServer
 from typing import Any
 
 import numpy as np
 import tensorflow as tf
+import tornado.web
 from google.protobuf import json_format
 from tensorflow_serving.apis import get_model_metadata_pb2, get_model_status_pb2
 
@@ -40,6 +40,25 @@ _STATUS_RE = re.compile(
     re.IGNORECASE,
 )
 _V1_RE = re.compile(r"/v1/.*", re.IGNORECASE)
+
+
+# No signature input has more than a few dimensions; anything deeper is refused before the
+# recursive converters below could overflow Python's stack.
+MAX_JSON_DEPTH = 32
+
+
+def check_json_depth(value: Any, limit: int = MAX_JSON_DEPTH) -> None:
+    """INVALID_ARGUMENT when lists/objects nest deeper than ``limit`` (checked iteratively)."""
+    stack = [(value, 1)]
+    while stack:
+        item, depth = stack.pop()
+        if isinstance(item, (list, dict)):
+            if depth > limit:
+                raise ServingError(
+                    Code.INVALID_ARGUMENT, f"JSON Parse error: nested deeper than {limit} levels"
+                )
+            children = item.values() if isinstance(item, dict) else item
+            stack.extend((child, depth + 1) for child in children)
 
 
 class RestApi:
@@ -123,10 +142,34 @@ class RestApi:
         }
 
     def predict(self, name: str, version: int | None, label: str | None, body: bytes) -> Any:
+        """Answers one :predict call and records it in the request metrics."""
+        start = time.monotonic()
+        seen: dict[str, str] = {}
+        code = Code.OK
+        try:
+            return self._predict(name, version, label, body, seen)
+        except Exception as exc:
+            code = from_exception(exc).code
+            raise
+        finally:
+            metrics = getattr(self.predictor, "metrics", None)
+            if metrics is not None:
+                metrics.observe(
+                    "REST", name, seen.get("signature", ""), code.name, time.monotonic() - start
+                )
+
+    def _predict(
+        self, name: str, version: int | None, label: str | None, body: bytes, seen: dict
+    ) -> Any:
         try:
             request = json.loads(body)
         except (UnicodeDecodeError, json.JSONDecodeError) as exc:
             raise ServingError(Code.INVALID_ARGUMENT, f"JSON Parse error: {exc}") from exc
+        except RecursionError as exc:
+            raise ServingError(
+                Code.INVALID_ARGUMENT, f"JSON Parse error: nested deeper than {MAX_JSON_DEPTH}"
+            ) from exc
+        check_json_depth(request)
         if not isinstance(request, dict):
             raise ServingError(
                 Code.INVALID_ARGUMENT, "JSON Value: not an object. Expecting a JSON object"
@@ -134,6 +177,7 @@ class RestApi:
         signature_name = request.get("signature_name", "")
         if not isinstance(signature_name, str):
             raise ServingError(Code.INVALID_ARGUMENT, "'signature_name' key must be a string")
+        seen["signature"] = signature_name[:100]
         has_rows, has_cols = "instances" in request, "inputs" in request
         if has_rows == has_cols:
             raise ServingError(
@@ -201,6 +245,8 @@ def json_to_array(value: Any, dtype: tf.DType, name: str) -> np.ndarray:
             Code.INVALID_ARGUMENT,
             f"Tensor name: {name} has an object where a {dtype.name} number is expected",
         )
+    if dtype.is_integer or dtype.is_bool:
+        _check_integral(value, dtype, name)
     try:
         arr = np.asarray(value, dtype=dtype.as_numpy_dtype)
     except (TypeError, ValueError, OverflowError) as exc:
@@ -209,6 +255,29 @@ def json_to_array(value: Any, dtype: tf.DType, name: str) -> np.ndarray:
             f"Tensor name: {name} has values that do not convert to {dtype.name}: {exc}",
         ) from exc
     return arr
+
+
+def _check_integral(value: Any, dtype: tf.DType, name: str) -> None:
+    """Integer inputs take JSON integers only (numpy would truncate 10.7 to 10 silently)."""
+    stack = [value]
+    while stack:
+        item = stack.pop()
+        if isinstance(item, list):
+            stack.extend(item)
+            continue
+        if dtype.is_bool:
+            ok = isinstance(item, bool)
+        else:
+            # 10.0 is an integer written as a float; TF Serving accepts it, but not 10.7.
+            ok = (isinstance(item, int) and not isinstance(item, bool)) or (
+                isinstance(item, float) and item.is_integer()
+            )
+        if not ok:
+            raise ServingError(
+                Code.INVALID_ARGUMENT,
+                f"Tensor name: {name} has a value {json.dumps(item)[:50]} that is not "
+                f"{'a boolean' if dtype.is_bool else 'an integer'} ({dtype.name} expected)",
+            )
 
 
 def _strings_to_bytes(value: Any, name: str, leaves: list[bytes]) -> Any:
@@ -392,114 +461,82 @@ def outputs_to_columns(outputs: Mapping[str, np.ndarray]) -> Any:
 # -- HTTP server ------------------------------------------------------------------------------
 
 
-class _Handler(BaseHTTPRequestHandler):
-    server_version = "TensorFlowServingLocal/0.1"
-    protocol_version = "HTTP/1.1"
-    timeout = 60  # seconds a client may idle mid-request before its pool worker is freed
-
-    def do_GET(self) -> None:  # noqa: N802 (http.server's naming)
-        self._serve(b"")
-
-    def do_POST(self) -> None:  # noqa: N802
-        try:
-            length = int(self.headers.get("Content-Length") or 0)
-        except ValueError:
-            length = -1
-        server: RestServer = self.server.owner  # type: ignore[attr-defined]
-        if length < 0:
-            self._reply(400, {"error": "Invalid Content-Length"})
-            return
-        if length > server.api.max_body_bytes:
-            # Drain (discarding) so the client can finish sending and read the error.
-            remaining = length
-            while remaining > 0:
-                chunk = self.rfile.read(min(remaining, 1 << 16))
-                if not chunk:
-                    break
-                remaining -= len(chunk)
-            self._reply(
-                429,
-                {
-                    "error": f"Request body larger than max ({length} vs. "
-                    f"{server.api.max_body_bytes})"
-                },
-            )
-            return
-        self._serve(self.rfile.read(length))
-
-    def _serve(self, body: bytes) -> None:
-        server: RestServer = self.server.owner  # type: ignore[attr-defined]
-        if not server.enter():
-            self._reply(503, {"error": "Server is shutting down"})
-            return
-        try:
-            status, payload = server.api.handle(self.command, self.path, body)
-            self._reply(status, payload)
-        finally:
-            server.leave()
-
-    def _reply(self, status: int, payload: Any) -> None:
-        data = json.dumps(payload, indent=None).encode("utf-8")
-        self.send_response(status)
-        self.send_header("Content-Type", "application/json")
-        self.send_header("Content-Length", str(len(data)))
-        self.send_header("Connection", "close")
-        self.end_headers()
-        self.wfile.write(data)
-        self.close_connection = True
-
-    def log_message(self, format: str, *args: Any) -> None:  # noqa: A002
-        return  # access logs would drown the structured logs; errors are logged by RestApi
-
-
-class _PooledHTTPServer(HTTPServer):
-    """HTTPServer whose connections run on a bounded pool (--rest_api_num_threads)."""
-
-    daemon_threads = True
-
-    def __init__(self, address: tuple[str, int], pool: ThreadPoolExecutor) -> None:
-        self._pool = pool
-        super().__init__(address, _Handler)
-
-    def process_request(self, request: Any, client_address: Any) -> None:
-        self._pool.submit(self._work, request, client_address)
-
-    def handle_error(self, request: Any, client_address: Any) -> None:
-        # A client that hangs up mid-response is not a server failure; log one line, no trace.
-        exc = sys.exc_info()[1]
-        log_event(logger, logging.INFO, "connection_error", error=f"{type(exc).__name__}: {exc}")
-
-    def _work(self, request: Any, client_address: Any) -> None:
-        try:
-            self.finish_request(request, client_address)
-        except Exception:
-            self.handle_error(request, client_address)
-        finally:
-            self.shutdown_request(request)
-
-
 class RestServer:
-    """The REST front end: start() binds and serves in a thread; stop() drains in-flight."""
+    """The REST front end on Tornado's asynchronous HTTP server, in its own IO-loop thread.
 
-    def __init__(self, api: RestApi, host: str, port: int, num_threads: int) -> None:
+    Reading headers and bodies costs no worker thread, so clients that send half a request
+    (or send it slowly) cannot starve the others; they are cut off after ``header_timeout_s``
+    / ``body_timeout_s``. Requests run on a pool of ``num_threads`` workers, each bounded by
+    ``request_timeout_s`` (``--rest_api_timeout_in_ms``). start() binds and serves; stop()
+    stops accepting and waits for in-flight requests.
+    """
+
+    def __init__(
+        self,
+        api: RestApi,
+        host: str,
+        port: int,
+        num_threads: int,
+        *,
+        request_timeout_s: float = 30.0,
+        header_timeout_s: float = 30.0,
+        body_timeout_s: float = 60.0,
+        metrics: Any = None,
+        metrics_path: str | None = None,
+    ) -> None:
+        import asyncio
+
+        import tornado.httpserver
+        import tornado.netutil
+
         self.api = api
+        self.metrics = metrics
+        self.metrics_path = metrics_path
+        self.request_timeout_s = request_timeout_s
         self._pool = ThreadPoolExecutor(max_workers=num_threads, thread_name_prefix="rest")
-        self._httpd = _PooledHTTPServer((host, port), self._pool)
-        self._httpd.owner = self  # type: ignore[attr-defined]
-        self._thread = threading.Thread(
-            target=self._httpd.serve_forever, kwargs={"poll_interval": 0.2}, name="rest-accept"
-        )
-        self._thread.daemon = True
+        self._loop = asyncio.new_event_loop()
+        self._sockets = tornado.netutil.bind_sockets(port, host, backlog=1024)
         self._cv = threading.Condition()
         self._in_flight = 0
         self._closing = False
+        owner = self
+
+        async def make_server() -> Any:
+            app = tornado.web.Application([(r"/.*", _Handler, {"owner": owner})])
+            server = tornado.httpserver.HTTPServer(
+                app,
+                idle_connection_timeout=header_timeout_s,
+                body_timeout=body_timeout_s,
+                # The limit is enforced per request in _Handler, which drains (never keeps) an
+                # oversized body so the client can read a JSON 429; Tornado's own check would
+                # just drop the connection. body_timeout bounds how long a drain may take.
+                max_body_size=2**62,
+                max_buffer_size=16 << 20,
+                max_header_size=64 * 1024,
+            )
+            server.add_sockets(self._sockets)
+            return server
+
+        self._make_server = make_server
+        self._server: Any = None
+        self._thread = threading.Thread(target=self._run, name="rest-ioloop", daemon=True)
+        self._started = threading.Event()
 
     @property
     def port(self) -> int:
-        return self._httpd.server_address[1]
+        return self._sockets[0].getsockname()[1]
+
+    def _run(self) -> None:
+        import asyncio
+
+        asyncio.set_event_loop(self._loop)
+        self._server = self._loop.run_until_complete(self._make_server())
+        self._started.set()
+        self._loop.run_forever()
 
     def start(self) -> None:
         self._thread.start()
+        self._started.wait(30)
 
     def enter(self) -> bool:
         with self._cv:
@@ -515,9 +552,101 @@ class RestServer:
 
     def stop(self, grace_s: float) -> None:
         """Stops accepting, waits up to grace_s for in-flight requests, then closes."""
-        self._httpd.shutdown()
+        if self._server is not None:
+            self._loop.call_soon_threadsafe(self._server.stop)
         with self._cv:
             self._closing = True
             self._cv.wait_for(lambda: self._in_flight == 0, timeout=grace_s)
-        self._httpd.server_close()
+        self._loop.call_soon_threadsafe(self._loop.stop)
+        self._thread.join(10)
         self._pool.shutdown(wait=False, cancel_futures=True)
+
+
+@tornado.web.stream_request_body
+class _Handler(tornado.web.RequestHandler):
+    """Collects the body (refusing it past the limit without buffering it), then answers."""
+
+    def initialize(self, owner: RestServer) -> None:
+        self.owner = owner
+        self._chunks: list[bytes] = []
+        self._received = 0
+        self._too_big = False
+
+    def prepare(self) -> None:
+        limit = self.owner.api.max_body_bytes
+        try:
+            announced = int(self.request.headers.get("Content-Length") or 0)
+        except ValueError:
+            announced = 0
+        if announced > limit:
+            self._too_big = True
+            self._received = announced
+
+    def data_received(self, chunk: bytes) -> None:
+        if self._too_big:
+            return  # drained, not kept, so the client can read the error
+        self._received += len(chunk)
+        if self._received > self.owner.api.max_body_bytes:
+            self._too_big = True
+            self._chunks = []
+            return
+        self._chunks.append(chunk)
+
+    async def get(self) -> None:
+        if self.owner.metrics_path and self.request.path == self.owner.metrics_path:
+            self.set_header("Content-Type", "text/plain; version=0.0.4")
+            self.finish(self.owner.metrics.render() if self.owner.metrics else "")
+            return
+        await self._serve()
+
+    async def post(self) -> None:
+        if self._too_big:
+            limit = self.owner.api.max_body_bytes
+            self._reply(
+                429, {"error": f"Request body larger than max ({self._received} vs. {limit})"}
+            )
+            return
+        await self._serve()
+
+    async def _serve(self) -> None:
+        import asyncio
+
+        owner = self.owner
+        if not owner.enter():
+            self._reply(503, {"error": "Server is shutting down"})
+            return
+        try:
+            loop = asyncio.get_running_loop()
+            body = b"".join(self._chunks)
+            work = loop.run_in_executor(
+                owner._pool, owner.api.handle, self.request.method, self.request.uri, body
+            )
+            try:
+                status, payload = await asyncio.wait_for(work, owner.request_timeout_s)
+            except asyncio.TimeoutError:
+                status, payload = (
+                    504,
+                    {
+                        "error": f"Request timed out after {owner.request_timeout_s:g}s "
+                        "(--rest_api_timeout_in_ms)"
+                    },
+                )
+            self._reply(status, payload)
+        finally:
+            owner.leave()
+
+    def _reply(self, status: int, payload: Any) -> None:
+        self.set_status(status)
+        self.set_header("Content-Type", "application/json")
+        self.finish(json.dumps(payload, indent=None).encode("utf-8"))
+
+    def log_exception(self, typ: Any, value: Any, tb: Any) -> None:
+        log_event(logger, logging.WARNING, "connection_error", error=f"{typ.__name__}: {value}")
+
+    def write_error(self, status_code: int, **kwargs: Any) -> None:
+        self.finish(json.dumps({"error": self._reason}))
+
+    def on_connection_close(self) -> None:
+        self._chunks = []
+
+    # Tornado answers unknown methods with 405; TF Serving does the same for PUT/DELETE.

@@ -3,10 +3,14 @@
     python -m serving.server --model_name NAME --model_base_path DIR \
         --port 8500 --rest_api_port 8501
 
-or `--model_config_file models.config` (ModelServerConfig text proto). Flags keep the names and
-meanings of `tensorflow_model_server` where they overlap. Supported: PredictionService/Predict,
-PredictionService/GetModelMetadata (signature_def), ModelService/GetModelStatus and the REST
-endpoints over them; everything else answers UNIMPLEMENTED.
+or `--model_config_file models.config` (ModelServerConfig text proto). Flags keep the names,
+spelling and meanings of `tensorflow_model_server` where they overlap. Supported:
+PredictionService/Predict, PredictionService/GetModelMetadata (signature_def),
+ModelService/GetModelStatus, the REST endpoints over them and, with `--monitoring_config_file`,
+Prometheus metrics at /monitoring/prometheus/metrics; everything else answers UNIMPLEMENTED.
+Versions run through the session-based SavedModel loader, as in TF Serving
+(serving/session_runner.py). Unlike TF Serving, request size and rows per request are bounded by
+default (`--max_request_bytes`, `--max_batch_size_per_request`).
 """
 
 from __future__ import annotations
@@ -18,6 +22,7 @@ import os
 import signal
 import sys
 import threading
+import time
 from collections.abc import Sequence
 from concurrent import futures
 from typing import Any
@@ -37,6 +42,10 @@ from serving.model_manager import (
 logger = logging.getLogger("serving.server")
 
 _INT32_MAX = 2**31 - 1
+# Bounded by default, unlike TF Serving (2 GiB gRPC messages, unbounded REST bodies and rows):
+# one oversized request must not be able to take the server's memory or a worker for minutes.
+DEFAULT_MAX_REQUEST_BYTES = 16 << 20
+DEFAULT_MAX_BATCH_SIZE_PER_REQUEST = 1024
 
 
 @dataclasses.dataclass
@@ -51,7 +60,14 @@ class ServerConfig:
     grpc_max_threads: int = dataclasses.field(default_factory=lambda: 4 * (os.cpu_count() or 1))
     rest_api_num_threads: int = dataclasses.field(default_factory=lambda: 4 * (os.cpu_count() or 1))
     grpc_channel_arguments: dict[str, Any] = dataclasses.field(default_factory=dict)
-    max_message_bytes: int = _INT32_MAX
+    max_message_bytes: int = DEFAULT_MAX_REQUEST_BYTES
+    max_batch_size_per_request: int = DEFAULT_MAX_BATCH_SIZE_PER_REQUEST
+    rest_api_timeout_in_ms: int = 30_000
+    rest_header_timeout_seconds: float = 30.0
+    rest_body_timeout_seconds: float = 60.0
+    model_config_file: str = ""
+    model_config_file_poll_wait_seconds: float = 0.0
+    prometheus_path: str | None = None
     batching: BatchingOptions | None = None
     loader: LoaderOptions = dataclasses.field(default_factory=LoaderOptions)
     shutdown_grace_seconds: float = 30.0
@@ -71,6 +87,29 @@ class ModelServer:
         self.grpc_port = 0
         self.rest_port = 0
         self._stopped = threading.Event()
+        self._config_thread: threading.Thread | None = None
+
+    def _poll_model_config(self) -> None:
+        """Re-reads --model_config_file every --model_config_file_poll_wait_seconds."""
+        interval = self.config.model_config_file_poll_wait_seconds
+        last = None
+        while not self._stopped.wait(interval):
+            try:
+                text = _read_text(self.config.model_config_file)
+                if text == last:
+                    continue
+                models = parse_model_config_text(text)
+                if not models:
+                    raise ValueError("the model config lists no models")
+            except (OSError, ValueError) as exc:
+                log_event(logger, logging.ERROR, "model_config_reload_failure", error=str(exc))
+                continue
+            if last is not None:
+                self.manager.update_configs(models)
+                self.manager.poll_once()
+                log_event(logger, logging.INFO, "model_config_reloaded",
+                          models=[m.name for m in models])  # fmt: skip
+            last = text
 
     def start(self) -> None:
         """Loads the initial versions, then serves (TF Serving waits for its models too)."""
@@ -80,7 +119,14 @@ class ModelServer:
         self.manager.poll_once()
         if self.config.file_system_poll_wait_seconds > 0:
             self.manager.start_polling(self.config.file_system_poll_wait_seconds)
-        predictor = Predictor(self.manager, self.batcher)
+        predictor = Predictor(
+            self.manager, self.batcher, max_batch_size=self.config.max_batch_size_per_request
+        )
+        if self.config.model_config_file and self.config.model_config_file_poll_wait_seconds > 0:
+            self._config_thread = threading.Thread(
+                target=self._poll_model_config, name="model-config-poller", daemon=True
+            )
+            self._config_thread.start()
 
         options = [
             ("grpc.max_receive_message_length", self.config.max_message_bytes),
@@ -108,6 +154,11 @@ class ModelServer:
                 self.config.bind_address,
                 self.config.rest_api_port,
                 self.config.rest_api_num_threads,
+                request_timeout_s=self.config.rest_api_timeout_in_ms / 1000,
+                header_timeout_s=self.config.rest_header_timeout_seconds,
+                body_timeout_s=self.config.rest_body_timeout_seconds,
+                metrics=predictor.metrics,
+                metrics_path=self.config.prometheus_path,
             )
             self._rest.start()
             self.rest_port = self._rest.port
@@ -209,6 +260,8 @@ class _PredictionServicer:
         from serving.predictor import check_input, check_input_names
 
         spec = request.model_spec
+        start = time.monotonic()
+        code = Code.OK
         try:
             version, label = _spec_version(spec)
             servable, sig = self.predictor.resolve(spec.name, version, label, spec.signature_name)
@@ -235,7 +288,12 @@ class _PredictionServicer:
                 response.outputs[name].CopyFrom(tf.make_tensor_proto(value))
             return response
         except Exception as exc:
+            code = from_exception(exc).code
             _abort(context, "Predict", exc, spec.name)
+        finally:
+            self.predictor.metrics.observe(
+                "GRPC", spec.name, spec.signature_name[:100], code.name, time.monotonic() - start
+            )
 
     def GetModelMetadata(self, request: Any, context: grpc.ServicerContext) -> Any:  # noqa: N802
         from tensorflow_serving.apis import get_model_metadata_pb2
@@ -317,19 +375,47 @@ def build_arg_parser() -> argparse.ArgumentParser:
     p.add_argument("--model_name", default="default")
     p.add_argument("--model_base_path", default="")
     p.add_argument("--model_config_file", default="")
+    p.add_argument(
+        "--model_config_file_poll_wait_seconds",
+        type=float,
+        default=0.0,
+        help="re-read --model_config_file this often (0: read once, as TF Serving)",
+    )
     p.add_argument("--file_system_poll_wait_seconds", type=float, default=1.0)
     p.add_argument("--max_num_load_retries", type=int, default=5)
     p.add_argument("--load_retry_interval_micros", type=int, default=60_000_000)
     p.add_argument("--saved_model_tags", default="serve")
-    p.add_argument("--enable_batching", action="store_true")
+    p.add_argument(
+        "--enable_batching", type=_parse_bool, nargs="?", const=True, default=False,
+        metavar="true|false",
+    )  # fmt: skip
     p.add_argument("--batching_parameters_file", default="")
+    p.add_argument(
+        "--monitoring_config_file",
+        default="",
+        help="MonitoringConfig text proto; prometheus_config { enable: true } serves "
+        "/monitoring/prometheus/metrics on the REST port",
+    )
     p.add_argument("--rest_api_num_threads", type=int, default=4 * cpus)
+    p.add_argument("--rest_api_timeout_in_ms", type=int, default=30_000)
     p.add_argument("--grpc_max_threads", type=int, default=4 * cpus)
     p.add_argument(
         "--grpc_channel_arguments",
         default="",
         help="comma-separated key=value gRPC server args, e.g. "
         "grpc.max_receive_message_length=1048576 (also caps REST bodies)",
+    )
+    p.add_argument(
+        "--max_request_bytes",
+        type=int,
+        default=DEFAULT_MAX_REQUEST_BYTES,
+        help="largest gRPC message / REST body (not a TF Serving flag; TF Serving allows 2 GiB)",
+    )
+    p.add_argument(
+        "--max_batch_size_per_request",
+        type=int,
+        default=DEFAULT_MAX_BATCH_SIZE_PER_REQUEST,
+        help="most rows (dim 0) one request may carry; 0: unbounded (not a TF Serving flag)",
     )
     p.add_argument("--tensorflow_intra_op_parallelism", type=int, default=0)
     p.add_argument("--tensorflow_inter_op_parallelism", type=int, default=0)
@@ -363,10 +449,23 @@ def config_from_args(argv: Sequence[str] | None = None) -> ServerConfig:
         parser.error("--shutdown_grace_seconds must be >= 0")
     if args.model_config_file and args.model_base_path:
         parser.error("use either --model_config_file or --model_name/--model_base_path, not both")
+    if args.model_config_file_poll_wait_seconds < 0:
+        parser.error("--model_config_file_poll_wait_seconds must be >= 0")
+    if args.rest_api_timeout_in_ms < 1:
+        parser.error("--rest_api_timeout_in_ms must be >= 1")
+    if args.max_request_bytes < 1 or args.max_batch_size_per_request < 0:
+        parser.error("--max_request_bytes must be >= 1 and --max_batch_size_per_request >= 0")
+    prometheus_path = None
+    if args.monitoring_config_file:
+        from serving.metrics import parse_monitoring_config
+
+        try:
+            prometheus_path = parse_monitoring_config(_read_text(args.monitoring_config_file))
+        except (OSError, ValueError) as exc:
+            parser.error(f"--monitoring_config_file: {exc}")
     if args.model_config_file:
         try:
-            with open(args.model_config_file) as f:
-                models = parse_model_config_text(f.read())
+            models = parse_model_config_text(_read_text(args.model_config_file))
         except (OSError, ValueError) as exc:
             parser.error(f"--model_config_file: {exc}")
         if not models:
@@ -377,7 +476,9 @@ def config_from_args(argv: Sequence[str] | None = None) -> ServerConfig:
         models = [
             ModelConfig(
                 name=args.model_name,
-                base_path=os.path.abspath(args.model_base_path),
+                base_path=args.model_base_path
+                if "://" in args.model_base_path
+                else os.path.abspath(args.model_base_path),
                 policy=VersionPolicy(),
             )
         ]
@@ -390,16 +491,15 @@ def config_from_args(argv: Sequence[str] | None = None) -> ServerConfig:
         batching = BatchingOptions()
         if args.batching_parameters_file:
             try:
-                with open(args.batching_parameters_file) as f:
-                    batching = parse_batching_parameters(f.read())
+                batching = parse_batching_parameters(_read_text(args.batching_parameters_file))
             except (OSError, ValueError) as exc:
                 parser.error(f"--batching_parameters_file: {exc}")
     try:
         channel_args = _parse_channel_arguments(args.grpc_channel_arguments)
     except ValueError as exc:
         parser.error(f"--grpc_channel_arguments: {exc}")
-    max_bytes = int(channel_args.get("grpc.max_receive_message_length", _INT32_MAX))
-    if max_bytes < 0:
+    max_bytes = int(channel_args.get("grpc.max_receive_message_length", args.max_request_bytes))
+    if max_bytes < 0:  # gRPC's "unlimited"
         max_bytes = _INT32_MAX
     tags = tuple(t.strip() for t in args.saved_model_tags.split(",") if t.strip())
     return ServerConfig(
@@ -412,16 +512,43 @@ def config_from_args(argv: Sequence[str] | None = None) -> ServerConfig:
         rest_api_num_threads=args.rest_api_num_threads,
         grpc_channel_arguments=channel_args,
         max_message_bytes=max_bytes,
+        max_batch_size_per_request=args.max_batch_size_per_request,
+        rest_api_timeout_in_ms=args.rest_api_timeout_in_ms,
+        model_config_file=args.model_config_file,
+        model_config_file_poll_wait_seconds=args.model_config_file_poll_wait_seconds,
+        prometheus_path=prometheus_path,
         batching=batching,
         loader=LoaderOptions(
             saved_model_tags=tags or ("serve",),
             max_num_load_retries=args.max_num_load_retries,
             load_retry_interval_micros=args.load_retry_interval_micros,
+            intra_op_parallelism=args.tensorflow_intra_op_parallelism,
+            inter_op_parallelism=args.tensorflow_inter_op_parallelism,
         ),
         shutdown_grace_seconds=args.shutdown_grace_seconds,
         intra_op_parallelism=args.tensorflow_intra_op_parallelism,
         inter_op_parallelism=args.tensorflow_inter_op_parallelism,
     )
+
+
+def _parse_bool(text: str) -> bool:
+    """TF Serving's (absl) spelling of booleans: true/false, 1/0, yes/no."""
+    value = text.strip().lower()
+    if value in ("true", "1", "yes", "t", "y"):
+        return True
+    if value in ("false", "0", "no", "f", "n"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
+
+
+def _read_text(path: str) -> str:
+    import tensorflow as tf
+
+    try:
+        with tf.io.gfile.GFile(path) as f:
+            return f.read()
+    except tf.errors.OpError as exc:
+        raise OSError(exc.message) from exc
 
 
 def _parse_channel_arguments(text: str) -> dict[str, Any]:

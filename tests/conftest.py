@@ -21,10 +21,9 @@ def tiny_data_dir(tmp_path_factory: pytest.TempPathFactory) -> str:
     return path
 
 
-# The history encoder explicitly: p2 would leave it out, and the export must carry it.
+# The defaults (p2: the whole-history set encoder, typed titles, full-catalog softmax).
 TINY_TRAIN_FLAGS = (
     "--preset", "tiny", "--epochs", "2", "--no-progress", "--batch-size", "128",
-    "--history", "attention",
 )  # fmt: skip
 
 

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 from tests.conftest import REPO
-from trainer.data import features, records, splits
+from trainer.data import features, records, schema, splits
 from trainer.data.movielens import DataError, load_source
 from trainer.data.prepare import PrepareConfig, prepare, synthetic_raw
 
@@ -172,7 +172,7 @@ def test_split_sizes_and_disjointness(tiny_data_dir):
     manifest = records.read_manifest(tiny_data_dir)
     total = manifest["counts"]["ratings"]
     keys = {}
-    for split in ("p1", "p2", "p3"):
+    for split in ("p1", "p2", "p3", "p4"):
         seen = set()
         for part in manifest["splits"][split]["parts"]:
             events = records.load_events(tiny_data_dir, split, part)
@@ -195,12 +195,19 @@ def test_split_sizes_and_disjointness(tiny_data_dir):
 
 def test_no_query_mentions_its_event_or_the_future(tiny_data_dir):
     manifest = records.read_manifest(tiny_data_dir)
+    threshold, count = manifest["liked_threshold"], manifest["query_titles"]
     for split in ("p1", "p2", "p3"):
         train = records.load_events(tiny_data_dir, split, "train")
         when = {
             (u, i): t
             for u, i, t in zip(train["user_id"], train["item_id"], train["timestamp"], strict=True)
         }
+        liked_by_user = defaultdict(list)  # (timestamp, item) of each well-rated train rating
+        for u, i, t, r in zip(
+            train["user_id"], train["item_id"], train["timestamp"], train["rating"], strict=True
+        ):
+            if r >= threshold:
+                liked_by_user[u].append((int(t), i))
         titles = dict(zip(train["item_id"], train["item_title"], strict=True))
         for part in manifest["splits"][split]["parts"]:
             events = records.load_events(tiny_data_dir, split, part)
@@ -210,8 +217,10 @@ def test_no_query_mentions_its_event_or_the_future(tiny_data_dir):
                 assert item not in history
                 # Every history item is a training rating of this user made strictly earlier.
                 assert all(when[(user, h)] < ts for h in history)
+                # The text lists the user's latest liked titles, all strictly earlier.
+                earlier = sorted(p for p in liked_by_user[user] if p[0] < ts)[::-1][:count]
+                shown = [titles[i] for _, i in earlier]
                 liked = events["query_text"][n].split("Liked: ", 1)[1].rstrip(".")
-                shown = [titles[h] for h in history[: manifest["query_titles"]]]
                 assert liked == ("; ".join(shown) if shown else "nothing yet")
                 assert events["item_title"][n] not in shown
 
@@ -244,6 +253,54 @@ def test_splits_are_fixed_by_the_seed(tmp_path):
     assert a["files_sha256"] != c["files_sha256"]
 
 
+def test_p4_new_users_never_in_training(tiny_data_dir):
+    manifest = records.read_manifest(tiny_data_dir)
+    held = manifest["splits"]["p4"]["heldout_users"]
+    valid, test = set(held["valid"]), set(held["test"])
+    assert valid and test and not valid & test
+    assert len(valid | test) == round(0.1 * manifest["counts"]["users"])
+    events = {p: records.load_events(tiny_data_dir, "p4", p) for p in schema.PARTS["p4"]}
+    train = events["train"]
+    assert not (valid | test) & set(train["user_id"])
+    assert not (valid | test) & {h for row in train["history"] for h in row}
+    # Each new user: fold-in history and targets in their own part only.
+    foldin = defaultdict(set)
+    for user, item in zip(events["foldin"]["user_id"], events["foldin"]["item_id"], strict=True):
+        foldin[user].add(item)
+    assert set(foldin) == valid | test
+    for part, members in (("valid", valid), ("test", test)):
+        assert set(events[part]["user_id"]) == members
+        for user, item in zip(events[part]["user_id"], events[part]["item_id"], strict=True):
+            assert item not in foldin[user]
+    users = records.load_users(tiny_data_dir, "p4")
+    num_train = dict(zip(users["user_id"], users["num_train"], strict=True))
+    assert all(num_train[u] == 0 for u in valid | test)
+    assert all(num_train[u] > 0 for u in set(num_train) - valid - test)
+
+
+def test_split_p4_seeded_shares_and_small_users():
+    users = [str(u) for u in range(50) for _ in range(10)] + ["tiny"]  # "tiny": one rating
+    parts = splits.split_p4(users, seed=5)
+    again = splits.split_p4(users, seed=5)
+    assert list(parts) == list(again)
+    assert list(parts) != list(splits.split_p4(users, seed=6))
+    held = splits.heldout_users(users, parts)
+    assert len(held["valid"]) == 2 and len(held["test"]) == 3  # round(0.1 * 51), valid first
+    assert "tiny" not in held["valid"] + held["test"]
+    for user in held["valid"] + held["test"]:
+        mine = [p for u, p in zip(users, parts, strict=True) if u == user]
+        assert mine.count("foldin") == 8 and len(mine) - mine.count("foldin") == 2
+    others = {u for u in users} - set(held["valid"]) - set(held["test"])
+    assert all(p == "train" for u, p in zip(users, parts, strict=True) if u in others)
+    # A two-rating user still gets one fold-in and one target rating.
+    pair = splits.split_p4(["a", "a", "b", "b"], seed=0, heldout_fraction=0.5)
+    assert sorted(pair[pair != "train"]) == ["foldin", "test"]
+    with pytest.raises(ValueError, match="heldout_fraction"):
+        splits.split_p4(users, seed=0, heldout_fraction=1.5)
+    with pytest.raises(ValueError, match="foldin_fraction"):
+        splits.split_p4(users, seed=0, foldin_fraction=0.0)
+
+
 # ----------------------------------------------------------------------------- storage
 
 
@@ -252,7 +309,7 @@ def test_tfrecord_round_trip_and_reader(tiny_data_dir):
     ds = records.make_dataset(tiny_data_dir, "p1", "train", batch_size=64, shuffle=True, seed=1)
     rows = set()
     for batch in ds:
-        assert batch["history"].shape[1] == 20
+        assert batch["history"].shape[1] == schema.HISTORY_LENGTH
         rows |= {
             (u.decode(), i.decode(), float(r))
             for u, i, r in zip(

@@ -644,3 +644,17 @@ def test_push_script_copies_next_version(
     assert (pushed / "variables" / "variables.index").read_bytes() == b"idx"
     assert sorted(p.name for p in (serving / "movielens").iterdir()) == ["4", "5"]
     assert "pushed" in capsys.readouterr().out
+
+
+def test_local_server_takes_the_entrypoint_flags(fake_server_entrypoint: Path) -> None:
+    """The images' flags, spelled for tensorflow_model_server, work unchanged with the local
+    server, and the batching they turn on uses batching.config."""
+    from serving.server import config_from_args
+
+    args = [a for a in _run_entrypoint(fake_server_entrypoint) if a != "--extra=1"]
+    config = config_from_args(args)
+    assert config.model_config_file_poll_wait_seconds == 60
+    assert config.batching is not None and config.batching.max_batch_size == 64
+    assert [m.name for m in config.models] == ["movielens"]
+    off = [a for a in _run_entrypoint(fake_server_entrypoint, ENABLE_BATCHING="false")]
+    assert config_from_args([a for a in off if a != "--extra=1"]).batching is None

@@ -32,14 +32,22 @@ def _queries(data_dir: str, n: int = 3) -> dict[str, tf.Tensor]:
 
 
 def _retrieve(signature, queries, k=5, exclude=None, diversity=0.0):
+    """``k`` and ``diversity``: one value for every query, or a list of per-query values."""
     batch = int(queries["query_text"].shape[0])
     exclude = tf.constant(exclude if exclude is not None else [[""]] * batch)
     return signature(
         **queries,
-        k=tf.constant(k),
+        k=tf.constant(np.broadcast_to(np.asarray(k, np.int32), [batch])),
         exclude_item_ids=exclude,
-        diversity=tf.constant(diversity, tf.float32),
+        diversity=tf.constant(np.broadcast_to(np.asarray(diversity, np.float32), [batch])),
     )
+
+
+@pytest.fixture(scope="module")
+def brute_force_export(tiny_model_dir, tmp_path_factory):
+    """A brute-force export of the tiny model: ``<base>/movielens/1``."""
+    base = str(tmp_path_factory.mktemp("brute_force"))
+    return export(tiny_model_dir, base, "movielens", IndexConfig(kind="brute_force", max_k=10))
 
 
 @pytest.fixture(scope="module")
@@ -86,8 +94,8 @@ import tensorflow_text
 from scann.scann_ops.py import scann_ops
 sig = tf.saved_model.load({tiny_export!r}).signatures["serving_default"]
 q = json.load(open({str(tmp_path / "q.json")!r}))
-out = sig(**{{k: tf.constant(v) for k, v in q.items()}}, k=tf.constant(5),
-          exclude_item_ids=tf.constant([[""]] * 3), diversity=tf.constant(0.0))
+out = sig(**{{k: tf.constant(v) for k, v in q.items()}}, k=tf.constant([5] * 3),
+          exclude_item_ids=tf.constant([[""]] * 3), diversity=tf.constant([0.0] * 3))
 print(json.dumps({{"ids": out["item_ids"].numpy().astype(str).tolist(),
                    "scores": out["scores"].numpy().tolist()}}))
 """
@@ -180,9 +188,9 @@ def test_bad_batches_and_ids(loaded, tiny_data_dir):
     assert out["item_ids"].shape == (3, 3)
 
 
-def test_brute_force_export_and_no_overwrite(tiny_model_dir, tiny_export, tmp_path):
-    base = str(tmp_path)
-    path = export(tiny_model_dir, base, "movielens", IndexConfig(kind="brute_force", max_k=10))
+def test_brute_force_export_and_no_overwrite(tiny_model_dir, brute_force_export):
+    path = brute_force_export
+    base = os.path.dirname(os.path.dirname(path))
     assert path.endswith(os.path.join("movielens", "1"))
     assert tf.saved_model.load(path).signatures["serving_default"] is not None
     with pytest.raises(ExportError, match="already exists"):
@@ -253,3 +261,77 @@ def test_cli_errors(tmp_path):
     )
     assert done.returncode == 2 and "is not a trained model dir" in done.stderr
     assert "Traceback" not in done.stderr
+
+
+def _session_cases(path, tiny_data_dir):
+    """Every signature's warm-up request plus retrieve with mixed per-query k and diversity."""
+    from tensorflow_serving.apis import prediction_log_pb2
+
+    cases = []
+    for raw in tf.data.TFRecordDataset(os.path.join(path, "assets.extra", WARMUP_FILE)):
+        request = prediction_log_pb2.PredictionLog.FromString(raw.numpy()).predict_log.request
+        inputs = {k: tf.make_ndarray(v) for k, v in request.inputs.items()}
+        cases.append((request.model_spec.signature_name, inputs))
+    queries = {k: v.numpy() for k, v in _queries(tiny_data_dir).items()}
+    mixed = {
+        **queries,
+        "k": np.array([1, 7, 4], np.int32),
+        "exclude_item_ids": np.array([["1", "2"], ["", ""], ["3", "no-such-item"]], object),
+        "diversity": np.array([0.0, 0.8, 0.3], np.float32),
+    }
+    cases.append(("serving_default", mixed))
+    return cases
+
+
+@pytest.mark.parametrize("variant", ["scann", "brute_force"])
+def test_every_signature_runs_through_the_session_loader(
+    variant, tiny_export, brute_force_export, tiny_data_dir
+):
+    """TF Serving's path (MetaGraph restore + Session.run on signature tensor names) gives what
+    tf.saved_model.load gives, for every signature of both index variants."""
+    from serving.session_runner import SessionModel
+
+    path = tiny_export if variant == "scann" else brute_force_export
+    reference = tf.saved_model.load(path).signatures
+    cases = _session_cases(path, tiny_data_dir)
+    assert {name for name, _ in cases} == set(reference)
+    with SessionModel(path) as model:
+        # The MetaGraph also holds the loader's own `__saved_model_init_op` (tables, index).
+        assert {n for n in model.signature_defs if not n.startswith("__")} == set(reference)
+        for name, inputs in cases:
+            got = model.run(name, inputs)
+            want = reference[name](**{k: tf.constant(v) for k, v in inputs.items()})
+            assert set(got) == set(want)
+            for key, value in want.items():
+                value = value.numpy()
+                assert got[key].shape == value.shape, (name, key)
+                if value.dtype == object:
+                    assert got[key].tolist() == value.tolist(), (name, key)
+                else:
+                    np.testing.assert_allclose(got[key], value, atol=1e-5, err_msg=f"{name}/{key}")
+        # Per-query k: each row holds its own k items, then padding, up to the batch's largest k.
+        ids = model.run("serving_default", cases[-1][1])["item_ids"].astype(str)
+        assert ids.shape == (3, 7)
+        assert [int((row != "").sum()) for row in ids] == [1, 7, 4]
+        assert not {"1", "2"} & set(ids[0]) and "3" not in ids[2]
+        # The checks hold on this path too, with their own messages.
+        rank_inputs = next(inputs for name, inputs in cases if name == "rank")
+        bad_rank = dict(rank_inputs)
+        bad_rank["candidate_item_ids"] = np.array(
+            [["1", "zzz"]] * len(rank_inputs["query_text"]), object
+        )
+        with pytest.raises(tf.errors.InvalidArgumentError, match="not in the catalog"):
+            model.run("rank", bad_rank)
+        short_k = dict(cases[-1][1], k=np.array([3, 3], np.int32))
+        with pytest.raises(tf.errors.InvalidArgumentError, match="input k must have the same"):
+            model.run("serving_default", short_k)
+
+
+def test_every_input_has_a_batch_dimension(tiny_export):
+    from serving.session_runner import SessionModel
+
+    with SessionModel(tiny_export) as model:
+        for name, sig in model.signature_defs.items():
+            for alias, info in sig.inputs.items():
+                dims = info.tensor_shape.dim
+                assert len(dims) >= 1 and dims[0].size == -1, (name, alias)

@@ -34,12 +34,17 @@ def resolved(preset: str = "tiny", **model) -> TrainConfig:
 def assets(tiny_data_dir: str) -> M.ModelAssets:
     catalog = records.load_catalog(tiny_data_dir, "p2")
     users = records.load_users(tiny_data_dir, "p2")
-    return M.ModelAssets.from_tables(catalog, users, history_length=20)
+    return M.ModelAssets.from_tables(catalog, users, history_length=users["history"].shape[1])
 
 
 @pytest.fixture(scope="module")
 def batch(tiny_data_dir: str) -> dict:
-    return next(iter(records.make_dataset(tiny_data_dir, "p2", "train", 48)))
+    """A p2 training batch with its whole-history queries, as the loop builds them."""
+    from trainer.loop import whole_history_queries
+
+    events = next(iter(records.make_dataset(tiny_data_dir, "p2", "train", 48)))
+    attach = whole_history_queries(records.load_users(tiny_data_dir, "p2"), 0.0, seed=0)
+    return attach(tf.constant(0, tf.int64), events)
 
 
 @pytest.fixture(scope="module")

@@ -52,6 +52,8 @@ ITEM_IDS = [f"item_{i}" for i in range(N_ITEMS)]
 TITLES = [f"Title {i}" for i in range(N_ITEMS)]
 QUERY_NAMES = ("user_id", "user_age", "user_gender", "user_occupation", "query_text")
 MAX_MESSAGE_BYTES = 1 << 20
+MAX_ROWS = 64
+REST_THREADS = 2
 STARTUP_TIMEOUT_S = 120
 
 _QUERY_SPECS = [tf.TensorSpec([None], tf.string, name=n) for n in QUERY_NAMES]
@@ -82,9 +84,9 @@ class TinyRecommender(tf.Module):
         input_signature=[
             *_QUERY_SPECS,
             _HISTORY_SPEC,
-            tf.TensorSpec([], tf.int32, name="k"),
+            tf.TensorSpec([None], tf.int32, name="k"),
             tf.TensorSpec([None, None], tf.string, name="exclude_item_ids"),
-            tf.TensorSpec([], tf.float32, name="diversity"),
+            tf.TensorSpec([None], tf.float32, name="diversity"),
         ]
     )
     def retrieve(
@@ -105,13 +107,15 @@ class TinyRecommender(tf.Module):
         excluded = tf.reduce_any(
             tf.equal(exclude_item_ids[:, :, None], self.ids[None, None, :]), axis=1
         )
-        penalty = diversity * 0.01 * tf.range(N_ITEMS, dtype=tf.float32)[None, :]
+        penalty = diversity[:, None] * 0.01 * tf.range(N_ITEMS, dtype=tf.float32)[None, :]
         scores = tf.where(excluded, -1e9, scores + self.offset) - penalty
-        top = tf.math.top_k(scores, k)
+        # Per-query k as in the export: [B, max(k)], rows padded past their own k.
+        top = tf.math.top_k(scores, tf.reduce_max(k))
+        keep = tf.range(tf.reduce_max(k))[None, :] < k[:, None]
         return {
-            "item_ids": tf.gather(self.ids, top.indices),
-            "scores": top.values,
-            "titles": tf.gather(self.titles, top.indices),
+            "item_ids": tf.where(keep, tf.gather(self.ids, top.indices), ""),
+            "scores": tf.where(keep, top.values, -np.inf),
+            "titles": tf.where(keep, tf.gather(self.titles, top.indices), ""),
         }
 
     @tf.function(
@@ -143,12 +147,18 @@ MODELS = {v: TinyRecommender(v) for v in (1, 2, 3)}
 
 
 def export_version(base: Path, version: int) -> None:
-    """Writes to a temp name and renames into place, as exporters should."""
+    """Writes to a temp name and renames into place, as exporters should, with the exporter's
+    warm-up file (one request per signature)."""
+    from trainer.export import WARMUP_FILE, write_warmup
+
     model = MODELS[version]
     tmp = base / f".tmp-{version}"
     tf.saved_model.save(
         model, str(tmp), signatures={"serving_default": model.retrieve, "rank": model.rank}
     )
+    (tmp / "assets.extra").mkdir()
+    requests = {"serving_default": make_query(2), "rank": rank_query(2)}
+    write_warmup(str(tmp / "assets.extra" / WARMUP_FILE), requests, "recs")
     os.rename(tmp, base / str(version))
 
 
@@ -164,9 +174,9 @@ def make_query(batch: int, seed: int = 0, k: int = 5, history: int = 2) -> dict[
             batch, history
         ),
     }
-    q["k"] = np.array(k, dtype=np.int32)
-    q["exclude_item_ids"] = np.array([[b"item_3", b""]] * batch, dtype=object)
-    q["diversity"] = np.array(0.5, dtype=np.float32)
+    q["k"] = np.full([batch], k, dtype=np.int32)
+    q["exclude_item_ids"] = np.array([[b"item_3", b""]] * batch, dtype=object).reshape(batch, 2)
+    q["diversity"] = np.full([batch], 0.5, dtype=np.float32)
     return q
 
 
@@ -296,10 +306,19 @@ model_config_list {{
 }}
 """
     )
+    monitoring = base_path.parent / "monitoring.config"
+    monitoring.write_text("prometheus_config { enable: true }\n")
     proc = ServerProcess(
         [
             "--model_config_file",
             str(config),
+            "--monitoring_config_file",
+            str(monitoring),
+            "--enable_batching=false",
+            "--rest_api_num_threads",
+            str(REST_THREADS),
+            "--max_batch_size_per_request",
+            str(MAX_ROWS),
             "--file_system_poll_wait_seconds",
             "0.2",
             "--max_num_load_retries",
@@ -325,6 +344,11 @@ def stub(server: ServerProcess) -> Iterator[Any]:
 def model_stub(server: ServerProcess) -> Iterator[Any]:
     with grpc.insecure_channel(server.target) as channel:
         yield model_service_pb2_grpc.ModelServiceStub(channel)
+
+
+def http_text(url: str) -> str:
+    with urllib.request.urlopen(url, timeout=30) as resp:
+        return resp.read().decode()
 
 
 def http(method: str, url: str, body: Any = None, raw: bytes | None = None) -> tuple[int, Any]:
@@ -412,12 +436,8 @@ def test_rest_columnar_and_row_formats(server: ServerProcess) -> None:
     assert body["outputs"]["titles"] == want["titles"].astype(str).tolist()
     np.testing.assert_allclose(body["outputs"]["scores"], want["scores"], rtol=1e-6)
 
-    # Row format: one object per instance; the scalar k/diversity repeat in every row.
-    rows = [
-        {name: value[i] for name, value in to_json(inputs).items() if np.ndim(inputs[name])}
-        | {"k": 5, "diversity": 0.5}
-        for i in range(2)
-    ]
+    # Row format: one object per instance, k and diversity included (per query).
+    rows = [{name: value[i] for name, value in to_json(inputs).items()} for i in range(2)]
     code, body = http(
         "POST", f"{server.rest}/v1/models/recs_pinned/versions/1:predict", {"instances": rows}
     )
@@ -486,7 +506,7 @@ def _bad_cases() -> list[tuple[str, Any, grpc.StatusCode]]:
     cases.append(("wrong input name", to_request(renamed), grpc.StatusCode.INVALID_ARGUMENT))
     missing = {k: v for k, v in good.items() if k != "history"}
     cases.append(("missing input", to_request(missing), grpc.StatusCode.INVALID_ARGUMENT))
-    wrong_dtype = dict(good, k=np.array(5, dtype=np.int64))
+    wrong_dtype = dict(good, k=np.array([5, 5], dtype=np.int64))
     cases.append(("wrong dtype", to_request(wrong_dtype), grpc.StatusCode.INVALID_ARGUMENT))
     wrong_shape = dict(good, history=np.array([b"item_1", b"item_2"], dtype=object))
     cases.append(("wrong rank", to_request(wrong_shape), grpc.StatusCode.INVALID_ARGUMENT))
@@ -494,7 +514,7 @@ def _bad_cases() -> list[tuple[str, Any, grpc.StatusCode]]:
     empty["history"] = np.zeros((0, 2), dtype=object)
     empty["exclude_item_ids"] = np.zeros((0, 2), dtype=object)
     cases.append(("empty batch", to_request(empty), grpc.StatusCode.INVALID_ARGUMENT))
-    too_big = dict(good, k=np.array(50, dtype=np.int32))  # top_k's own error
+    too_big = dict(good, k=np.array([50, 50], dtype=np.int32))  # top_k's own error
     cases.append(("error inside graph", to_request(too_big), grpc.StatusCode.INVALID_ARGUMENT))
     huge = dict(good, query_text=np.array([b"x" * (MAX_MESSAGE_BYTES + 10)] * 2, dtype=object))
     cases.append(("oversize", to_request(huge), grpc.StatusCode.RESOURCE_EXHAUSTED))
@@ -549,8 +569,81 @@ def test_rest_bad_requests(server: ServerProcess) -> None:
         assert isinstance(answer.get("error"), str) and answer["error"]
     code, answer = http("POST", f"{url}/recs:predict", raw=b"{not json")
     assert code == 400 and "JSON" in answer["error"]
-    code, answer = http("POST", f"{url}/recs:predict", raw=b" " * (MAX_MESSAGE_BYTES + 1))
-    assert code == 429
+    for size in (MAX_MESSAGE_BYTES + 1, 3 * MAX_MESSAGE_BYTES):  # drained, answered in JSON
+        code, answer = http("POST", f"{url}/recs:predict", raw=b" " * size)
+        assert code == 429 and "larger than max" in answer["error"]
+
+
+def test_rest_refuses_deep_json_and_non_integral_ints(server: ServerProcess) -> None:
+    url = f"{server.rest}/v1/models/recs:predict"
+    good = to_json(make_query(1))
+    deep = b'{"inputs": ' + b"[" * 100_000 + b"]" * 100_000 + b"}"
+    code, answer = http("POST", url, raw=deep)
+    assert code == 400 and "nested deeper" in answer["error"]
+    code, answer = http("POST", url, {"inputs": dict(good, k=[10.7])})
+    assert code == 400 and "not an integer" in answer["error"] and "10.7" in answer["error"]
+    code, answer = http("POST", url, {"inputs": dict(good, k=[True])})
+    assert code == 400 and "not an integer" in answer["error"]
+    code, body = http("POST", url, {"inputs": dict(good, k=[4.0])})  # an integer, as TF Serving
+    assert code == 200 and len(body["outputs"]["item_ids"][0]) == 4
+
+
+def test_request_rows_are_bounded(server: ServerProcess, stub: Any) -> None:
+    big = make_query(MAX_ROWS + 1)
+    with pytest.raises(grpc.RpcError) as info:
+        stub.Predict(to_request(big), timeout=30)
+    assert info.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert f"limit of {MAX_ROWS}" in info.value.details()
+    code, answer = http("POST", f"{server.rest}/v1/models/recs:predict", {"inputs": to_json(big)})
+    assert code == 429 and "--max_batch_size_per_request" in answer["error"]
+    assert stub.Predict(to_request(make_query(MAX_ROWS)), timeout=30).outputs
+
+
+def test_half_sent_requests_do_not_starve_rest(server: ServerProcess) -> None:
+    """Many more stalled connections than REST workers; good requests still get answers."""
+    host, port = "127.0.0.1", int(server.rest.rsplit(":", 1)[1])
+    stalled = []
+    try:
+        for i in range(8 * REST_THREADS):
+            sock = socket.create_connection((host, port), timeout=30)
+            if i % 2:  # headers only, the announced body never comes
+                sock.sendall(
+                    b"POST /v1/models/recs:predict HTTP/1.1\r\nHost: x\r\n"
+                    b"Content-Length: 1000\r\n\r\n{"
+                )
+            else:  # half the headers
+                sock.sendall(b"POST /v1/models/recs:predict HTTP/1.1\r\nHost:")
+            stalled.append(sock)
+        inputs = make_query(2, seed=11)
+        for _ in range(3):
+            code, body = http(
+                "POST", f"{server.rest}/v1/models/recs_pinned:predict", {"inputs": to_json(inputs)}
+            )
+            assert code == 200, body
+            want = expected(2, "serving_default", inputs)
+            assert body["outputs"]["item_ids"] == want["item_ids"].astype(str).tolist()
+    finally:
+        for sock in stalled:
+            sock.close()
+
+
+def test_prometheus_metrics(server: ServerProcess, stub: Any) -> None:
+    stub.Predict(to_request(make_query(1), "recs_pinned"), timeout=30)
+    with pytest.raises(grpc.RpcError):
+        stub.Predict(to_request(make_query(1), "recs_pinned", signature_name="nope"), timeout=30)
+    http("POST", f"{server.rest}/v1/models/recs_pinned:predict", {"inputs": to_json(make_query(1))})
+    text = http_text(f"{server.rest}/monitoring/prometheus/metrics")
+    ok = 'model_name="recs_pinned",signature_name="serving_default",status="OK"'
+    assert f':tensorflow:serving:request_count{{entrypoint="GRPC",{ok}}}' in text
+    assert f':tensorflow:serving:request_count{{entrypoint="REST",{ok}}}' in text
+    assert 'signature_name="nope",status="FAILED_PRECONDITION"' in text
+    assert f':tensorflow:serving:request_latency_bucket{{entrypoint="GRPC",{ok},le="+Inf"}}' in text
+    assert "# TYPE :tensorflow:serving:request_latency histogram" in text
+
+
+def test_versions_replay_their_warmup_file(server: ServerProcess) -> None:
+    loads = [e for e in server.events if e.get("event") == "load" and e.get("model") == "recs"]
+    assert loads and all(e["warmup_requests"] == 2 for e in loads)
 
 
 # -- load -----------------------------------------------------------------------------------------
@@ -612,9 +705,9 @@ def test_client_api_and_cli(server: ServerProcess, capsys: pytest.CaptureFixture
             "user_occupation": np.array([b"", b""], dtype=object),
             "query_text": np.array([b"query 2", b"query 2"], dtype=object),
             "history": np.array([[b"item_1"], [b""]], dtype=object),
-            "k": np.int32(4),
+            "k": np.array([4, 4], np.int32),
             "exclude_item_ids": np.array([[b"item_3"], [b""]], dtype=object),
-            "diversity": np.float32(0.5),
+            "diversity": np.array([0.5, 0.5], np.float32),
         }
         want = expected(2, "serving_default", inputs)
         assert result["item_ids"].tolist() == want["item_ids"].astype(str).tolist()
@@ -721,7 +814,7 @@ def batching_server(base_path: Path, server: ServerProcess) -> Iterator[ServerPr
             "recs",
             "--model_base_path",
             str(base_path),
-            "--enable_batching",
+            "--enable_batching=true",
             "--batching_parameters_file",
             str(params),
             "--max_num_load_retries",
@@ -757,6 +850,17 @@ def test_batching_gives_same_answers(batching_server: ServerProcess) -> None:
     for t in threads:
         t.join(120)
     assert not failures, failures[:5]
+
+
+def test_batching_refuses_what_tf_serving_batching_refuses(batching_server: ServerProcess) -> None:
+    inputs = make_query(2, seed=7)
+    inputs["k"] = np.array([5, 5, 5], np.int32)  # fits the signature, not a batch
+    with grpc.insecure_channel(batching_server.target) as channel:
+        stub = prediction_service_pb2_grpc.PredictionServiceStub(channel)
+        with pytest.raises(grpc.RpcError) as info:
+            stub.Predict(to_request(inputs), timeout=60)
+    assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert info.value.details() == "Batching Run() input tensors must have equal 0th-dimension size"
 
 
 def test_sigterm_finishes_in_flight_requests(batching_server: ServerProcess) -> None:
@@ -809,8 +913,8 @@ def test_batcher_merges_and_splits() -> None:
     results: dict[int, np.ndarray] = {}
 
     def submit(i: int) -> None:
-        inputs = {"x": np.full((2,), i), "s": np.array(1)}
-        key, size = batch_key_and_size("m", inputs, frozenset({"x"}))
+        inputs = {"x": np.full((2,), i), "s": np.ones((2,), int)}
+        key, size = batch_key_and_size("m", inputs)
         results[i] = batcher.submit(key, inputs, size, run)["y"]
 
     threads = [threading.Thread(target=submit, args=(i,)) for i in range(4)]
@@ -824,11 +928,18 @@ def test_batcher_merges_and_splits() -> None:
     with pytest.raises(ServingError) as info:
         Batcher(BatchingOptions(max_batch_size=2)).submit("k", {"x": np.zeros(3)}, 3, run)
     assert info.value.code == Code.INVALID_ARGUMENT
-    # Different scalar inputs never share a batch; unbatchable shapes are refused.
-    k1 = batch_key_and_size("m", {"x": np.zeros(2), "s": np.array(1)}, frozenset({"x"}))
-    k2 = batch_key_and_size("m", {"x": np.zeros(2), "s": np.array(2)}, frozenset({"x"}))
-    assert k1 and k2 and k1[0] != k2[0]
-    assert batch_key_and_size("m", {"x": np.zeros(0)}, frozenset({"x"})) is None
+    # Different trailing shapes never share a batch; what TF Serving's batching refuses is
+    # refused with its messages.
+    k1 = batch_key_and_size("m", {"x": np.zeros((2, 3))})
+    k2 = batch_key_and_size("m", {"x": np.zeros((2, 4))})
+    assert k1[1] == k2[1] == 2 and k1[0] != k2[0]
+    for inputs, message in (
+        ({"x": np.zeros(2), "s": np.array(1)}, "must have at least one dimension"),
+        ({"x": np.zeros(2), "s": np.zeros(3)}, "must have equal 0th-dimension size"),
+    ):
+        with pytest.raises(ServingError, match=message) as info:
+            batch_key_and_size("m", inputs)
+        assert info.value.code == Code.INVALID_ARGUMENT
 
 
 def test_config_parsing_and_version_listing(tmp_path: Path) -> None:
@@ -856,6 +967,9 @@ def test_flag_validation() -> None:
         ([], "one of --model_base_path or --model_config_file"),
         (["--model_base_path", "/x", "--grpc_max_threads", "0"], "--grpc_max_threads"),
         (["--model_base_path", "/x", "--batching_parameters_file", "/nope"], "--enable_batching"),
+        (["--model_base_path", "/x", "--enable_batching=maybe"], "expected true or false"),
+        (["--model_base_path", "/x", "--monitoring_config_file", "/nope"], "monitoring_config"),
+        (["--model_base_path", "/x", "--rest_api_timeout_in_ms", "0"], "rest_api_timeout_in_ms"),
     ):
         proc = subprocess.run(
             [sys.executable, "-m", "serving.server", *args],
@@ -867,3 +981,161 @@ def test_flag_validation() -> None:
         )
         assert proc.returncode == 2, proc.stderr
         assert message in proc.stderr
+
+
+def test_corrupt_version_fails_fast_and_newer_versions_load(tmp_path: Path) -> None:
+    """A failing version is END with its error; its retries wait for later polls (no sleep
+    under the poll lock), so a newer version loads in the same poll."""
+    from serving.model_manager import LoaderOptions, ModelConfig, Servable, ServableManager
+
+    for version in (1, 2, 3):
+        (tmp_path / str(version)).mkdir()
+        (tmp_path / str(version) / "saved_model.pb").write_bytes(b"x")
+    attempts: list[int] = []
+
+    def loader(name: str, version: int, path: str, options: Any) -> Servable:
+        attempts.append(version)
+        if version == 2:
+            raise ValueError("garbage saved_model.pb")
+        return Servable(name, version, path, {}, None)
+
+    policy = VersionPolicy(kind="latest", num_versions=2)
+    manager = ServableManager(
+        [ModelConfig("m", str(tmp_path), policy)],
+        loader=loader,
+        options=LoaderOptions(max_num_load_retries=3, load_retry_interval_micros=3_600_000_000),
+    )
+    poll = threading.Thread(target=manager.poll_once)
+    poll.start()
+    poll.join(60)  # an hour-long retry sleep would leave it running
+    assert not poll.is_alive()
+    assert manager.served_versions("m") == [1, 3]
+    states = dict(manager.status("m"))
+    assert states[2].state == "END" and "garbage saved_model.pb" in states[2].error_message
+    assert states[2].error_code == Code.UNKNOWN
+    manager.poll_once()  # the retry is not due yet
+    assert attempts.count(2) == 1
+    # A rewritten folder is tried again at once.
+    (tmp_path / "2" / "saved_model.pb").write_bytes(b"xy")
+    manager.poll_once()
+    assert attempts.count(2) == 2
+
+
+def test_version_listing_through_gfile() -> None:
+    """Base paths go through tf.io.gfile (gs:// etc.); TF's in-memory file system stands in."""
+    base = "ram://models/recs"
+    for name in ("1", "12", ".tmp-3"):
+        tf.io.gfile.makedirs(f"{base}/{name}")
+    with tf.io.gfile.GFile(f"{base}/7", "w") as f:
+        f.write("a file, not a version")
+    assert sorted(list_versions(base)) == [1, 12]
+    with pytest.raises(OSError):
+        list_versions("ram://models/none")
+
+
+def test_model_config_reload_adds_and_removes_models(tmp_path: Path) -> None:
+    """What --model_config_file_poll_wait_seconds applies: a re-read config's models."""
+    from serving.model_manager import ModelConfig, Servable, ServableManager
+
+    for name in ("a", "b"):
+        (tmp_path / name / "1").mkdir(parents=True)
+        (tmp_path / name / "1" / "saved_model.pb").write_bytes(b"x")
+
+    def loader(name: str, version: int, path: str, options: Any) -> Servable:
+        return Servable(name, version, path, {}, None)
+
+    manager = ServableManager([ModelConfig("a", str(tmp_path / "a"))], loader=loader)
+    manager.poll_once()
+    assert manager.model_names == ["a"] and manager.served_versions("a") == [1]
+    manager.update_configs([ModelConfig("b", str(tmp_path / "b"))])
+    manager.poll_once()
+    assert manager.model_names == ["b"] and manager.served_versions("b") == [1]
+    with pytest.raises(ServingError) as info:
+        manager.get("a")
+    assert info.value.code == Code.NOT_FOUND
+
+
+def test_rest_api_timeout_answers_504() -> None:
+    """--rest_api_timeout_in_ms: a request still running at its deadline gets a JSON 504 (the
+    handler here blocks until released, so the deadline always passes first)."""
+    from serving.rest import RestServer
+
+    release = threading.Event()
+
+    class BlockingApi:
+        max_body_bytes = 1 << 20
+
+        def handle(self, method: str, path: str, body: bytes) -> tuple[int, Any]:
+            release.wait(30)
+            return 200, {"ok": True}
+
+    rest = RestServer(BlockingApi(), "127.0.0.1", 0, 1, request_timeout_s=0.2)  # type: ignore[arg-type]
+    rest.start()
+    try:
+        code, answer = http("GET", f"http://127.0.0.1:{rest.port}/v1/models/m")
+        assert code == 504 and "--rest_api_timeout_in_ms" in answer["error"]
+    finally:
+        release.set()
+        rest.stop(5)
+
+
+def test_real_export_through_the_batching_server(tiny_data_dir: str, tmp_path: Path) -> None:
+    """The export code's own SavedModel (brute force, hash towers): every signature's warm-up
+    request answers over gRPC as the session loader answers it, and requests with different
+    per-query k, batched together when they arrive together, each get their own top-k."""
+    from serving.session_runner import SessionModel
+    from tests.test_batch_score import build_fake_export
+
+    path = build_fake_export(tiny_data_dir, str(tmp_path / "export"), max_k=10)
+    params = tmp_path / "batching.config"
+    params.write_text("max_batch_size { value: 8 }\nbatch_timeout_micros { value: 500000 }\n")
+    proc = ServerProcess(
+        ["--model_name", "movielens", "--model_base_path", os.path.dirname(path),
+         "--enable_batching=true", "--batching_parameters_file", str(params),
+         "--file_system_poll_wait_seconds", "0"]
+    )  # fmt: skip
+    try:
+        load = next(e for e in proc.events if e.get("event") == "load")
+        assert load["warmup_requests"] == 4
+        from tensorflow_serving.apis import prediction_log_pb2
+
+        warmup = os.path.join(path, "assets.extra", "tf_serving_warmup_requests")
+        requests = [
+            prediction_log_pb2.PredictionLog.FromString(raw.numpy()).predict_log.request
+            for raw in tf.data.TFRecordDataset(warmup)
+        ]
+        with SessionModel(path) as model, grpc.insecure_channel(proc.target) as channel:
+            stub = prediction_service_pb2_grpc.PredictionServiceStub(channel)
+            for request in requests:
+                name = request.model_spec.signature_name
+                inputs = {k: tf.make_ndarray(v) for k, v in request.inputs.items()}
+                assert_outputs_match(from_response(stub.Predict(request, timeout=60)),
+                                     model.run(name, inputs))  # fmt: skip
+            retrieve = next(r for r in requests if r.model_spec.signature_name == "serving_default")
+            base = {k: tf.make_ndarray(v) for k, v in retrieve.inputs.items()}
+            answers: dict[int, dict[str, np.ndarray]] = {}
+
+            def ask(k: int) -> None:
+                inputs = dict(base, k=np.full([len(base["k"])], k, np.int32))
+                answers[k] = from_response(
+                    stub.Predict(to_request(inputs, "movielens"), timeout=60)
+                )
+
+            threads = [threading.Thread(target=ask, args=(k,)) for k in (2, 7)]
+            for t in threads:
+                t.start()
+            for t in threads:
+                t.join(60)
+            for k, got in answers.items():
+                want = model.run(
+                    "serving_default", dict(base, k=np.full([len(base["k"])], k, np.int32))
+                )
+                assert got["item_ids"].shape[1] >= k
+                assert_outputs_match(
+                    {n: v[:, :k] for n, v in got.items()}, {n: v[:, :k] for n, v in want.items()}
+                )
+                assert (got["item_ids"][:, k:] == b"").all()  # padding past this request's k
+    finally:
+        assert proc.terminate() == 0
+    stats = next(e for e in proc.events if e.get("event") == "batching_stats")
+    assert stats["batches"] >= 1

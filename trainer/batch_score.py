@@ -206,11 +206,12 @@ class ExportScorer:
         return {name: _decode(value.numpy()) for name, value in outputs.items()}
 
     def retrieve(self, features, k, exclude_item_ids, diversity):
+        batch = len(features["user_id"])
         inputs = {
             **{n: _encode(features[n]) for n in QUERY_FEATURES},
-            "k": np.int32(k),
+            "k": np.full([batch], k, np.int32),  # per query (every input has a batch dim)
             "exclude_item_ids": _encode(exclude_item_ids),
-            "diversity": np.float32(diversity),
+            "diversity": np.full([batch], diversity, np.float32),
         }
         return self._call(self.signature, inputs)
 

@@ -55,13 +55,18 @@ class ModelConfig:
     # the matrix-factorisation term, which an MLP over fused features learns far more slowly.
     id_residual: bool = True
     field_embedding_dim: int = 16
-    # The recent-history encoder: "attention" (attention pooling; as good as "transformer" here
-    # and 3x cheaper on a CPU), "transformer" (one block first) or "none". "auto": attention
-    # where each query is an event with its own past (p1), none on the per-user random splits
-    # (p2, p3), where one query per user has no "recent" to speak of: there the history pulls
-    # the user towards their last-rated movies and measured valid recall@10 halves (0.22 ->
-    # 0.11).
+    # The history encoder over the user's rated items (each its id embedding + text vector):
+    # "set" (attention + mean pooling of an unordered bag: the per-user protocols p2-p4, whose
+    # query is the user's whole history with the training target left out), "attention" (the
+    # same with recency embeddings: p1's event queries, whose past is ordered), "transformer"
+    # (one self-attention block first) or "none". "auto": attention on p1, set elsewhere.
     history: str = AUTO
+    # Share of history items whose id embedding is dropped in training (their text stays), so
+    # items known only by text (titles a new user types) read as history items do.
+    history_id_dropout: float = 0.2
+    # Titles in the query text ("... Liked: <title>; <title>.", or free text) read as a bag of
+    # BERT vectors beside the history: at most this many (0 = the query text's titles unused).
+    liked_titles: int = 10
     history_dim: int = 128
     history_heads: int = 4
     # Heads and tasks.
@@ -76,6 +81,16 @@ class ModelConfig:
     remove_accidental_hits: bool = True
     logq_correction: bool = True
     num_hard_negatives: int = 0  # 0 = every in-batch negative
+    # Negatives of the retrieval softmax: "in_batch" (TFRS, logQ-corrected), "mixed" (in-batch
+    # + --sampled-negatives uniform catalog items, each with its own sampling correction) or
+    # "full" (a softmax over the whole catalog, the user's other history items masked out).
+    negatives: str = "full"
+    sampled_negatives: int = 512
+    # "full": leave the query's history items out of the softmax (they are the user's own
+    # positives; the per-user protocols remove them from rankings) or keep them as negatives
+    # (p1 ranks seen items too, so the model should learn to place them low). auto: out
+    # except on p1.
+    mask_history: bool | None = None
     gather_candidates: bool = True  # all-gather candidates across replicas as negatives
     # Ratings >= this are retrieval positives. 1 = every rating, as the TFRS and RecBole
     # protocols count them (p2 valid recall@10: 0.2255 at 1 against 0.2017 at 4).
@@ -93,6 +108,9 @@ class DataConfig:
     valid_fraction: float = 0.05  # held out of train when the split has no valid part
     shuffle_buffer: int = 100_000
     valid_queries: int = 2_000  # positive valid events scored against the whole catalog
+    # Per-user protocols: each training event's query is the user's whole history without the
+    # target, with this share of the other items dropped afresh every epoch (denoising).
+    history_dropout: float = 0.2
 
 
 @dataclasses.dataclass
@@ -164,13 +182,14 @@ class TrainConfig:
         m, d, o, r = self.model, self.data, self.optim, self.runtime
         _choice("--pooling", m.pooling, ("mean", "cls"))
         _choice("--query-text", m.query_text, (AUTO, "profile", "query_text"))
-        _choice("--history", m.history, (AUTO, "transformer", "attention", "none"))
+        _choice("--history", m.history, (AUTO, "transformer", "attention", "set", "none"))
+        _choice("--negatives", m.negatives, ("in_batch", "mixed", "full"))
         _choice("--ranking-head", m.ranking_head, ("dcn", "mlp"))
         if not (m.use_text or m.use_id_embeddings):
             raise ConfigError("--no-use-text needs --use-id-embeddings: the towers need an input")
         if not m.use_text and m.query_text == "query_text":
             raise ConfigError("--query-text query_text needs --use-text")
-        _choice("--split", d.split, ("p1", "p2", "p3"))
+        _choice("--split", d.split, ("p1", "p2", "p3", "p4"))
         _choice("--decay", o.decay, ("cosine", "linear", "constant"))
         _choice("--mixed-precision", r.mixed_precision, (AUTO, "off", "float16", "bfloat16"))
         _choice("--xla", r.xla, (AUTO, "on", "off"))
@@ -208,6 +227,8 @@ class TrainConfig:
         for flag, value in (
             ("--dropout", m.dropout),
             ("--id-dropout", m.id_dropout),
+            ("--history-id-dropout", m.history_id_dropout),
+            ("--history-dropout", d.history_dropout),
             ("--warmup-fraction", o.warmup_fraction),
         ):
             if not 0.0 <= value < 1.0:
@@ -229,6 +250,7 @@ class TrainConfig:
             ("--retrieval-weight", m.retrieval_weight),
             ("--ranking-weight", m.ranking_weight),
             ("--num-hard-negatives", m.num_hard_negatives),
+            ("--liked-titles", m.liked_titles),
             ("--train-top-layers", m.train_top_layers),
             ("--cross-layers", m.cross_layers),
             ("--rating-l2", m.rating_l2),
@@ -260,6 +282,10 @@ class TrainConfig:
                 "--query-text query_text reads a different text for every event and cannot be "
                 "cached; use --query-text profile or --no-cache-text"
             )
+        if m.negatives == "mixed" and m.sampled_negatives < 1:
+            raise ConfigError("--negatives mixed needs --sampled-negatives of at least 1")
+        if m.num_hard_negatives and m.negatives == "full":
+            raise ConfigError("--num-hard-negatives applies to --negatives in_batch or mixed")
         if m.num_hard_negatives == 1:
             raise ConfigError("--num-hard-negatives 1 keeps only the positive; use 0 or >= 2")
         if num_replicas and o.batch_size % num_replicas:
@@ -284,7 +310,9 @@ class TrainConfig:
         if m.query_text == AUTO:
             m.query_text = "profile" if m.cache_text else "query_text"
         if m.history == AUTO:
-            m.history = "attention" if c.data.split == "p1" else "none"
+            m.history = "attention" if c.data.split == "p1" else "set"
+        if m.mask_history is None:
+            m.mask_history = c.data.split != "p1"
         if r.mixed_precision == AUTO:
             r.mixed_precision = "gpu" if has_gpu else "off"  # the loop picks bf16 or fp16
         if r.xla == AUTO:

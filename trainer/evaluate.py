@@ -1,6 +1,7 @@
-"""Evaluation under the three protocols, with the same harness for the model and the baselines.
+"""Evaluation under the four protocols, with the same harness for the model and the baselines.
 
-``python -m trainer.evaluate --data DIR --split p1|p2|p3 --model-dir DIR --output FILE.json``
+``python -m trainer.evaluate --data DIR --split p1|p2|p3|p4 --model-dir DIR --output FILE.json``
+``python -m trainer.evaluate --data DIR --split p2 --baseline popularity|ease [--ease-l2 X]``
 
 * **p1** (TFRS tutorials): every test rating is a query (built from train ratings made before
   it); factorized top-{10, 50, 100} accuracy of its movie over the whole catalog, seen movies
@@ -11,6 +12,16 @@
   and Precision at 10 and 20, per user, averaged over users with test items.
 * **p3** (cold start): as p2 with held-out movies among the candidates, plus recall@10 counting
   only the held-out movies.
+* **p4** (new users, strong generalisation as in Mult-VAE and EASE): full ranking over the
+  held-out valid or test users only (they have no train ratings). Each query is the user's
+  record in ``users.tfrecord`` (its history holds the fold-in items) with ``user_id`` blanked
+  to ``""``, so the model must work without it; the user's fold-in items are removed from the
+  ranking; the user's ratings in the part are relevant. Same metrics as p2.
+* **Baselines**: ``popularity``, and ``ease`` (closed-form item-item model; its L2 weight
+  chosen on the valid part from ``EASE_L2_GRID`` by per-user recall@10, then NDCG@10, unless
+  ``--ease-l2`` pins it; p1 has no valid part, so a seeded 5% of train is held out for the
+  choice, as the training loop does). On p4 EASE folds in: its ``B`` applied to the user's
+  fold-in row.
 * **Beyond accuracy** (top-10 lists): catalog coverage, Gini index of exposure, intra-list
   diversity, mean popularity percentile; and the MMR trade-off at a few λ.
 """
@@ -29,6 +40,14 @@ from typing import Protocol
 import numpy as np
 
 from trainer import metrics
+from trainer.baselines import (
+    HELDOUT_USER_KEY,
+    EaseScorer,
+    PopularityScorer,
+    binary_matrix,
+    gram,
+    item_rows,
+)
 from trainer.data import records
 from trainer.data.movielens import DataError
 
@@ -36,10 +55,35 @@ K_ACCURACY = (10, 50, 100)
 K_RANKING = (10, 20)
 MMR_LAMBDAS = (0.0, 0.1, 0.3, 0.5)
 MMR_POOL = 100
+#: EASE's L2 weights tried on the valid part (Steck reports 200-1000 on ML-20M-sized data).
+EASE_L2_GRID = (10.0, 30.0, 100.0, 300.0, 1000.0, 3000.0)
+
+__all__ = [  # the baselines are re-exported from trainer.baselines for older imports
+    "EASE_L2_GRID",
+    "EaseScorer",
+    "PopularityScorer",
+    "RankingTask",
+    "Scorer",
+    "evaluate",
+    "evaluate_full_ranking",
+    "evaluate_p1",
+    "index_of",
+    "items_by_user",
+    "main",
+    "make_ease",
+    "ranking_task",
+    "select_ease_l2",
+]
 
 
 class Scorer(Protocol):
-    """What the harness needs from a recommender (the model or a baseline)."""
+    """What the harness needs from a recommender (the model or a baseline).
+
+    Queries carry the query features of :func:`trainer.data.schema.query_feature_spec`; p4
+    queries also carry ``heldout_user_id`` (their ``user_id`` is ``""``), which only
+    baselines keeping their own copy of the fold-in part may read. A scorer may have a
+    ``config`` dict (e.g. EASE's chosen λ): the report includes it.
+    """
 
     name: str
 
@@ -51,26 +95,6 @@ class Scorer(Protocol):
 
     def predict_ratings(self, events: dict[str, np.ndarray]) -> np.ndarray | None:
         """Predicted rating of each event ``[E]``, or ``None`` without a ranking head."""
-
-
-@dataclasses.dataclass
-class PopularityScorer:
-    """Most-popular baseline: every query gets the train popularity ranking."""
-
-    popularity: np.ndarray  # [N]
-    name: str = "popularity"
-
-    def score(self, queries: dict[str, np.ndarray]) -> np.ndarray:
-        batch = len(next(iter(queries.values())))
-        return np.broadcast_to(
-            np.log1p(self.popularity.astype(np.float32)), (batch, len(self.popularity))
-        )
-
-    def item_embeddings(self) -> np.ndarray | None:
-        return None
-
-    def predict_ratings(self, events: dict[str, np.ndarray]) -> np.ndarray | None:
-        return None
 
 
 def _batched_scores(scorer: Scorer, queries: dict[str, np.ndarray], batch: int = 512):
@@ -113,34 +137,89 @@ def evaluate_p1(scorer: Scorer, data_dir: str, catalog: dict[str, np.ndarray]) -
 
 
 def _user_topk(
-    scorer: Scorer, users: dict[str, np.ndarray], exclude: dict[str, list[int]], k: int
+    scorer: Scorer, queries: dict[str, np.ndarray], exclude: list[np.ndarray] | None, k: int
 ) -> np.ndarray:
+    """Top-``k`` catalog rows ``[U, k]`` of each query; ``exclude[u]``: rows never returned."""
     top = []
-    for start, scores in _batched_scores(scorer, users):
-        ids = users["user_id"][start : start + len(scores)]
-        top.append(
-            metrics.top_k_from_scores(
-                scores, k, [np.array(exclude.get(u, []), dtype=np.int64) for u in ids]
-            )
+    for start, scores in _batched_scores(scorer, queries):
+        rows = None if exclude is None else exclude[start : start + len(scores)]
+        top.append(metrics.top_k_from_scores(scores, k, rows))
+    return np.concatenate(top) if top else np.zeros([0, k], np.int64)
+
+
+@dataclasses.dataclass
+class RankingTask:
+    """One full-ranking evaluation: a query per user, what to leave out, what is relevant."""
+
+    queries: dict[str, np.ndarray]  # query features, each [U] (history [U, H])
+    exclude: list[np.ndarray]  # U arrays of catalog rows never recommended ("seen")
+    truth: list[np.ndarray]  # U arrays of relevant catalog rows
+
+
+def _rows(groups: dict[str, list[int]], users: np.ndarray) -> list[np.ndarray]:
+    return [np.array(groups.get(u, []), dtype=np.int64) for u in users]
+
+
+def heldout_users(data_dir: str, split: str, part: str) -> list[str]:
+    """p4's new users whose targets are in ``part`` (``valid`` or ``test``), from the manifest."""
+    entry = records.read_manifest(data_dir)["splits"].get(split, {})
+    if "heldout_users" not in entry:
+        raise DataError(
+            f"{data_dir}: split {split!r} lists no held-out users (prepared before p4 existed? "
+            "run `python -m trainer.data prepare --overwrite` again)"
         )
-    return np.concatenate(top)
+    return list(entry["heldout_users"][part])
 
 
-def evaluate_full_ranking(
-    scorer: Scorer, data_dir: str, split: str, catalog: dict[str, np.ndarray], part: str = "test"
-) -> tuple[dict, np.ndarray]:
-    """RecBole protocol over ``part``; returns the metrics and the users' top-``MMR_POOL`` lists."""
+def ranking_task(
+    data_dir: str, split: str, catalog: dict[str, np.ndarray], part: str = "test"
+) -> RankingTask:
+    """The queries, exclusions and truth of a full-ranking protocol (p2, p3, p4) over ``part``.
+
+    p2/p3: every user's train-part record; train (and, at test time, valid) items excluded.
+    p4: the new users of ``part`` only, ``user_id`` blanked to ``""`` (kept under
+    ``heldout_user_id`` for fold-in baselines); their fold-in items excluded.
+    """
     index = index_of(catalog)
     users = records.load_users(data_dir, split)
+    truth_by_user = items_by_user(records.load_events(data_dir, split, part), index)
+    if split == "p4":
+        wanted = heldout_users(data_dir, split, part)
+        where = {u: n for n, u in enumerate(users["user_id"])}
+        missing = [u for u in wanted if u not in where]
+        if missing:
+            raise DataError(
+                f"{data_dir}/{split}: held-out users {missing[:5]} not in users.tfrecord"
+            )
+        rows = np.array([where[u] for u in wanted], dtype=np.int64)
+        queries = {k: v[rows] for k, v in users.items()}
+        ids = queries["user_id"]
+        queries[HELDOUT_USER_KEY] = ids
+        queries["user_id"] = np.full(len(ids), "", dtype=object)  # a new user has no id
+        seen = items_by_user(records.load_events(data_dir, split, "foldin"), index)
+        return RankingTask(queries, _rows(seen, ids), _rows(truth_by_user, ids))
     seen = items_by_user(records.load_events(data_dir, split, "train"), index)
     if part == "test":  # RecBole removes train and valid interactions when testing
         for user, items in items_by_user(
             records.load_events(data_dir, split, "valid"), index
         ).items():
             seen[user].extend(items)
-    truth_by_user = items_by_user(records.load_events(data_dir, split, part), index)
-    pool = _user_topk(scorer, users, seen, MMR_POOL)
-    truth = [np.array(truth_by_user.get(u, []), dtype=np.int64) for u in users["user_id"]]
+    ids = users["user_id"]
+    return RankingTask(users, _rows(seen, ids), _rows(truth_by_user, ids))
+
+
+def evaluate_full_ranking(
+    scorer: Scorer,
+    data_dir: str,
+    split: str,
+    catalog: dict[str, np.ndarray],
+    part: str = "test",
+    task: RankingTask | None = None,
+) -> tuple[dict, np.ndarray]:
+    """RecBole protocol over ``part``; returns the metrics and the users' top-``MMR_POOL`` lists."""
+    task = task if task is not None else ranking_task(data_dir, split, catalog, part)
+    pool = _user_topk(scorer, task.queries, task.exclude, MMR_POOL)
+    truth = task.truth
     result = metrics.ranking_metrics(pool, truth, ks=K_RANKING)
     cold = np.flatnonzero(catalog["is_cold"] == 1)
     if len(cold):
@@ -174,25 +253,23 @@ def mmr_tradeoff(
     split: str,
     catalog: dict[str, np.ndarray],
     part: str = "test",
+    task: RankingTask | None = None,
 ) -> list[dict]:
     """Recall@10 and diversity of MMR re-ranking of the top-``MMR_POOL`` at a few λ."""
     embeddings = scorer.item_embeddings()
     if embeddings is None:
         return []
-    users = records.load_users(data_dir, split)
+    task = task if task is not None else ranking_task(data_dir, split, catalog, part)
     relevance = np.concatenate(
         [
             np.take_along_axis(s, np.clip(pool[start : start + len(s)], 0, None), axis=1)
-            for start, s in _batched_scores(scorer, users)
+            for start, s in _batched_scores(scorer, task.queries)
         ]
     )
-    index = index_of(catalog)
-    truth_by_user = items_by_user(records.load_events(data_dir, split, part), index)
-    truth = [np.array(truth_by_user.get(u, []), dtype=np.int64) for u in users["user_id"]]
     rows = []
     for lam in MMR_LAMBDAS:
         top10 = metrics.mmr_rerank(pool, relevance, embeddings, 10, lam)
-        ranked = metrics.ranking_metrics(top10, truth, ks=(10,))
+        ranked = metrics.ranking_metrics(top10, task.truth, ks=(10,))
         rows.append(
             {
                 "lambda": lam,
@@ -210,8 +287,8 @@ def evaluate(
 ) -> dict:
     """Every figure of ``split`` for one scorer, as a JSON-ready dict.
 
-    ``part="valid"`` (p2, p3) scores the validation part instead, to choose settings without
-    looking at the test part.
+    ``part="valid"`` (p2, p3, p4) scores the validation part instead, to choose settings
+    without looking at the test part.
     """
     if part not in ("test", "valid"):
         raise DataError(f"--part must be test or valid, not {part!r}")
@@ -219,18 +296,107 @@ def evaluate(
         raise DataError("p1 has no validation part (the TFRS protocol is train/test only)")
     start = time.time()
     catalog = records.load_catalog(data_dir, split)
+    task = None
     if split == "p1":
         result = evaluate_p1(scorer, data_dir, catalog)
         users = records.load_users(data_dir, split)
-        pool = _user_topk(scorer, users, {}, MMR_POOL)
+        pool = _user_topk(scorer, users, None, MMR_POOL)
     else:
-        result, pool = evaluate_full_ranking(scorer, data_dir, split, catalog, part)
+        task = ranking_task(data_dir, split, catalog, part)
+        result, pool = evaluate_full_ranking(scorer, data_dir, split, catalog, part, task)
     result.update(beyond_accuracy(scorer, pool[:, :10], catalog))
     out = {"scorer": scorer.name, "split": split, "part": part, "metrics": result}
+    if getattr(scorer, "config", None):
+        out["scorer_config"] = scorer.config
     if mmr and split != "p1":
-        out["mmr"] = mmr_tradeoff(scorer, pool, data_dir, split, catalog, part)
+        out["mmr"] = mmr_tradeoff(scorer, pool, data_dir, split, catalog, part, task)
     out["seconds"] = round(time.time() - start, 1)
     return out
+
+
+# --------------------------------------------------------------------------- EASE's λ
+
+
+def _p1_valid_task(
+    train: dict[str, np.ndarray], catalog: dict[str, np.ndarray]
+) -> tuple[dict[str, np.ndarray], RankingTask]:
+    """p1 has no valid part: the training loop's seeded 5% slice of train is held out.
+
+    Returns the rest of train (to fit on) and a per-user ranking task over the slice: the
+    query is the user id (EASE reads the user's remaining train row), train items excluded.
+    """
+    import tensorflow as tf
+
+    from trainer.config import DataConfig
+    from trainer.loop import holdout_mask  # the very slice the loop validates on
+
+    keys = {k: tf.constant(train[k]) for k in ("user_id", "item_id", "timestamp")}
+    mask = holdout_mask(keys, DataConfig().valid_fraction).numpy()
+    fit = {k: v[~mask] for k, v in train.items()}
+    held = {k: v[mask] for k, v in train.items()}
+    index = index_of(catalog)
+    seen = items_by_user(fit, index)
+    truth = items_by_user(held, index)
+    ids = np.array(sorted(truth), dtype=object)
+    queries = {"user_id": ids}
+    return fit, RankingTask(queries, _rows(seen, ids), _rows(truth, ids))
+
+
+def select_ease_l2(
+    data_dir: str, split: str, grid: tuple[float, ...] = EASE_L2_GRID
+) -> tuple[float, list[dict]]:
+    """EASE's L2 weight with the best per-user valid recall@10 (ties: NDCG@10) over ``grid``.
+
+    Fits on the train part (p1: train less the held-out slice) and ranks the valid part as
+    :func:`evaluate_full_ranking` does (p4: the valid new users, folded in). Returns the
+    chosen λ and one ``{"l2", "recall@10", "ndcg@10"}`` row per λ tried.
+    """
+    if not grid:
+        raise DataError("EASE needs at least one L2 weight to try")
+    catalog = records.load_catalog(data_dir, split)
+    parts = records.read_manifest(data_dir)["splits"][split]["parts"]
+    train = records.load_events(data_dir, split, "train")
+    foldin = records.load_events(data_dir, split, "foldin") if "foldin" in parts else None
+    if "valid" in parts:
+        fit, task = train, ranking_task(data_dir, split, catalog, "valid")
+    else:
+        fit, task = _p1_valid_task(train, catalog)
+    index = index_of(catalog)
+    g = gram(binary_matrix(item_rows(fit, index), len(index)))  # one XᵀX for the whole grid
+    rows = []
+    for l2 in grid:
+        scorer = EaseScorer.fit(catalog, fit, l2, foldin, g=g)
+        top = _user_topk(scorer, task.queries, task.exclude, 10)
+        ranked = metrics.ranking_metrics(top, task.truth, ks=(10,))
+        rows.append(
+            {"l2": float(l2), "recall@10": ranked["recall@10"], "ndcg@10": ranked["ndcg@10"]}
+        )
+    best = max(rows, key=lambda r: (r["recall@10"], r["ndcg@10"], -r["l2"]))
+    return best["l2"], rows
+
+
+def make_ease(data_dir: str, split: str, l2: float | None = None) -> EaseScorer:
+    """EASE fitted on the split's train part, λ pinned by ``l2`` or chosen on valid."""
+    if l2 is not None and not (np.isfinite(l2) and l2 > 0):
+        raise DataError(f"--ease-l2 must be a positive number, got {l2}")
+    config: dict = {"l2": l2, "chosen_on": "pinned (--ease-l2)"}
+    if l2 is None:
+        l2, grid = select_ease_l2(data_dir, split)
+        config = {
+            "l2": l2,
+            "chosen_on": "valid part" if split != "p1" else "5% of train held out (as the loop)",
+            "grid": grid,
+        }
+    parts = records.read_manifest(data_dir)["splits"][split]["parts"]
+    foldin = records.load_events(data_dir, split, "foldin") if "foldin" in parts else None
+    scorer = EaseScorer.fit(
+        records.load_catalog(data_dir, split),
+        records.load_events(data_dir, split, "train"),
+        l2,
+        foldin,
+    )
+    scorer.config = config
+    return scorer
 
 
 def format_report(report: dict) -> str:
@@ -241,6 +407,12 @@ def format_report(report: dict) -> str:
         for k, v in report["metrics"].items()
     ]
     lines.append(metrics.format_table(rows, ["metric", "value"]))
+    config = report.get("scorer_config") or {}
+    if config.get("grid"):
+        lines.append(f"\nL2 weight chosen on the {config['chosen_on']}: {config['l2']:g}")
+        lines.append(metrics.format_table(config["grid"], ["l2", "recall@10", "ndcg@10"]))
+    elif "l2" in config:
+        lines.append(f"\nL2 weight {config['l2']:g} ({config['chosen_on']})")
     if report.get("mmr"):
         lines.append("\nMMR re-ranking of the top-100 (λ weights diversity):")
         lines.append(
@@ -262,21 +434,34 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("--data", required=True, help="prepared data directory")
-    parser.add_argument("--split", required=True, choices=["p1", "p2", "p3"])
+    parser.add_argument("--split", required=True, choices=["p1", "p2", "p3", "p4"])
     parser.add_argument("--model-dir", help="trained model directory (omit with --baseline)")
-    parser.add_argument("--baseline", choices=["popularity"], help="evaluate a baseline instead")
+    parser.add_argument(
+        "--baseline", choices=["popularity", "ease"], help="evaluate a baseline instead"
+    )
+    parser.add_argument(
+        "--ease-l2",
+        type=float,
+        help="pin EASE's L2 weight (default: chosen on the valid part from "
+        + ", ".join(f"{v:g}" for v in EASE_L2_GRID)
+        + ")",
+    )
     parser.add_argument("--output", help="write the report as JSON here")
     parser.add_argument("--no-mmr", action="store_true", help="skip the MMR trade-off")
     parser.add_argument(
         "--part",
         default="test",
         choices=["test", "valid"],
-        help="which held-out part to score (valid: p2 and p3, for choosing settings)",
+        help="which held-out part to score (valid: p2, p3 and p4, for choosing settings)",
     )
     return parser
 
 
 def load_scorer(args: argparse.Namespace) -> Scorer:
+    if args.ease_l2 is not None and args.baseline != "ease":
+        raise DataError("--ease-l2 is only for --baseline ease")
+    if args.baseline == "ease":
+        return make_ease(args.data, args.split, args.ease_l2)
     if args.baseline == "popularity":
         return PopularityScorer(records.load_catalog(args.data, args.split)["popularity"])
     if not args.model_dir:

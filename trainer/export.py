@@ -7,16 +7,21 @@ The export is written to ``<export-base>/<model-name>/.tmp-<version>-<random>`` 
 ``<export-base>/<model-name>/<version>`` when complete (TF Serving ignores folders whose name is
 not a number, so it never sees a partial version). An existing version is never overwritten.
 
-Signatures (inputs are batched along the first dimension ``B``):
+Signatures. Every input has a leading batch dimension ``B`` (the same in one request), so TF
+Serving's ``--enable_batching`` can merge requests (it refuses rank-0 inputs); every input check
+runs before any op reads the checked values.
 
 ``serving_default`` (retrieve)
     inputs: ``user_id, user_age, user_gender, user_occupation, query_text`` string ``[B]``;
     ``history`` string ``[B, H]`` (item ids, most recent first, ``""`` = padding, any ``H``);
-    ``k`` int32 ``[]`` (1..max_k); ``exclude_item_ids`` string ``[B, E]`` (``E`` may be 0;
-    unknown ids are ignored); ``diversity`` float32 ``[]`` (MMR λ in [0, 1], 0 = plain top-k).
-    outputs: ``item_ids`` string ``[B, k]``, ``scores`` float32 ``[B, k]``, ``titles`` string
-    ``[B, k]``. When exclusions leave fewer than ``k`` items in the index's candidate pool, the
-    tail is padded with id ``""`` and score ``-inf``.
+    ``k`` int32 ``[B]`` (per query, 1..max_k); ``exclude_item_ids`` string ``[B, E]`` (``E`` may
+    be 0; unknown ids are ignored); ``diversity`` float32 ``[B]`` (per query MMR λ in [0, 1],
+    0 = plain top-k).
+    outputs: ``item_ids`` string ``[B, K]``, ``scores`` float32 ``[B, K]``, ``titles`` string
+    ``[B, K]`` with ``K = max(k)`` over the batch: row ``i`` holds its ``k[i]`` items, then
+    padding (id ``""``, score ``-inf``). With server-side batching ``K`` is the largest ``k`` of
+    the merged batch, so clients read the first ``k`` columns of their rows. When exclusions
+    leave fewer than ``k`` items in the index's candidate pool, the tail is padded the same way.
 ``rank``
     the query inputs and ``candidate_item_ids`` string ``[B, M]``; output ``ratings`` float32
     ``[B, M]`` from the ranking head. An unknown candidate id is an INVALID_ARGUMENT error.
@@ -25,6 +30,10 @@ Signatures (inputs are batched along the first dimension ``B``):
 ``candidate_embedding``
     ``item_id, item_title, item_year, item_genres, item_text`` string ``[B]``; output
     ``embeddings`` float32 ``[B, D]``. New, never-rated items are embedded from their text.
+
+Every signature loads and runs through TF Serving's session-based loader as well as through
+``tf.saved_model.load`` (:meth:`RecommenderModule.track_variables`; checked by
+tests/test_export.py with :mod:`serving.session_runner`).
 """
 
 from __future__ import annotations
@@ -170,12 +179,23 @@ class RecommenderModule(tf.Module):
 
     # ------------------------------------------------------------------ graph pieces
 
-    def _query(self, features: dict[str, tf.Tensor]) -> tf.Tensor:
+    @staticmethod
+    def _guarded(checks: list[tf.Operation], tensors: dict[str, tf.Tensor]) -> dict:
+        """Copies of ``tensors`` that exist only after every check passed.
+
+        Everything downstream reads the copies, so no op can consume an input before the
+        checks on it ran (without this, graph execution order is free and e.g. a gather on an
+        unchecked index could fail first with a raw message, or on a GPU return zeros).
+        """
+        with tf.control_dependencies(checks):
+            return {name: tf.identity(value) for name, value in tensors.items()}
+
+    def _query_checks(self, features: dict[str, tf.Tensor]) -> list[tf.Operation]:
         batch = tf.shape(features["query_text"])[0]
         checks = [
             tf.debugging.assert_greater(batch, 0, message="empty batch: send at least one query")
         ]
-        for name in QUERY_INPUTS[:-1]:
+        for name in (*QUERY_INPUTS[:-1], "history"):
             checks.append(
                 tf.debugging.assert_equal(
                     tf.shape(features[name])[0],
@@ -183,18 +203,15 @@ class RecommenderModule(tf.Module):
                     message=f"input {name} must have the same batch size as query_text",
                 )
             )
-        history = features["history"]
-        checks.append(
-            tf.debugging.assert_equal(
-                tf.shape(history)[0], batch, message="history must be [batch, length]"
-            )
-        )
-        with tf.control_dependencies(checks):
-            # Any history length is accepted: pad or cut to what the tower was trained with.
-            history = history[:, : self.history_length]
-            pad = self.history_length - tf.shape(history)[1]
-            history = tf.pad(history, [[0, 0], [0, pad]], constant_values="")
-            history = tf.reshape(history, [-1, self.history_length])
+        return checks
+
+    def _query(self, features: dict[str, tf.Tensor]) -> tf.Tensor:
+        """Query embeddings of already checked (guarded) features."""
+        # Any history length is accepted: pad or cut to what the tower was trained with.
+        history = features["history"][:, : self.history_length]
+        pad = self.history_length - tf.shape(history)[1]
+        history = tf.pad(history, [[0, 0], [0, pad]], constant_values="")
+        history = tf.reshape(history, [-1, self.history_length])
         return tf.cast(self.query_model({**features, "history": history}), tf.float32)
 
     def _pool(self, queries: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
@@ -212,15 +229,31 @@ class RecommenderModule(tf.Module):
 
     def _retrieve(self, features, k, exclude_item_ids, diversity):
         max_k = self.index_config.max_k
-        checks = [
+        batch = tf.shape(features["query_text"])[0]
+        checks = self._query_checks(features)
+        for name, value in (("k", k), ("exclude_item_ids", exclude_item_ids),
+                            ("diversity", diversity)):  # fmt: skip
+            checks.append(
+                tf.debugging.assert_equal(
+                    tf.shape(value)[0],
+                    batch,
+                    message=f"input {name} must have the same batch size as query_text",
+                )
+            )
+        checks += [
             tf.debugging.assert_greater_equal(k, 1, message="k must be at least 1"),
             tf.debugging.assert_less_equal(k, max_k, message=f"k must be at most {max_k}"),
             tf.debugging.assert_greater_equal(diversity, 0.0, message="diversity must be >= 0"),
             tf.debugging.assert_less_equal(diversity, 1.0, message="diversity must be <= 1"),
         ]
-        with tf.control_dependencies(checks):
-            queries = self._query(features)
-        scores, indices = self._pool(queries)
+        checked = self._guarded(
+            checks,
+            {**features, "k": k, "exclude_item_ids": exclude_item_ids, "diversity": diversity},
+        )
+        k, exclude_item_ids, diversity = (
+            checked.pop("k"), checked.pop("exclude_item_ids"), checked.pop("diversity")
+        )  # fmt: skip
+        scores, indices = self._pool(self._query(checked))
         excluded = self.id_to_index.lookup(exclude_item_ids)  # [B, E], -1 for unknown ids
         hit = tf.reduce_any(indices[:, :, None] == excluded[:, None, :], axis=-1)
         scores = tf.where(hit, tf.constant(-np.inf, tf.float32), scores)
@@ -228,17 +261,20 @@ class RecommenderModule(tf.Module):
         scores = tf.gather(scores, order, batch_dims=1)
         indices = tf.gather(indices, order, batch_dims=1)
         valid = tf.math.is_finite(scores)
-        # MMR over the pool; excluded or missing entries carry -inf and are picked last.
+        # MMR over the pool, each query with its own λ; excluded or missing entries carry -inf
+        # and are picked last. The output is as wide as the batch's largest k.
+        width = tf.reduce_max(k)
         picked = metrics.mmr_rerank_tf(
-            tf.maximum(indices, 0), scores, self.embeddings, max_k, diversity
-        )[:, :k]
+            tf.maximum(indices, 0), scores, self.embeddings, max_k, diversity[:, None]
+        )[:, :width]
         position = tf.argmax(
             tf.cast(picked[:, :, None] == indices[:, None, :], tf.int32),
             axis=-1,
             output_type=tf.int32,
         )
         top_scores = tf.gather(scores, position, batch_dims=1)
-        ok = tf.gather(valid, position, batch_dims=1)
+        within_k = tf.range(width)[None, :] < k[:, None]
+        ok = tf.gather(valid, position, batch_dims=1) & within_k
         safe = tf.maximum(picked, 0)
         return {
             "item_ids": tf.where(ok, tf.gather(self.item_ids, safe), ""),
@@ -246,15 +282,26 @@ class RecommenderModule(tf.Module):
             "titles": tf.where(ok, tf.gather(self.titles, safe), ""),
         }
 
+    @staticmethod
+    def _features(user_id, user_age, user_gender, user_occupation, query_text, history):
+        return dict(
+            zip(
+                QUERY_INPUTS,
+                (user_id, user_age, user_gender, user_occupation, query_text),
+                strict=True,
+            ),
+            history=history,
+        )
+
     # ------------------------------------------------------------------ signatures
 
     @tf.function(
         input_signature=[
             *[_string_spec(None) for _ in QUERY_INPUTS],
             _string_spec(None, None),
-            tf.TensorSpec([], tf.int32),
+            tf.TensorSpec([None], tf.int32),
             _string_spec(None, None),
-            tf.TensorSpec([], tf.float32),
+            tf.TensorSpec([None], tf.float32),
         ]
     )
     def retrieve(
@@ -269,13 +316,8 @@ class RecommenderModule(tf.Module):
         exclude_item_ids,
         diversity,
     ):
-        features = dict(
-            zip(
-                QUERY_INPUTS,
-                (user_id, user_age, user_gender, user_occupation, query_text),
-                strict=True,
-            ),
-            history=history,
+        features = self._features(
+            user_id, user_age, user_gender, user_occupation, query_text, history
         )
         return self._retrieve(features, k, exclude_item_ids, diversity)
 
@@ -296,22 +338,28 @@ class RecommenderModule(tf.Module):
         history,
         candidate_item_ids,
     ):
-        features = dict(
-            zip(
-                QUERY_INPUTS,
-                (user_id, user_age, user_gender, user_occupation, query_text),
-                strict=True,
-            ),
-            history=history,
+        features = self._features(
+            user_id, user_age, user_gender, user_occupation, query_text, history
         )
         indices = self.id_to_index.lookup(candidate_item_ids)
-        check = tf.debugging.assert_non_negative(
-            indices, message="rank: candidate_item_ids contains an id that is not in the catalog"
+        checks = self._query_checks(features) + [
+            tf.debugging.assert_equal(
+                tf.shape(candidate_item_ids)[0],
+                tf.shape(query_text)[0],
+                message="input candidate_item_ids must have the same batch size as query_text",
+            ),
+            tf.debugging.assert_non_negative(
+                indices,
+                message="rank: candidate_item_ids contains an id that is not in the catalog",
+            ),
+        ]
+        checked = self._guarded(
+            checks, {**features, "candidate_item_ids": candidate_item_ids, "indices": indices}
         )
-        with tf.control_dependencies([check]):
-            queries = self._query(features)
+        candidate_item_ids, indices = checked.pop("candidate_item_ids"), checked.pop("indices")
+        queries = self._query(checked)
         candidates = tf.gather(self.embeddings, indices)
-        ratings = self.rating_fn(queries, candidates, user_id, candidate_item_ids)
+        ratings = self.rating_fn(queries, candidates, checked["user_id"], candidate_item_ids)
         return {"ratings": tf.cast(ratings, tf.float32)}
 
     @tf.function(
@@ -321,15 +369,10 @@ class RecommenderModule(tf.Module):
         ]
     )
     def query_embedding(self, user_id, user_age, user_gender, user_occupation, query_text, history):
-        features = dict(
-            zip(
-                QUERY_INPUTS,
-                (user_id, user_age, user_gender, user_occupation, query_text),
-                strict=True,
-            ),
-            history=history,
+        features = self._features(
+            user_id, user_age, user_gender, user_occupation, query_text, history
         )
-        return {"embeddings": self._query(features)}
+        return {"embeddings": self._query(self._guarded(self._query_checks(features), features))}
 
     @tf.function(input_signature=[_string_spec(None) for _ in schema.CANDIDATE_STRING_FEATURES])
     def candidate_embedding(self, item_id, item_title, item_year, item_genres, item_text):
@@ -340,9 +383,34 @@ class RecommenderModule(tf.Module):
                 strict=True,
             )
         )
-        check = tf.debugging.assert_greater(tf.size(item_id), 0, message="empty batch")
-        with tf.control_dependencies([check]):
-            return {"embeddings": tf.cast(self.candidate_model(features), tf.float32)}
+        batch = tf.shape(item_id)[0]
+        checks = [tf.debugging.assert_greater(batch, 0, message="empty batch")]
+        for name in schema.CANDIDATE_STRING_FEATURES[1:]:
+            checks.append(
+                tf.debugging.assert_equal(
+                    tf.shape(features[name])[0],
+                    batch,
+                    message=f"input {name} must have the same batch size as item_id",
+                )
+            )
+        checked = self._guarded(checks, features)
+        return {"embeddings": tf.cast(self.candidate_model(checked), tf.float32)}
+
+    def track_variables(self) -> None:
+        """Tracks every variable the signatures read as a plain attribute of the module.
+
+        The one place that makes the export loadable by TF Serving: Keras 3 variables held
+        (through the towers) by a bare ``tf.Module`` are restored by ``tf.saved_model.load``
+        but not by the session-based loader TF Serving uses (``Could not find variable``);
+        listing the underlying ``tf.Variable`` of each one on the module puts it in the
+        MetaGraph's saver. The traced signatures know exactly which variables they read, so
+        nothing has to be enumerated by hand.
+        """
+        seen: dict[int, tf.Variable] = {}
+        for fn in self.signatures().values():
+            for variable in fn.variables:
+                seen.setdefault(id(variable), variable)
+        self.serving_variables = list(seen.values())
 
     def signatures(self) -> dict[str, tf.types.experimental.ConcreteFunction]:
         return {
@@ -399,8 +467,10 @@ def write_warmup(path: str, requests: dict[str, dict[str, np.ndarray]], model_na
     return len(requests)
 
 
-def sample_requests(queries: dict[str, np.ndarray], catalog: dict[str, np.ndarray]) -> dict:
-    """One small request per signature, from real queries and catalog items."""
+def sample_requests(
+    queries: dict[str, np.ndarray], catalog: dict[str, np.ndarray], module_max_k: int = 10
+) -> dict:
+    """One small request per signature, from real queries and catalog items (batch 2)."""
     query = {
         name: np.asarray(queries[name][:2]).astype(object) for name in (*QUERY_INPUTS, "history")
     }
@@ -408,15 +478,16 @@ def sample_requests(queries: dict[str, np.ndarray], catalog: dict[str, np.ndarra
         name: np.asarray(catalog[name][:2]).astype(object)
         for name in schema.CANDIDATE_STRING_FEATURES
     }
+    batch = len(query["query_text"])
     retrieve = {
         **query,
-        "k": np.int32(10),
-        "exclude_item_ids": np.array([[""]] * 2, dtype=object),
-        "diversity": np.float32(0.0),
+        "k": np.full([batch], min(10, module_max_k), np.int32),
+        "exclude_item_ids": np.array([[""]] * batch, dtype=object),
+        "diversity": np.zeros([batch], np.float32),
     }
     rank = {
         **query,
-        "candidate_item_ids": np.array([list(catalog["item_id"][:3])] * 2, dtype=object),
+        "candidate_item_ids": np.array([list(catalog["item_id"][:3])] * batch, dtype=object),
     }
     return {
         "serving_default": retrieve,
@@ -474,9 +545,10 @@ def save_export(
             f"{config.kind} recall@10 {recall:.4f} is below --min-recall "
             f"{config.min_recall}; raise --num-leaves-to-search or reordering"
         )
-    requests = sample_requests(queries, catalog)
+    requests = sample_requests(queries, catalog, config.max_k)
     for signature, inputs in requests.items():  # the concrete functions run once before saving
         module.signatures()[signature](**{k: tf.constant(v) for k, v in inputs.items()})
+    module.track_variables()
     tf.io.gfile.makedirs(model_base)
     tmp = os.path.join(model_base, f".tmp-{version}-{uuid.uuid4().hex[:8]}")
     try:

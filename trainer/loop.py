@@ -119,7 +119,8 @@ class DataPlan:
     # user id -> catalog rows of the items the user has in the training stream (excluded from
     # validation rankings, as the evaluation protocols exclude them).
     seen: dict[str, list[int]] = dataclasses.field(default_factory=dict)
-    # One query per user from the train part (p2, p3): validation is then per user, as RecBole.
+    # One query per user from the train part (p2-p4): validation is then per user, as RecBole,
+    # and each training event's query is the user's whole history without the target.
     users: dict[str, np.ndarray] | None = None
 
 
@@ -136,15 +137,24 @@ def plan_data(config: TrainConfig) -> DataPlan:
         raise DataError(f"{data_dir}: split {split!r} was not prepared (have: {sorted(splits)})")
     parts = splits[split]["parts"]
     records.part_files(data_dir, split, "train")  # every shard present
-    history_length = int(manifest.get("history_length", schema.HISTORY_LENGTH))
     catalog = records.load_catalog(data_dir, split)
     users = records.load_users(data_dir, split)
+    if "valid" in parts:
+        history_length = records.user_history_length(data_dir)
+    else:
+        history_length = int(manifest.get("history_length", schema.HISTORY_LENGTH))
     assets = ModelAssets.from_tables(catalog, users, history_length)
     if "valid" in parts:
         holdout = 0.0
         valid = records.load_events(data_dir, split, "valid")
         train_examples = int(parts["train"]["examples"])
-        seen = items_by_user(records.load_events(data_dir, split, "train"), index_of(catalog))
+        index = index_of(catalog)
+        seen = items_by_user(records.load_events(data_dir, split, "train"), index)
+        if "foldin" in parts:  # p4: what the new users brought is theirs, not a target
+            for user, items in items_by_user(
+                records.load_events(data_dir, split, "foldin"), index
+            ).items():
+                seen[user].extend(items)
     else:
         holdout = config.data.valid_fraction
         train = records.load_events(data_dir, split, "train")
@@ -182,11 +192,50 @@ def train_dataset(
         reshuffle_each_iteration=False,
     )
     ds = ds.batch(config.optim.batch_size, drop_remainder=True)
-    ds = ds.take(steps_per_epoch).skip(skip_steps).prefetch(tf.data.AUTOTUNE)
+    ds = ds.take(steps_per_epoch)
+    if plan.users is not None:
+        attach = whole_history_queries(
+            plan.users, config.data.history_dropout, seed=config.optim.seed * 1009 + epoch
+        )
+        ds = ds.enumerate().map(attach, num_parallel_calls=tf.data.AUTOTUNE)
+    ds = ds.skip(skip_steps).prefetch(tf.data.AUTOTUNE)
     options = tf.data.Options()
     options.deterministic = True
     options.experimental_distribute.auto_shard_policy = tf.data.experimental.AutoShardPolicy.DATA
     return ds.with_options(options)
+
+
+def whole_history_queries(
+    users: Mapping[str, np.ndarray], dropout: float, seed: int
+) -> Callable[[tf.Tensor, dict], dict]:
+    """``(batch index, batch) -> batch`` whose ``history`` is each user's whole history
+    (``users["history"]`` ``[U, H]``) with the event's own item left out, and a ``dropout``
+    share of the rest dropped (seeded by ``(seed, batch index)``: the same on a resume).
+
+    The target never sits in its own query, so the model cannot learn to echo its input; the
+    fresh random drop each epoch makes it rank what is missing from a history (denoising).
+    """
+    table = tf.lookup.StaticHashTable(
+        tf.lookup.KeyValueTensorInitializer(
+            tf.constant(users["user_id"].astype(str)),
+            tf.range(len(users["user_id"]), dtype=tf.int64),
+        ),
+        default_value=-1,
+    )
+    histories = tf.constant(users["history"].astype(str))
+
+    def attach(index: tf.Tensor, batch: dict) -> dict:
+        rows = table.lookup(batch["user_id"])
+        history = tf.gather(histories, tf.maximum(rows, 0))
+        keep = tf.logical_and(rows[:, None] >= 0, history != batch["item_id"][:, None])
+        if dropout > 0:
+            draw = tf.random.stateless_uniform(
+                tf.shape(history), seed=tf.stack([tf.constant(seed, tf.int64), index])
+            )
+            keep = tf.logical_and(keep, draw >= dropout)
+        return {**batch, "history": tf.where(keep, history, "")}
+
+    return attach
 
 
 # ----------------------------------------------------------------------------- validation

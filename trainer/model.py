@@ -79,6 +79,43 @@ def profile_texts(age: tf.Tensor, gender: tf.Tensor, occupation: tf.Tensor) -> t
     return tf.strings.join(["Age ", age, ", ", gender_text, ", ", occupation_text, "."])
 
 
+#: What the prepared query text says when the user liked nothing yet.
+_NOTHING_LIKED = "nothing yet"
+
+
+def liked_titles(query_text: tf.Tensor, max_titles: int) -> tf.Tensor:
+    """The titles a query text names, string ``[B]`` -> ``[B, max_titles]`` (``""`` padding).
+
+    ``"Age 25-34, male, engineer. Liked: Fargo (1996); Heat (1995)."`` -> ``["Fargo (1996)",
+    "Heat (1995)", "", ...]``. A text without ``"Liked:"`` is free text: one piece, whole.
+    More titles than ``max_titles`` are cut (the first ones are the most recent).
+    """
+    text = tf.strings.regex_replace(query_text, r"^.*?Liked:\s*", "")
+    text = tf.strings.regex_replace(text, r"\.\s*$", "")
+    pieces = tf.strings.strip(tf.strings.split(text, ";"))
+    pieces = tf.ragged.boolean_mask(
+        pieces, tf.logical_and(pieces != "", tf.strings.lower(pieces) != _NOTHING_LIKED)
+    )
+    return pieces.to_tensor(default_value="", shape=[None, max_titles])
+
+
+def cached_or_encoded(cache: TextCache, encoder: TextEncoder, strings: tf.Tensor) -> tf.Tensor:
+    """string ``[N]`` -> ``[N, T]``: the cached vector of each text the cache holds, BERT's for
+    the others (only those go through the encoder), zeros for ``""``. With a frozen BERT this
+    equals encoding every text, at the cost of the misses alone."""
+    strings = tf.reshape(tf.convert_to_tensor(strings), [-1])
+    rows = cache.lookup(strings)
+    vectors = tf.cast(cache(rows), tf.float32)
+    misses = tf.where(tf.logical_and(rows == 0, strings != ""))  # [M, 1]
+
+    def encode() -> tf.Tensor:
+        texts = tf.gather(strings, misses[:, 0])
+        return tf.cast(encoder.encode_strings(texts), tf.float32)
+
+    encoded = tf.cond(tf.size(misses) > 0, encode, lambda: tf.zeros([0, cache.dim], tf.float32))
+    return tf.tensor_scatter_nd_update(vectors, misses, encoded)
+
+
 @dataclasses.dataclass
 class ModelAssets:
     """What the preprocessor and the caches are built from: the catalog and the vocabularies.
@@ -96,6 +133,11 @@ class ModelAssets:
     occupations: list[str]
     profiles: list[str]  # every distinct profile text of the users (the query text cache)
     history_length: int = schema.HISTORY_LENGTH
+    # Per catalog item (empty in model dirs of older versions): the titles a query text may
+    # name, and the fields the candidate tower reads for catalog-wide negatives.
+    item_titles: list[str] = dataclasses.field(default_factory=list)
+    item_genres: list[str] = dataclasses.field(default_factory=list)
+    item_years: list[str] = dataclasses.field(default_factory=list)
 
     @classmethod
     def from_tables(
@@ -124,7 +166,22 @@ class ModelAssets:
             occupations=sorted({str(o) for o in users["user_occupation"]}),
             profiles=sorted({p.decode("utf-8") for p in profiles}),
             history_length=history_length,
+            item_titles=[str(t) for t in catalog["item_title"]],
+            item_genres=[str(g) for g in catalog["item_genres"]],
+            item_years=[str(y) for y in catalog["item_year"]],
         )
+
+    def catalog_features(self) -> dict[str, tf.Tensor] | None:
+        """The whole catalog as raw candidate features ``[N]`` (None for older model dirs)."""
+        if len(self.item_genres) != len(self.item_ids):
+            return None
+        return {
+            "item_id": tf.constant(self.item_ids),
+            "item_title": tf.constant(self.item_titles),
+            "item_year": tf.constant(self.item_years),
+            "item_genres": tf.constant(self.item_genres),
+            "item_text": tf.constant(self.item_texts),
+        }
 
     def sampling_probability(self) -> np.ndarray:
         """``[N + 2]`` probability of each catalog row being a positive (rows 0, 1: padding, OOV).
@@ -208,13 +265,16 @@ class FeaturePreprocessor(keras.layers.Layer):
 
     def query(self, features: Mapping[str, tf.Tensor], text: dict | tf.Tensor) -> dict:
         history = tf.convert_to_tensor(features["history"])
-        return {
+        inputs = {
             "user_id": self.hash_ids(features["user_id"]),
             **{name: layer(features[name]) for name, layer in self.fields.items()},
             "history_rows": self.item_rows(history),
-            "history_ids": self.hash_ids(history),
             "text": text,
         }
+        if self.config.history in ("attention", "transformer"):
+            # The set encoder reads ids by catalog row; the sequence encoders hash each one.
+            inputs["history_ids"] = self.hash_ids(history)
+        return inputs
 
     def candidate(self, features: Mapping[str, tf.Tensor], text: dict | tf.Tensor) -> dict:
         item_id = tf.convert_to_tensor(features["item_id"])
@@ -287,7 +347,26 @@ class TwoTowerModel(keras.Model):
             self.profile_cache = TextCache(
                 assets.profiles, query_encoder.output_dim, name="profile_text_cache"
             )
+        # Titles a query text may name, read like the item texts of the history (same encoder).
+        self.title_cache = None
+        self.uses_titles = bool(
+            config.liked_titles and config.use_text and config.history != "none"
+        )
+        if self.uses_titles:
+            self.title_cache = TextCache(
+                assets.item_titles or assets.item_ids,
+                candidate_encoder.output_dim,
+                name="title_text_cache",
+            )
+        # Live text reads the caches where they hold the text: a frozen BERT gives exactly
+        # the cached vectors, so only unseen texts (free text, new items) need BERT.
+        self._live_uses_caches = bool(config.freeze_bert and config.cache_text)
+        self._catalog = assets.catalog_features()
         self._sampling_probability = tf.constant(assets.sampling_probability())
+        # The hashed id of each catalog row (rows 0 and 1, padding and unknown, are masked).
+        self._catalog_hashed_ids = self.preprocessor.hash_ids(
+            tf.constant(["", "[UNK]", *assets.item_ids])
+        )
         self.item_id_embedding = None
         if config.use_id_embeddings:
             self.item_id_embedding = id_embedding(
@@ -300,6 +379,8 @@ class TwoTowerModel(keras.Model):
             item_id_embedding=self.item_id_embedding,
             history_length=assets.history_length,
             field_buckets=self.preprocessor.field_buckets,
+            title_vectors=self._title_vectors if self.uses_titles else None,
+            catalog_tables=self._catalog_tables,
             name="query_tower",
         )
         self.candidate_tower = CandidateTower(
@@ -347,27 +428,67 @@ class TwoTowerModel(keras.Model):
             )
         return tf.convert_to_tensor(features["query_text"])
 
-    def _query_text_input(self, features):
-        strings = self._query_strings(features)
+    def _text_input(self, cache: TextCache | None, encoder: TextEncoder, strings: tf.Tensor):
+        """Cache rows (cached mode), vectors (live with a frozen BERT: cache hits + BERT for
+        the rest) or token ids (live, BERT trains)."""
         if self.text_mode == "cached":
-            return self.profile_cache.lookup(strings)
-        return self.query_encoder.tokenize(strings)
+            return cache.lookup(strings)
+        if cache is not None and self._live_uses_caches:
+            return cached_or_encoded(cache, encoder, strings)
+        return encoder.tokenize(strings)
+
+    def _query_text_input(self, features):
+        return self._text_input(
+            self.profile_cache, self.query_encoder, self._query_strings(features)
+        )
 
     def _candidate_text_input(self, features):
         strings = tf.convert_to_tensor(features["item_text"])
+        return self._text_input(self.item_text_cache, self.candidate_encoder, strings)
+
+    def _title_input(self, features) -> tuple[tf.Tensor, tf.Tensor]:
+        """``(titles, mask [B, P])``: cache rows ``[B, P]`` or vectors ``[B, P, T]``."""
+        pieces = liked_titles(
+            tf.convert_to_tensor(features["query_text"]), self.model_config.liked_titles
+        )
+        mask = pieces != ""
         if self.text_mode == "cached":
-            return self.item_text_cache.lookup(strings)
-        return self.candidate_encoder.tokenize(strings)
+            return self.title_cache.lookup(pieces), mask
+        flat = tf.reshape(pieces, [-1])
+        if self._live_uses_caches:
+            vectors = cached_or_encoded(self.title_cache, self.candidate_encoder, flat)
+        else:
+            vectors = self.candidate_encoder.encode_strings(flat)
+        shape = tf.shape(pieces)
+        return tf.reshape(vectors, [shape[0], shape[1], self.title_cache.dim]), mask
 
     def _query_text_vectors(self, text, training: bool = False) -> tf.Tensor:
         if isinstance(text, Mapping):
             return self.query_encoder(text, training=training)
+        if text.dtype.is_floating:
+            return text
         return self.profile_cache(text)
 
     def _candidate_text_vectors(self, text, training: bool = False) -> tf.Tensor:
         if isinstance(text, Mapping):
             return self.candidate_encoder(text, training=training)
+        if text.dtype.is_floating:
+            return text
         return self.item_text_cache(text)
+
+    def _title_vectors(self, titles: tf.Tensor) -> tf.Tensor:
+        return titles if titles.dtype.is_floating else self.title_cache(titles)
+
+    def _catalog_tables(self) -> tuple[tf.Tensor | None, tf.Tensor | None]:
+        """Per catalog row (0 = padding, 1 = unknown, then the items): the cached item text
+        vector ``[R, T]`` and the item id embedding ``[R, E]`` (None where the model has none)."""
+        text = None
+        if self.model_config.use_text:
+            text = tf.gather(self.item_text_cache.vectors, self._catalog_text_rows)
+        ids = None
+        if self.item_id_embedding is not None:
+            ids = self.item_id_embedding(self._catalog_hashed_ids)
+        return text, ids
 
     def _history_text_vectors(self, rows: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
         """Catalog rows -> (every cached item text vector ``[K, T]``, their rows ``[B, H]``)."""
@@ -382,6 +503,8 @@ class TwoTowerModel(keras.Model):
         caches = [(self.item_text_cache, self.candidate_encoder)]
         if self.profile_cache is not None:
             caches.append((self.profile_cache, self.query_encoder))
+        if self.title_cache is not None:
+            caches.append((self.title_cache, self.candidate_encoder))
         for cache, encoder in caches:
             encode = tf.function(encoder.encode_strings, reduce_retracing=True)
             chunks = [np.zeros((1, cache.dim), np.float32)]
@@ -393,7 +516,10 @@ class TwoTowerModel(keras.Model):
     # ------------------------------------------------------------------ numeric inputs
 
     def preprocess_query(self, features: Mapping[str, tf.Tensor]) -> dict:
-        return self.preprocessor.query(features, self._query_text_input(features))
+        inputs = self.preprocessor.query(features, self._query_text_input(features))
+        if self.uses_titles:
+            inputs["titles"], inputs["title_mask"] = self._title_input(features)
+        return inputs
 
     def preprocess_candidate(self, features: Mapping[str, tf.Tensor]) -> dict:
         return self.preprocessor.candidate(features, self._candidate_text_input(features))
@@ -457,9 +583,14 @@ class TwoTowerModel(keras.Model):
         ``forward``: optional (e.g. XLA-compiled) ``(query_inputs, candidate_inputs, training)
         -> (query [b, D], candidate [b, D], rating [b])`` over the numeric inputs.
 
+        The retrieval softmax runs over ``config.negatives``: the batch's candidates (TFRS,
+        logQ-corrected), those plus uniformly sampled catalog items ("mixed"), or the whole
+        catalog ("full", the query's history items masked out: they are the user's known
+        positives, and evaluation removes them too).
+
         Returns ``(loss, sums)``: ``sums`` are per-replica totals to SUM-reduce: ``examples``,
         ``positives``, ``retrieval_loss`` (sum of CE over positives), ``squared_error``,
-        ``hits_at_10`` (positives whose item is in the in-batch top 10).
+        ``hits_at_10`` (positives whose item is in the top 10 of the softmax's candidates).
         """
         config = self.model_config
         query_inputs = self.preprocess_query(features)
@@ -468,23 +599,14 @@ class TwoTowerModel(keras.Model):
         query, candidate, rating = forward(query_inputs, candidate_inputs, training)
         labels = tf.cast(features["rating"], tf.float32)
         weights = tf.cast(labels >= config.positive_threshold, tf.float32)
-        hit_ids = candidate_inputs["hit_id"]
-        probs = self.sampling_probability(candidate_inputs["row"])
-        all_candidates, all_ids, all_probs = candidate, hit_ids, probs
-        context = tf.distribute.get_replica_context()
-        if gather_candidates and context is not None and context.num_replicas_in_sync > 1:
-            all_candidates, all_ids, all_probs = _gather_local_first(
-                context, (candidate, hit_ids, probs)
+        if config.negatives == "full":
+            retrieval_loss, hits = self._full_softmax(
+                query, query_inputs, candidate_inputs, weights, training
             )
-        retrieval_loss = self._tasks.retrieval(
-            query,
-            all_candidates,
-            sample_weight=weights,
-            candidate_sampling_probability=all_probs if config.logq_correction else None,
-            candidate_ids=all_ids if config.remove_accidental_hits else None,
-            compute_metrics=False,
-            compute_batch_metrics=False,
-        )
+        else:
+            retrieval_loss, hits = self._sampled_softmax(
+                query, candidate, candidate_inputs, weights, training, gather_candidates
+            )
         # [B, 1]: Keras' MSE averages over the last axis, so [B] ratings would come back as the
         # batch *mean* (1/batch of the weight the flags give it) instead of a per-example sum.
         ranking_loss = self._tasks.ranking(labels=labels[:, None], predictions=rating[:, None])
@@ -499,9 +621,91 @@ class TwoTowerModel(keras.Model):
             "positives": tf.reduce_sum(weights),
             "retrieval_loss": retrieval_loss,
             "squared_error": tf.reduce_sum(tf.square(rating - labels)),
-            "hits_at_10": in_batch_hits(query, all_candidates, hit_ids, all_ids, weights, 10),
+            "hits_at_10": hits,
         }
         return total / float(global_batch_size), sums
+
+    def _catalog_embeddings(self, training: bool) -> tf.Tensor:
+        """Candidate embeddings of the whole catalog ``[N, D]`` (float32), in catalog order."""
+        if self._catalog is None:
+            raise ConfigError(
+                "--negatives full/mixed needs the catalog's fields in the model's assets "
+                "(a model dir written by an older version has none)"
+            )
+        inputs = self.preprocess_candidate(self._catalog)
+        return tf.cast(self.candidate_tower(inputs, training=training), tf.float32)
+
+    def _full_softmax(self, query, query_inputs, candidate_inputs, weights, training):
+        """Softmax over every catalog item: ``(sum of CE over positives, hits at 10)``."""
+        items = self._catalog_embeddings(training)  # [N, D]
+        logits = tf.matmul(query, items, transpose_b=True) / self.model_config.temperature
+        # Catalog rows are preprocessor rows - 2 (0 = padding, 1 = unknown item).
+        target = tf.cast(candidate_inputs["row"], tf.int32) - 2
+        batch = tf.range(tf.shape(target)[0])
+        known = target >= 0
+        target = tf.maximum(target, 0)
+        pairs = tf.stack([batch, target], axis=1)
+        positive = tf.gather_nd(logits, pairs)
+        history = tf.cast(query_inputs["history_rows"], tf.int32) - 2  # [B, H]
+        seen = tf.where(history >= 0)  # [M, 2]: (query, position)
+        seen_pairs = tf.stack([tf.cast(seen[:, 0], tf.int32), tf.gather_nd(history, seen)], axis=1)
+        if self.model_config.mask_history:
+            logits = tf.tensor_scatter_nd_update(
+                logits, seen_pairs, tf.fill([tf.shape(seen_pairs)[0]], -1e9)
+            )
+        logits = tf.tensor_scatter_nd_update(logits, pairs, positive)  # the target stays
+        weights = weights * tf.cast(known, tf.float32)
+        loss = tf.nn.sparse_softmax_cross_entropy_with_logits(labels=target, logits=logits)
+        rank = tf.reduce_sum(tf.cast(logits > positive[:, None], tf.int32), axis=1)
+        hits = tf.reduce_sum(tf.cast(rank < 10, tf.float32) * weights)
+        return tf.reduce_sum(loss * weights), hits
+
+    def _sampled_softmax(
+        self, query, candidate, candidate_inputs, weights, training, gather_candidates
+    ):
+        """TFRS's retrieval task over in-batch (+ sampled) candidates: ``(loss, hits at 10)``."""
+        config = self.model_config
+        hit_ids = candidate_inputs["hit_id"]
+        probs = self.sampling_probability(candidate_inputs["row"])
+        all_candidates, all_ids, all_probs = candidate, hit_ids, probs
+        context = tf.distribute.get_replica_context()
+        if gather_candidates and context is not None and context.num_replicas_in_sync > 1:
+            all_candidates, all_ids, all_probs = _gather_local_first(
+                context, (candidate, hit_ids, probs)
+            )
+        if config.negatives == "mixed":
+            # Mixed negative sampling (Yang et al. 2020): uniform catalog items beside the
+            # batch's. Every candidate's correction is its expected count under the mixture,
+            # (batch size * popularity + samples / N): an item can arrive either way.
+            items = self._catalog_embeddings(training)
+            count = tf.shape(items)[0]
+            sampled = tf.random.uniform([config.sampled_negatives], 0, count, dtype=tf.int32)
+            sampled_ids = tf.gather(
+                tf.strings.to_hash_bucket_fast(self._catalog["item_id"], _HIT_ID_BUCKETS),
+                sampled,
+            )
+            in_batch = tf.cast(tf.shape(all_candidates)[0], tf.float32)
+            uniform = float(config.sampled_negatives) / tf.cast(count, tf.float32)
+            all_probs = tf.concat(
+                [
+                    in_batch * all_probs + uniform,
+                    in_batch * tf.gather(self._sampling_probability, sampled + 2) + uniform,
+                ],
+                axis=0,
+            )
+            all_candidates = tf.concat([all_candidates, tf.gather(items, sampled)], axis=0)
+            all_ids = tf.concat([all_ids, sampled_ids], axis=0)
+        loss = self._tasks.retrieval(
+            query,
+            all_candidates,
+            sample_weight=weights,
+            candidate_sampling_probability=all_probs if config.logq_correction else None,
+            candidate_ids=all_ids if config.remove_accidental_hits else None,
+            compute_metrics=False,
+            compute_batch_metrics=False,
+        )
+        hits = in_batch_hits(query, all_candidates, hit_ids, all_ids, weights, 10)
+        return loss, hits
 
     def forward_numeric(self, query_inputs: dict, candidate_inputs: dict, training: bool):
         """Numeric inputs -> ``(query [b, D], candidate [b, D], rating [b])``, float32."""
@@ -775,7 +979,7 @@ _QUERY_KEYS = (*schema.QUERY_STRING_FEATURES, "history")
 def _embed(
     model: TwoTowerModel, side: str, table: Mapping[str, np.ndarray], batch: int = 1024
 ) -> np.ndarray:
-    """Embeds a table of raw features in batches; falls back to live text for cache misses."""
+    """Embeds a table of raw features in batches (live text: cache hits, BERT for misses)."""
     keys = _QUERY_KEYS if side == "query" else schema.CANDIDATE_STRING_FEATURES
     size = len(table[keys[0]])
     out = []
@@ -784,14 +988,8 @@ def _embed(
             k: tf.constant(np.asarray(table[k][start : start + batch]).astype(str)) for k in keys
         }
         mode = model.text_mode
-        if mode == "cached":
-            rows = (
-                model._query_text_input(features)
-                if side == "query"
-                else model._candidate_text_input(features)
-            )
-            if not bool(tf.reduce_all(rows > 0)):
-                model.set_text_mode("live")
+        if mode == "cached":  # live reads the caches too, and sends only their misses to BERT
+            model.set_text_mode("live")
         try:
             fn = model.query_embeddings if side == "query" else model.candidate_embeddings
             out.append(np.asarray(fn(features)))

@@ -379,28 +379,45 @@ def id_embedding(config: ModelConfig, dim: int, name: str) -> keras.layers.Embed
 
 
 class HistoryEncoder(keras.layers.Layer):
-    """Recent items -> one user-history vector ``[B, d]``.
+    """The user's rated items (and typed titles) -> one user-history vector ``[B, 2 d]``.
 
-    Each position is ``Dense(text vector) + id embedding + recency embedding``; a learned
-    "summary" token is prepended (so an empty history still has one unmasked position), then
-    optionally one pre-norm transformer block with a padding mask, then attention pooling with
-    a learned query over the unmasked positions.
+    Each history position is ``Dense(text vector) + Dense(id embedding)`` (+ a recency
+    embedding when ``positions``); each typed title is ``Dense(its text vector)`` + a learned
+    "title" type vector, through the same item projection, so a title lands where its item
+    would. A learned summary token is prepended (an empty history still has one unmasked
+    position), then optionally one pre-norm transformer block with a padding mask, then the
+    concatenation of attention pooling (a learned query) and mean pooling over the unmasked
+    positions. Any history length works: the bag is unbounded, recency indices past
+    ``length`` share the last embedding.
 
     Inputs: ``table`` float32 ``[K, T]`` (text vectors) or ``None`` (ID-only), ``rows`` int
     ``[B, H]`` (rows of the table), ``ids`` ``[B, H, E]`` or ``None``, ``mask`` bool ``[B, H]``
-    (True = a real item).
+    (True = a real item); ``titles`` float32 ``[B, P, T]`` and ``title_mask`` bool ``[B, P]``
+    or ``None``.
     """
 
     def __init__(
-        self, dim: int, heads: int, length: int, transformer: bool, dropout: float, **kwargs
+        self,
+        dim: int,
+        heads: int,
+        length: int,
+        transformer: bool,
+        dropout: float,
+        positions: bool = True,
+        id_dropout: float = 0.0,
+        **kwargs,
     ):
         super().__init__(**kwargs)
         self.dim = dim
         self.length = length
         self.use_transformer = transformer
+        self.use_positions = positions
+        self.id_dropout = id_dropout
+        self.seed_generator = keras.random.SeedGenerator(7)
         self.item_proj = keras.layers.Dense(dim, name="item_proj")
         self.id_proj = keras.layers.Dense(dim, use_bias=False, name="id_proj")
-        self.position = keras.layers.Embedding(length + 1, dim, name="position")
+        if positions:
+            self.position = keras.layers.Embedding(length + 1, dim, name="position")
         self.dropout = keras.layers.Dropout(dropout)
         if transformer:
             self.norm1 = keras.layers.LayerNormalization(name="norm1")
@@ -420,34 +437,121 @@ class HistoryEncoder(keras.layers.Layer):
         self.summary = self.add_weight(
             shape=(1, 1, self.dim), initializer="zeros", name="summary_token"
         )
+        self.title_type = self.add_weight(
+            shape=(1, 1, self.dim), initializer="zeros", name="title_type"
+        )
         self.built = True
 
-    def call(self, table, rows, ids, mask, training: bool = False) -> tf.Tensor:
+    def _drop_ids(self, ids, training: bool):
+        if not training or self.id_dropout <= 0:
+            return ids
+        shape = keras.ops.shape(ids)
+        keep = keras.random.uniform((shape[0], shape[1], 1), seed=self.seed_generator)
+        return ids * keras.ops.cast(keep >= self.id_dropout, ids.dtype)
+
+    def call(
+        self, table, rows, ids, mask, titles=None, title_mask=None, training: bool = False
+    ) -> tf.Tensor:
         # Project the (small) text table once, then gather: B * H times cheaper than projecting
         # every history position. No table (ID-only model): the ids alone.
         x = None
         if table is not None:
             x = keras.ops.take(self.item_proj(table), rows, axis=0)
         if ids is not None:
-            x = self.id_proj(ids) if x is None else x + self.id_proj(ids)
-        batch = keras.ops.shape(x)[0]
+            ids = self.id_proj(self._drop_ids(ids, training))
+            x = ids if x is None else x + ids
+        batch, length = keras.ops.shape(x)[0], keras.ops.shape(x)[1]
+        if self.use_positions:
+            recency = keras.ops.minimum(keras.ops.arange(length) + 1, self.length)
+            x = x + self.position(recency)[None]
         summary = keras.ops.broadcast_to(
             keras.ops.cast(self.summary, x.dtype), (batch, 1, self.dim)
         )
-        x = keras.ops.concatenate([summary, x], axis=1)  # [B, H+1, d]
-        x = x + self.position(keras.ops.arange(self.length + 1))[None]
-        x = self.dropout(x, training=training)
-        valid = keras.ops.concatenate([keras.ops.ones_like(mask[:, :1]), mask], axis=1)
+        parts, valid = [summary, x], [keras.ops.ones_like(mask[:, :1]), mask]
+        if titles is not None:
+            parts.append(self.item_proj(titles) + keras.ops.cast(self.title_type, x.dtype))
+            valid.append(title_mask)
+        x = self.dropout(keras.ops.concatenate(parts, axis=1), training=training)
+        valid = keras.ops.concatenate(valid, axis=1)  # [B, 1 + H (+ P)]
         if self.use_transformer:
             attention_mask = keras.ops.logical_and(valid[:, None, :], valid[:, :, None])
             h = self.norm1(x)
             x = x + self.attention(h, h, attention_mask=attention_mask, training=training)
             x = x + self.dropout(self.ffn(self.norm2(x)), training=training)
-        x = self.pool_norm(x)
+        x = keras.ops.cast(self.pool_norm(x), "float32")
         scores = keras.ops.cast(self.pool_score(self.pool_key(x))[..., 0], "float32")
         scores = keras.ops.where(valid, scores, keras.ops.full_like(scores, -1e9))
         weights = keras.ops.softmax(scores, axis=-1)
-        return keras.ops.sum(keras.ops.cast(x, "float32") * weights[..., None], axis=1)
+        attended = keras.ops.sum(x * weights[..., None], axis=1)
+        # The mean leaves the summary token out: it is what an empty history reads as zero.
+        items = keras.ops.cast(valid, "float32")[..., None] * keras.ops.concatenate(
+            [keras.ops.zeros_like(x[:, :1]), x[:, 1:]], axis=1
+        )
+        count = keras.ops.maximum(keras.ops.sum(keras.ops.cast(valid, "float32"), 1) - 1.0, 1.0)
+        mean = keras.ops.sum(items, axis=1) / count[:, None]
+        return keras.ops.concatenate([attended, mean], axis=-1)
+
+
+class SetEncoder(keras.layers.Layer):
+    """An unordered bag of the user's items (and typed titles) -> ``[B, 2 d]``.
+
+    Each item is ``Dense(text vector) + Dense(id embedding)``, computed once per *catalog row*
+    and gathered (a history of ``H`` items costs ``B * H * d`` reads, not ``B * H`` dense
+    layers: the whole-history query reads hundreds of items per user). Each typed title is
+    ``Dense(its text vector)`` (the same projection, so a title lands where its item would) +
+    a learned "title" vector. Out: attention pooling (a linear score per element, softmax over
+    the bag) and mean pooling, concatenated and layer-normalised; an empty bag gives the
+    normalised zero vector plus the learned offsets, never NaN.
+
+    Inputs: ``text_table`` ``[R, T]`` or None (ID-only), ``id_table`` ``[R, E]`` or None (text
+    only): one row per catalog row; ``rows`` int ``[B, H]`` (catalog rows, < 2 = padding or an
+    unknown item, both ignored); ``titles`` ``[B, P, T]`` + ``title_mask`` ``[B, P]`` or None.
+    """
+
+    def __init__(self, dim: int, dropout: float, id_dropout: float = 0.0, **kwargs):
+        super().__init__(**kwargs)
+        self.dim = dim
+        self.id_dropout = id_dropout
+        self.seed_generator = keras.random.SeedGenerator(11)
+        self.item_proj = keras.layers.Dense(dim, name="item_proj")
+        self.id_proj = keras.layers.Dense(dim, use_bias=False, name="id_proj")
+        self.score = keras.layers.Dense(1, name="pool_score")
+        self.dropout = keras.layers.Dropout(dropout)
+        self.norm = keras.layers.LayerNormalization(name="norm")
+
+    def build(self, input_shape=None):
+        self.title_type = self.add_weight(
+            shape=(1, 1, self.dim), initializer="zeros", name="title_type"
+        )
+        self.built = True
+
+    def call(
+        self, text_table, id_table, rows, titles=None, title_mask=None, training: bool = False
+    ) -> tf.Tensor:
+        rows = keras.ops.cast(rows, "int32")
+        x = None
+        if text_table is not None:
+            x = keras.ops.take(self.item_proj(text_table), rows, axis=0)
+        if id_table is not None:
+            ids = keras.ops.take(self.id_proj(id_table), rows, axis=0)
+            if training and self.id_dropout > 0:
+                shape = keras.ops.shape(rows)
+                keep = keras.random.uniform((shape[0], shape[1], 1), seed=self.seed_generator)
+                ids = ids * keras.ops.cast(keep >= self.id_dropout, ids.dtype)
+            x = ids if x is None else x + ids
+        valid = rows > 1
+        if titles is not None:
+            typed = self.item_proj(titles) + keras.ops.cast(self.title_type, titles.dtype)
+            x = keras.ops.concatenate([x, keras.ops.cast(typed, x.dtype)], axis=1)
+            valid = keras.ops.concatenate([valid, title_mask], axis=1)
+        x = self.dropout(keras.ops.cast(x, "float32"), training=training)
+        weights = keras.ops.cast(valid, "float32")
+        scores = keras.ops.where(valid, self.score(x)[..., 0], keras.ops.full_like(weights, -1e9))
+        attention = keras.ops.softmax(scores, axis=-1) * weights  # all zeros for an empty bag
+        attended = keras.ops.sum(x * attention[..., None], axis=1)
+        count = keras.ops.maximum(keras.ops.sum(weights, axis=1, keepdims=True), 1.0)
+        mean = keras.ops.sum(x * weights[..., None], axis=1) / count
+        return self.norm(keras.ops.concatenate([attended, mean], axis=-1))
 
 
 # ----------------------------------------------------------------------------- towers
@@ -456,15 +560,20 @@ class HistoryEncoder(keras.layers.Layer):
 class QueryTower(keras.layers.Layer):
     """Query features -> L2-normalised ``[B, D]``.
 
-    Inputs (numeric, from the preprocessor): ``text`` (token dict or cache rows), ``user_id``,
-    ``user_age``, ``user_gender``, ``user_occupation`` int ``[B]`` (hashed), ``history_rows``
-    int ``[B, H]`` (catalog rows, 0 = padding), ``history_ids`` int ``[B, H]`` (hashed ids).
+    Inputs (numeric, from the preprocessor): ``text`` (token dict, cache rows or vectors),
+    ``user_id``, ``user_age``, ``user_gender``, ``user_occupation`` int ``[B]`` (hashed),
+    ``history_rows`` int ``[B, H]`` (catalog rows, 0 = padding), ``history_ids`` int ``[B, H]``
+    (hashed ids), and with ``liked_titles``: ``titles`` (cache rows ``[B, P]`` or vectors
+    ``[B, P, T]``) and ``title_mask`` bool ``[B, P]``.
 
     Args:
       text_vectors: callable, text input -> ``[B, T]`` float32 (live encoder or cache).
       item_text_table: callable, catalog rows ``[B, H]`` -> ``(table [K, T], rows [B, H])``:
         the candidate side's text vectors of the catalog and where each history item is in it.
+      catalog_tables: callable, ``() -> (text [R, T] or None, ids [R, E] or None)``: the text
+        vector and id embedding of every catalog row (the set encoder's item table).
       item_id_embedding: the candidate tower's item id embedding, shared by the history.
+      title_vectors: callable, ``titles`` input -> ``[B, P, T]`` float32, or None.
     """
 
     def __init__(
@@ -475,11 +584,15 @@ class QueryTower(keras.layers.Layer):
         item_id_embedding,
         history_length: int,
         field_buckets: int,
+        title_vectors=None,
+        catalog_tables=None,
         **kwargs,
     ):
         super().__init__(**kwargs)
         self.config = config
         self.text_vectors = text_vectors
+        self.title_vectors = title_vectors
+        self.catalog_tables = catalog_tables
         self.item_text_table = item_text_table
         self.item_id_embedding = item_id_embedding
         self.text_proj = keras.layers.Dense(config.history_dim, activation="gelu", name="text_proj")
@@ -492,13 +605,22 @@ class QueryTower(keras.layers.Layer):
             self.id_dropout = IdDropout(config.id_dropout, name="user_id_dropout")
         self.residual = id_residual_embedding(config, "user_id_residual")
         self.history = None
-        if config.history != "none":
+        if config.history == "set":
+            self.history = SetEncoder(
+                config.history_dim,
+                config.dropout,
+                id_dropout=config.history_id_dropout if config.use_text else 0.0,
+                name="set_encoder",
+            )
+        elif config.history != "none":
             self.history = HistoryEncoder(
                 config.history_dim,
                 config.history_heads,
                 history_length,
                 transformer=config.history == "transformer",
                 dropout=config.dropout,
+                positions=config.history != "set",
+                id_dropout=config.history_id_dropout if config.use_text else 0.0,
                 name="history_encoder",
             )
         self.projection = Projection(
@@ -517,7 +639,23 @@ class QueryTower(keras.layers.Layer):
                 self.id_dropout, self.user_embedding, self.residual, inputs["user_id"], training
             )
             parts.append(ids)
-        if self.history is not None:
+        if isinstance(self.history, SetEncoder):
+            titles, title_mask = None, None
+            if self.title_vectors is not None:
+                titles = self.title_vectors(inputs["titles"])
+                title_mask = inputs["title_mask"]
+            text_table, id_table = self.catalog_tables()
+            parts.append(
+                self.history(
+                    text_table,
+                    id_table,
+                    inputs["history_rows"],
+                    titles,
+                    title_mask,
+                    training=training,
+                )
+            )
+        elif self.history is not None:
             rows = inputs["history_rows"]
             ids = None
             if self.config.use_id_embeddings:
@@ -525,7 +663,13 @@ class QueryTower(keras.layers.Layer):
             table, table_rows = None, None
             if self.config.use_text:
                 table, table_rows = self.item_text_table(rows)
-            history = self.history(table, table_rows, ids, rows > 0, training=training)
+            titles, title_mask = None, None
+            if self.title_vectors is not None:
+                titles = self.title_vectors(inputs["titles"])
+                title_mask = inputs["title_mask"]
+            history = self.history(
+                table, table_rows, ids, rows > 0, titles, title_mask, training=training
+            )
             parts.append(history)
         fused = keras.ops.concatenate([keras.ops.cast(p, self.compute_dtype) for p in parts], -1)
         return self.projection(fused, training=training, residual=residual)

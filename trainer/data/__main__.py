@@ -31,7 +31,18 @@ def build_parser() -> argparse.ArgumentParser:
     )
     defaults = PrepareConfig(output="")
     p.add_argument("--seed", type=int, default=defaults.seed)
-    p.add_argument("--history-length", type=int, default=defaults.history_length)
+    p.add_argument(
+        "--history-length",
+        type=int,
+        default=defaults.history_length,
+        help="history items stored per p1 event (its earlier ratings, most recent first)",
+    )
+    p.add_argument(
+        "--user-history-length",
+        type=int,
+        default=defaults.user_history_length,
+        help="history items stored per user (the whole-history query; longer ones are cut)",
+    )
     p.add_argument("--liked-threshold", type=float, default=defaults.liked_threshold)
     p.add_argument("--query-titles", type=int, default=defaults.query_titles)
     p.add_argument("--cold-fraction", type=float, default=defaults.cold_fraction)
@@ -55,8 +66,14 @@ def summary_table(manifest: dict) -> str:
                 f"{name:<6}{part:<7}{info['examples']:>10,}{info['positives']:>11,}"
                 f"{info['users']:>7,}{info['items']:>7,}"
             )
-        if split["cold_items"]:
+        if split.get("cold_items"):
             lines.append(f"{name:<6}cold items held out of training: {len(split['cold_items'])}")
+        if "heldout_users" in split:
+            held = split["heldout_users"]
+            lines.append(
+                f"{name:<6}new users held out of training: {len(held['valid'])} valid, "
+                f"{len(held['test'])} test (fold-in history + targets)"
+            )
     return "\n".join(lines)
 
 
@@ -69,6 +86,7 @@ def main(argv: list[str] | None = None) -> int:
         cache_dir=args.cache_dir,
         seed=args.seed,
         history_length=args.history_length,
+        user_history_length=args.user_history_length,
         liked_threshold=args.liked_threshold,
         query_titles=args.query_titles,
         cold_fraction=args.cold_fraction,

@@ -42,7 +42,8 @@ class PrepareConfig:
     source: str | None = None  # a directory in one of GroupLens's layouts
     cache_dir: str | None = None
     seed: int = 42
-    history_length: int = schema.HISTORY_LENGTH
+    history_length: int = schema.HISTORY_LENGTH  # per p1 event query
+    user_history_length: int = schema.USER_HISTORY_LENGTH  # per user (whole history) query
     liked_threshold: float = schema.LIKED_THRESHOLD
     query_titles: int = schema.QUERY_TITLES
     cold_fraction: float = 0.1
@@ -59,6 +60,10 @@ class PrepareConfig:
             )
         if self.history_length < 1:
             raise DataError(f"--history-length must be at least 1, got {self.history_length}")
+        if self.user_history_length < 1:
+            raise DataError(
+                f"--user-history-length must be at least 1, got {self.user_history_length}"
+            )
         if not 0.0 < self.cold_fraction < 1.0:
             raise DataError(f"--cold-fraction must be in (0, 1), got {self.cold_fraction}")
         if self.train_shards < 1:
@@ -96,15 +101,21 @@ class _Builder:
             for u, idx in by_user.items()
         }
 
-    def _query(self, user: str, liked: list[str]) -> dict[str, object]:
-        recent = liked[::-1][: self.config.history_length]
-        titles = [self.item_name[i] for i in recent[: self.config.query_titles]]
+    def _query(
+        self, user: str, history: list[str], liked: list[str], length: int | None
+    ) -> dict[str, object]:
+        """The query of ``user`` given their earlier ratings (``history``: every rated item,
+        ``liked``: the well-rated ones, both oldest first). ``length`` = None: no history field
+        (per-user protocols' events, whose training query the loop builds)."""
+        titles = [self.item_name[i] for i in liked[::-1][: self.config.query_titles]]
         fields = self.user_fields[user]
-        return {
+        query: dict[str, object] = {
             **fields,
             "query_text": features.query_text(fields, titles),
-            "history": _padded(recent, self.config.history_length),
         }
+        if length is not None:
+            query["history"] = _padded(history[::-1][:length], length)
+        return query
 
     def _candidate(self, item_id: str) -> dict[str, object]:
         item = self.raw.items[item_id]
@@ -117,11 +128,18 @@ class _Builder:
         }
 
     def events(self, split: _Split) -> tuple[dict[str, list[dict]], list[dict]]:
-        """Records of every part, and one user record per user, from this split's train part."""
+        """Records of every part, and one user record per user, from this split's train part.
+
+        A query reads the user's ratings of the parts a user brings with them: train, and in
+        p4 the new users' fold-in. p1 events carry their own past (every earlier such rating);
+        the other protocols' events carry none (see :data:`schema.HISTORY_LENGTH`).
+        """
         out: dict[str, list[dict]] = defaultdict(list)
         users = []
         threshold = self.config.liked_threshold
+        event_length = self.config.history_length if split.name == "p1" else None
         for user in sorted(self.by_user):
+            history: list[str] = []
             liked: list[str] = []
             num_train = 0
             ordered = self.by_user[user]
@@ -132,7 +150,8 @@ class _Builder:
                 while stop < len(ordered) and self.raw.ratings[ordered[stop]][3] == ts:
                     stop += 1
                 group = ordered[start:stop]
-                query = self._query(user, liked)  # only ratings strictly before `ts`
+                # only ratings strictly before `ts`
+                query = self._query(user, history, liked, event_length)
                 for index in group:
                     part = split.parts[index]
                     if part:
@@ -146,12 +165,14 @@ class _Builder:
                             }
                         )
                 for index in group:
-                    if split.parts[index] == "train":
-                        num_train += 1
+                    if split.parts[index] in _HISTORY_PARTS:
+                        num_train += split.parts[index] == "train"
+                        history.append(self.raw.ratings[index][1])
                         if self.raw.ratings[index][2] >= threshold:
                             liked.append(self.raw.ratings[index][1])
                 start = stop
-            users.append({**self._query(user, liked), "num_train": num_train})
+            query = self._query(user, history, liked, self.config.user_history_length)
+            users.append({**query, "num_train": num_train})
         return out, users
 
     def catalog(self, split: _Split) -> list[dict]:
@@ -169,6 +190,10 @@ class _Builder:
         ]
 
 
+#: Parts whose ratings a user's query may read: what the model knows of them when it ranks.
+_HISTORY_PARTS = ("train", "foldin")
+
+
 def _id_order(item_id: str) -> tuple[int, str]:
     return (int(item_id), item_id) if item_id.isdigit() else (1 << 62, item_id)
 
@@ -181,6 +206,7 @@ def make_splits(raw: RawData, config: PrepareConfig) -> list[_Split]:
         _Split("p1", splits.split_p1(len(raw.ratings), config.seed), set()),
         _Split("p2", splits.split_p2(users, config.seed), set()),
         _Split("p3", splits.split_p3(users, items, cold, config.seed), cold),
+        _Split("p4", splits.split_p4(users, config.seed), set()),
     ]
 
 
@@ -206,6 +232,7 @@ def write_prepared(raw: RawData, config: PrepareConfig, directory: str) -> dict:
         "dataset": raw.name,
         "seed": config.seed,
         "history_length": config.history_length,
+        "user_history_length": config.user_history_length,
         "liked_threshold": config.liked_threshold,
         "query_titles": config.query_titles,
         "cold_fraction": config.cold_fraction,
@@ -239,6 +266,10 @@ def write_prepared(raw: RawData, config: PrepareConfig, directory: str) -> dict:
             "parts": parts,
             "cold_items": sorted(split.cold, key=_id_order),
         }
+        if "foldin" in schema.PARTS[split.name]:  # p4: who the new (held-out) users are
+            manifest["splits"][split.name]["heldout_users"] = splits.heldout_users(
+                [r[0] for r in raw.ratings], split.parts
+            )
     for path in sorted(tf.io.gfile.glob(os.path.join(directory, "*", "*.tfrecord"))):
         manifest["files_sha256"][os.path.relpath(path, directory)] = _file_sha256(path)
     with tf.io.gfile.GFile(os.path.join(directory, MANIFEST), "w") as f:

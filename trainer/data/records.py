@@ -105,6 +105,12 @@ def _history_length(data_dir: str) -> int:
     return int(read_manifest(data_dir).get("history_length", schema.HISTORY_LENGTH))
 
 
+def user_history_length(data_dir: str) -> int:
+    """Columns of ``history`` in ``users.tfrecord`` (older data dirs: the event length)."""
+    manifest = read_manifest(data_dir)
+    return int(manifest.get("user_history_length", _history_length(data_dir)))
+
+
 def make_dataset(
     data_dir: str,
     split: str,
@@ -186,7 +192,7 @@ def load_catalog(data_dir: str, split: str) -> dict[str, np.ndarray]:
 
 def load_users(data_dir: str, split: str) -> dict[str, np.ndarray]:
     """Every user's query features from the whole train part; ``history`` is ``[U, H]``."""
-    spec = schema.user_feature_spec(_history_length(data_dir))
+    spec = schema.user_feature_spec(user_history_length(data_dir))
     return _load_table(_split_file(data_dir, split, "users"), spec)
 
 

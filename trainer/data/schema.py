@@ -4,10 +4,11 @@ A prepared data directory looks like::
 
     DIR/
       manifest.json                  # seed, counts, content hashes, history_length, splits
-      p1/ p2/ p3/                    # one folder per evaluation protocol
+      p1/ p2/ p3/ p4/                # one folder per evaluation protocol
         train-00000-of-0000N.tfrecord
-        valid-00000-of-0000N.tfrecord   # p2 and p3 only
+        valid-00000-of-0000N.tfrecord   # p2, p3 and p4
         test-00000-of-0000N.tfrecord
+        foldin-00000-of-00001.tfrecord  # p4 only: the held-out (new) users' fold-in ratings
         catalog.tfrecord             # every item: text and popularity in this split's train part
         users.tfrecord               # every user: profile and history from this split's train part
 
@@ -15,24 +16,34 @@ Every record is a ``tf.train.Example``. An *event* (one rating) carries the quer
 candidate features and the label. Query features are always built from the same split's
 *training* ratings made strictly before the event, so no record ever sees its own movie or the
 future, and no evaluation query sees a held-out rating.
+
+In ``p4`` (new users) the valid and test users have no train ratings at all: each has a
+``foldin`` part (the ratings a new user would send in the query) and ``valid`` or ``test``
+targets; the manifest's split entry lists them under ``heldout_users``.
 """
 
 from __future__ import annotations
 
 import tensorflow as tf
 
-#: Number of history item ids stored per query (most recent first, padded with "").
-HISTORY_LENGTH = 20
-#: Ratings at or above this count as "liked" when building query histories.
+#: History item ids stored per *event* query (p1: every earlier train rating of the user, most
+#: recent first, padded with ""). Events of the per-user protocols (p2, p3, p4) store none: their
+#: training query is the user's whole history with the target left out, built by the loop.
+HISTORY_LENGTH = 50
+#: History item ids stored per *user* (every train rating, or p4's fold-in ratings, most recent
+#: first): the whole-history query of the per-user protocols. Longer histories are cut.
+USER_HISTORY_LENGTH = 256
+#: Ratings at or above this count as "liked": their titles go into the query text.
 LIKED_THRESHOLD = 4.0
 #: Titles of liked movies written into the query text (most recent first).
 QUERY_TITLES = 10
 
-PROTOCOLS = ("p1", "p2", "p3")
+PROTOCOLS = ("p1", "p2", "p3", "p4")
 PARTS = {
     "p1": ("train", "test"),
     "p2": ("train", "valid", "test"),
     "p3": ("train", "valid", "test"),
+    "p4": ("train", "valid", "test", "foldin"),
 }
 
 # Query-side features: what a serving request carries.
@@ -48,7 +59,10 @@ def query_feature_spec(history_length: int = HISTORY_LENGTH) -> dict[str, tf.io.
     item ids, most recent first, padded with ``""``.
     """
     spec = {name: tf.io.FixedLenFeature([], tf.string) for name in QUERY_STRING_FEATURES}
-    spec["history"] = tf.io.FixedLenFeature([history_length], tf.string)
+    # A record without a history (p2-p4 events) parses to all padding.
+    spec["history"] = tf.io.FixedLenFeature(
+        [history_length], tf.string, default_value=[""] * history_length
+    )
     return spec
 
 
@@ -83,7 +97,9 @@ def catalog_feature_spec() -> dict[str, tf.io.FixedLenFeature]:
     return spec
 
 
-def user_feature_spec(history_length: int = HISTORY_LENGTH) -> dict[str, tf.io.FixedLenFeature]:
+def user_feature_spec(
+    history_length: int = USER_HISTORY_LENGTH,
+) -> dict[str, tf.io.FixedLenFeature]:
     """Parsing spec of one user: the query features built from the user's whole train history.
 
     Extra field: ``num_train`` int64 ``[]``, the user's ratings in the train part.

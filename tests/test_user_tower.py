@@ -1,0 +1,208 @@
+"""The query tower reads what the user did: whole-history queries, typed titles, negatives."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+import trainer  # noqa: F401  (TF_USE_LEGACY_KERAS before TensorFlow)
+
+tf = pytest.importorskip("tensorflow")
+
+from trainer import loop  # noqa: E402
+from trainer import model as M  # noqa: E402
+from trainer.config import TrainConfig  # noqa: E402
+from trainer.data import records  # noqa: E402
+
+
+def _config(data_dir: str, split: str = "p2", **model) -> TrainConfig:
+    config = TrainConfig()
+    config.data.data, config.data.split = data_dir, split
+    config.model.preset = "tiny"
+    config.optim.batch_size = 64
+    for name, value in model.items():
+        setattr(config.model, name, value)
+    config = config.resolve(has_gpu=False)
+    config.validate()
+    return config
+
+
+def test_liked_titles_parses_prepared_and_free_text():
+    texts = tf.constant(
+        [
+            "Age 25-34, male, engineer. Liked: Fargo (1996); Heat (1995).",
+            "Age 18-24, female, writer. Liked: nothing yet.",
+            "space adventure with robots",
+            "",
+        ]
+    )
+    got = [[t.decode() for t in row] for row in M.liked_titles(texts, 3).numpy()]
+    assert got == [
+        ["Fargo (1996)", "Heat (1995)", ""],
+        ["", "", ""],
+        ["space adventure with robots", "", ""],
+        ["", "", ""],
+    ]
+    many = tf.constant(["Liked: " + "; ".join(f"T{i}" for i in range(9)) + "."])
+    assert [t.decode() for t in M.liked_titles(many, 4).numpy()[0]] == ["T0", "T1", "T2", "T3"]
+
+
+def test_no_training_query_contains_its_own_target(tiny_data_dir):
+    config = _config(tiny_data_dir)
+    plan = loop.plan_data(config)
+    assert plan.users is not None  # p2 trains on whole-history queries
+    full = dict(zip(plan.users["user_id"], plan.users["history"], strict=True))
+    steps = plan.train_examples // config.optim.batch_size
+    seen_any = 0
+    for batch in loop.train_dataset(plan, config, epoch=0, skip_steps=0, steps_per_epoch=steps):
+        history = batch["history"].numpy().astype(str)
+        items = batch["item_id"].numpy().astype(str)
+        users = batch["user_id"].numpy().astype(str)
+        for row, item, user in zip(history, items, users, strict=True):
+            real = [h for h in row if h]
+            assert item not in real
+            assert set(real) <= set(full[user]) - {item}
+            seen_any += len(real)
+    assert seen_any > 0
+
+
+def test_history_dropout_is_fresh_each_epoch_and_fixed_by_the_seed(tiny_data_dir):
+    config = _config(tiny_data_dir)
+    plan = loop.plan_data(config)
+    steps = 2
+
+    def first(epoch: int) -> np.ndarray:
+        ds = loop.train_dataset(plan, config, epoch=epoch, skip_steps=0, steps_per_epoch=steps)
+        return next(iter(ds))["history"].numpy()
+
+    np.testing.assert_array_equal(first(0), first(0))
+    assert not np.array_equal(first(0) != b"", first(1) != b"")
+
+
+@pytest.fixture(scope="module")
+def tower_model(tiny_data_dir):
+    config = _config(tiny_data_dir)
+    plan = loop.plan_data(config)
+    return M.build_model(config.model, plan.assets, seed=3), plan
+
+
+def test_history_and_query_text_move_the_ranking_without_a_user_id(tower_model):
+    model, plan = tower_model
+    # Random weights are enough: the test is that the tower reads these inputs at all.
+    items = plan.assets.item_ids
+    titles = plan.assets.item_titles
+
+    def query(history: list[str], text: str) -> dict[str, tf.Tensor]:
+        return {
+            "user_id": tf.constant([""]),
+            "user_age": tf.constant(["25-34"]),
+            "user_gender": tf.constant(["F"]),
+            "user_occupation": tf.constant(["writer"]),
+            "query_text": tf.constant([text]),
+            "history": tf.constant([history + [""] * 3]),
+        }
+
+    model.set_text_mode("live")
+    base = model.query_embeddings(query([], "")).numpy()
+    by_history = model.query_embeddings(query(items[:3], "")).numpy()
+    other_history = model.query_embeddings(query(items[10:13], "")).numpy()
+    by_titles = model.query_embeddings(query([], f"Liked: {titles[0]}; {titles[1]}.")).numpy()
+    free = model.query_embeddings(query([], "a dark love story")).numpy()
+    for a, b in ((base, by_history), (by_history, other_history), (base, by_titles), (base, free)):
+        assert np.abs(a - b).max() > 1e-4
+    unknown = model.query_embeddings(query(["no-such-item"], "")).numpy()
+    assert np.all(np.isfinite(unknown))
+
+
+def test_cached_or_encoded_matches_the_live_encoder(tower_model):
+    model, plan = tower_model
+    cache, encoder = model.title_cache, model.candidate_encoder
+    texts = tf.constant([plan.assets.item_titles[0], "a title nobody has", "", "Star Wars"])
+    mixed = M.cached_or_encoded(cache, encoder, texts).numpy()
+    live = encoder.encode_strings(texts).numpy()
+    np.testing.assert_allclose(mixed[[0, 1, 3]], live[[0, 1, 3]], atol=1e-5)
+    np.testing.assert_array_equal(mixed[2], 0.0)
+
+
+@pytest.mark.parametrize("negatives", ["full", "mixed", "in_batch"])
+def test_every_negative_sampler_gives_a_finite_loss_and_gradients(tiny_data_dir, negatives):
+    config = _config(tiny_data_dir, negatives=negatives, sampled_negatives=16)
+    plan = loop.plan_data(config)
+    model = M.build_model(config.model, plan.assets, seed=0)
+    ds = loop.train_dataset(plan, config, epoch=0, skip_steps=0, steps_per_epoch=1)
+    batch = next(iter(ds))
+
+    @tf.function(autograph=True)
+    def step(features):
+        with tf.GradientTape() as tape:
+            loss, sums = model.compute_losses(features, global_batch_size=64)
+        grads = tape.gradient(loss, model.trainable_variables)
+        return loss, sums, grads
+
+    loss, sums, grads = step(batch)
+    assert np.isfinite(float(loss)) and float(sums["retrieval_loss"]) > 0
+    assert 0 <= float(sums["hits_at_10"]) <= float(sums["positives"])
+    assert any(g is not None and float(tf.reduce_sum(tf.abs(g))) > 0 for g in grads)
+
+
+def test_full_softmax_leaves_the_users_history_out(tiny_data_dir):
+    config = _config(tiny_data_dir, temperature=1.0)
+    plan = loop.plan_data(config)
+    model = M.build_model(config.model, plan.assets, seed=0)
+    catalog = records.load_catalog(tiny_data_dir, "p2")
+    ids = list(catalog["item_id"])
+    features = M.dummy_features(plan.assets, batch=1)
+    target = features["item_id"].numpy()[0].decode()
+    others = [i for i in ids if i != target][:5]
+    features["history"] = tf.constant([others])
+    features["rating"] = tf.constant([5.0])
+    query_inputs = model.preprocess_query(features)
+    candidate_inputs = model.preprocess_candidate(features)
+    query = model.query_tower(query_inputs)
+    loss, _ = model._full_softmax(query, query_inputs, candidate_inputs, tf.ones([1]), False)
+    items = model._catalog_embeddings(False)
+    logits = (query @ tf.transpose(items)).numpy()[0]
+    keep = np.ones(len(ids), bool)
+    keep[[ids.index(i) for i in others]] = False
+    expected = -logits[ids.index(target)] + np.log(np.exp(logits[keep]).sum())
+    np.testing.assert_allclose(float(loss), expected, rtol=1e-4)
+
+
+def test_export_ranks_by_history_and_typed_titles_through_the_session_loader(
+    tiny_export, tiny_data_dir
+):
+    """Same demographics, no user id: what the user did (or typed) decides the top-10."""
+    from serving.session_runner import SessionModel
+
+    catalog = records.load_catalog(tiny_data_dir, "p2")
+    ids, titles = list(catalog["item_id"]), list(catalog["item_title"])
+
+    def request(histories: list[list[str]], texts: list[str]) -> dict[str, np.ndarray]:
+        width = max(1, *(len(h) for h in histories))
+        batch = len(texts)
+        return {
+            "user_id": np.array([""] * batch, object),
+            "user_age": np.array(["25-34"] * batch, object),
+            "user_gender": np.array(["F"] * batch, object),
+            "user_occupation": np.array(["writer"] * batch, object),
+            "query_text": np.array(texts, object),
+            "history": np.array([h + [""] * (width - len(h)) for h in histories], object),
+            "k": np.full([batch], 10, np.int32),
+            "exclude_item_ids": np.array([[""]] * batch, object),
+            "diversity": np.zeros([batch], np.float32),
+        }
+
+    with SessionModel(tiny_export) as served:
+        out = served.run(
+            "serving_default",
+            request(
+                [ids[:5], ids[20:25], [], [], ["no-such-item"] * 300],
+                ["", "", f"Liked: {titles[0]}; {titles[1]}.", f"Liked: {titles[30]}.", ""],
+            ),
+        )
+    top = [list(row) for row in out["item_ids"]]
+    assert top[0] != top[1]  # different histories
+    assert top[2] != top[3]  # different typed titles
+    # Unknown ids and a history longer than the cap are no error: ids are still returned.
+    assert all(len(row) == 10 and all(row) for row in top)
+    assert np.all(np.isfinite(out["scores"]))
