@@ -8,7 +8,7 @@ WORK=${WORK:-runs/demo}
 SPLIT=${SPLIT:-p2}
 PORT=${PORT:-8500}
 REST_PORT=${REST_PORT:-8501}
-TRAIN_FLAGS=${TRAIN_FLAGS:-}
+TRAIN_FLAGS=${TRAIN_FLAGS:---epochs 4}  # the whole-history model trains slower on a CPU
 USERS=${USERS:-"1 405"}
 start=$(date +%s)
 

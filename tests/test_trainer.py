@@ -128,12 +128,18 @@ def test_resolve_picks_cpu_and_gpu_defaults():
     gpu = TrainConfig().resolve(has_gpu=True)
     assert not gpu.model.freeze_bert and not gpu.model.cache_text
     assert gpu.model.query_text == "query_text" and gpu.runtime.xla == "on"
-    # The history encoder goes where queries are events with a past (p1), not on the per-user
-    # random splits; an explicit choice is kept.
-    for split, history in (("p1", "attention"), ("p2", "none"), ("p3", "none")):
+    # Ordered recent past for p1's event queries, the whole-history bag on the per-user
+    # protocols (with the user's own history out of the full softmax); an explicit choice is kept.
+    for split, history, mask in (
+        ("p1", "attention", False),
+        ("p2", "set", True),
+        ("p3", "set", True),
+        ("p4", "set", True),
+    ):
         config = TrainConfig()
         config.data.split = split
-        assert config.resolve(has_gpu=False).model.history == history
+        resolved = config.resolve(has_gpu=False).model
+        assert (resolved.history, resolved.mask_history) == (history, mask)
     config = parse_args(["--split", "p2", "--history", "transformer"])
     assert config.resolve(has_gpu=False).model.history == "transformer"
 

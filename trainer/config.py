@@ -111,6 +111,10 @@ class DataConfig:
     # Per-user protocols: each training event's query is the user's whole history without the
     # target, with this share of the other items dropped afresh every epoch (denoising).
     history_dropout: float = 0.2
+    # ... and at most this many of the remaining items, drawn at random (0 = all): the bag is
+    # unordered, so a random subset reads like the whole in expectation, at a fraction of the
+    # cost of a 256-item history per event. Evaluation and serving read the whole history.
+    train_history_items: int = 64
 
 
 @dataclasses.dataclass
@@ -256,6 +260,7 @@ class TrainConfig:
             ("--rating-l2", m.rating_l2),
             ("--max-steps", r.max_steps),
             ("--valid-queries", d.valid_queries),
+            ("--train-history-items", d.train_history_items),
             ("--early-stopping-patience", o.early_stopping_patience),
         ):
             if value < 0:

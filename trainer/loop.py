@@ -195,7 +195,10 @@ def train_dataset(
     ds = ds.take(steps_per_epoch)
     if plan.users is not None:
         attach = whole_history_queries(
-            plan.users, config.data.history_dropout, seed=config.optim.seed * 1009 + epoch
+            plan.users,
+            config.data.history_dropout,
+            seed=config.optim.seed * 1009 + epoch,
+            max_items=config.data.train_history_items,
         )
         ds = ds.enumerate().map(attach, num_parallel_calls=tf.data.AUTOTUNE)
     ds = ds.skip(skip_steps).prefetch(tf.data.AUTOTUNE)
@@ -206,11 +209,13 @@ def train_dataset(
 
 
 def whole_history_queries(
-    users: Mapping[str, np.ndarray], dropout: float, seed: int
+    users: Mapping[str, np.ndarray], dropout: float, seed: int, max_items: int = 0
 ) -> Callable[[tf.Tensor, dict], dict]:
     """``(batch index, batch) -> batch`` whose ``history`` is each user's whole history
-    (``users["history"]`` ``[U, H]``) with the event's own item left out, and a ``dropout``
-    share of the rest dropped (seeded by ``(seed, batch index)``: the same on a resume).
+    (``users["history"]`` ``[U, H]``) with the event's own item left out, a ``dropout`` share
+    of the rest dropped, and at most ``max_items`` of what remains kept at random (0 = all;
+    ``history`` is then ``[B, max_items]``). Seeded by ``(seed, batch index)``: the same batch
+    on a resume.
 
     The target never sits in its own query, so the model cannot learn to echo its input; the
     fresh random drop each epoch makes it rank what is missing from a history (denoising).
@@ -228,12 +233,18 @@ def whole_history_queries(
         rows = table.lookup(batch["user_id"])
         history = tf.gather(histories, tf.maximum(rows, 0))
         keep = tf.logical_and(rows[:, None] >= 0, history != batch["item_id"][:, None])
+        keep = tf.logical_and(keep, history != "")
+        draw = tf.random.stateless_uniform(
+            tf.shape(history), seed=tf.stack([tf.constant(seed, tf.int64), index])
+        )
         if dropout > 0:
-            draw = tf.random.stateless_uniform(
-                tf.shape(history), seed=tf.stack([tf.constant(seed, tf.int64), index])
-            )
             keep = tf.logical_and(keep, draw >= dropout)
-        return {**batch, "history": tf.where(keep, history, "")}
+        history = tf.where(keep, history, "")
+        if max_items and max_items < histories.shape[1]:
+            # A random subset: the kept items with the highest draws (dropped ones rank last).
+            picked = tf.math.top_k(tf.where(keep, draw, -1.0), k=max_items).indices
+            history = tf.gather(history, picked, batch_dims=1)
+        return {**batch, "history": history}
 
     return attach
 
