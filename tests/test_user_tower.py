@@ -160,7 +160,7 @@ def test_full_softmax_leaves_the_users_history_out(tiny_data_dir):
     candidate_inputs = model.preprocess_candidate(features)
     query = model.query_tower(query_inputs)
     loss, _ = model._full_softmax(query, query_inputs, candidate_inputs, tf.ones([1]), False)
-    items = model._catalog_embeddings(False)
+    items, _ = model._catalog_embeddings(False)
     logits = (query @ tf.transpose(items)).numpy()[0]
     keep = np.ones(len(ids), bool)
     keep[[ids.index(i) for i in others]] = False

@@ -34,7 +34,7 @@ from trainer import metrics
 from trainer.config import ConfigError, TrainConfig
 from trainer.data import records, schema
 from trainer.data.movielens import DataError
-from trainer.evaluate import index_of, items_by_user
+from trainer.evaluate import RankingTask, index_of, items_by_user, ranking_task
 from trainer.model import ModelAssets, TwoTowerModel, build_model, save_trained
 
 log = logging.getLogger("trainer")
@@ -116,12 +116,15 @@ class DataPlan:
     assets: ModelAssets
     catalog: dict[str, np.ndarray]
     valid: dict[str, np.ndarray]
-    # user id -> catalog rows of the items the user has in the training stream (excluded from
-    # validation rankings, as the evaluation protocols exclude them).
+    # p1: user id -> catalog rows of the items the user has in the training stream (excluded
+    # from validation rankings, as the evaluation protocol excludes them).
     seen: dict[str, list[int]] = dataclasses.field(default_factory=dict)
-    # One query per user from the train part (p2-p4): validation is then per user, as RecBole,
-    # and each training event's query is the user's whole history without the target.
+    # One query per user from the train part (p2-p4): each training event's query is the
+    # user's whole history without the target.
     users: dict[str, np.ndarray] | None = None
+    # The valid part as the protocol ranks it (p2-p4): validation is then per user, as RecBole,
+    # with the protocol's own queries, exclusions and truth (p4: the new users, no user id).
+    ranking: RankingTask | None = None
 
 
 def plan_data(config: TrainConfig) -> DataPlan:
@@ -139,23 +142,17 @@ def plan_data(config: TrainConfig) -> DataPlan:
     records.part_files(data_dir, split, "train")  # every shard present
     catalog = records.load_catalog(data_dir, split)
     users = records.load_users(data_dir, split)
+    ranking = None
     if "valid" in parts:
-        history_length = records.user_history_length(data_dir)
-    else:
-        history_length = int(manifest.get("history_length", schema.HISTORY_LENGTH))
-    assets = ModelAssets.from_tables(catalog, users, history_length)
-    if "valid" in parts:
+        assets = ModelAssets.from_tables(catalog, users, records.user_history_length(data_dir))
         holdout = 0.0
         valid = records.load_events(data_dir, split, "valid")
         train_examples = int(parts["train"]["examples"])
-        index = index_of(catalog)
-        seen = items_by_user(records.load_events(data_dir, split, "train"), index)
-        if "foldin" in parts:  # p4: what the new users brought is theirs, not a target
-            for user, items in items_by_user(
-                records.load_events(data_dir, split, "foldin"), index
-            ).items():
-                seen[user].extend(items)
+        seen: dict[str, list[int]] = {}
+        ranking = ranking_task(data_dir, split, catalog, part="valid")
     else:
+        history_length = int(manifest.get("history_length", schema.HISTORY_LENGTH))
+        assets = ModelAssets.from_tables(catalog, users, history_length)
         holdout = config.data.valid_fraction
         train = records.load_events(data_dir, split, "train")
         mask = holdout_mask(
@@ -169,12 +166,13 @@ def plan_data(config: TrainConfig) -> DataPlan:
         split,
         holdout,
         train_examples,
-        history_length,
+        assets.history_length,
         assets,
         catalog,
         valid,
         seen,
         users if holdout == 0 else None,
+        ranking,
     )
 
 
@@ -255,8 +253,8 @@ def whole_history_queries(
 def evaluate_validation(model: TwoTowerModel, plan: DataPlan, config: TrainConfig) -> dict:
     """Full-catalog recall@10 / @50 on the validation data, and RMSE.
 
-    With a valid part (p2, p3) recall is per user, as the protocol measures it: one query per
-    user from the train part, every valid item relevant. Otherwise (p1's held-out slice of
+    With a valid part (p2-p4) recall is per user, as the protocol measures it
+    (:func:`trainer.evaluate.ranking_task` over the valid part). Otherwise (p1's held-out slice of
     train) it is per event over a sample of positive events, each with its own past. Either way
     the user's training items are removed from the ranking, as evaluation removes them.
 
@@ -274,8 +272,8 @@ def evaluate_validation(model: TwoTowerModel, plan: DataPlan, config: TrainConfi
     if len(positive) > config.data.valid_queries:
         positive = np.sort(rng.choice(positive, config.data.valid_queries, replace=False))
     index = index_of(plan.catalog)
-    if plan.users is not None:
-        out.update(_per_user_recall(model, plan, items, index))
+    if plan.ranking is not None:
+        out.update(_per_user_recall(model, plan.ranking, items))
     elif len(positive):
         queries = {k: v[positive] for k, v in valid.items()}
         scores = _embed(model, "query", queries) @ items.T
@@ -296,16 +294,13 @@ def evaluate_validation(model: TwoTowerModel, plan: DataPlan, config: TrainConfi
 
 
 def _per_user_recall(
-    model: TwoTowerModel, plan: DataPlan, items: np.ndarray, index: dict[str, int]
+    model: TwoTowerModel, task: RankingTask, items: np.ndarray
 ) -> dict[str, float]:
     from trainer.model import _embed
 
-    truth_by_user = items_by_user(plan.valid, index)
-    user_ids = plan.users["user_id"]
-    scores = _embed(model, "query", plan.users) @ items.T
-    top = metrics.top_k_from_scores(scores, 50, [plan.seen.get(u, []) for u in user_ids])
-    truth = [np.asarray(truth_by_user.get(u, []), np.int64) for u in user_ids]
-    ranked = metrics.ranking_metrics(top, truth, ks=(10, 50))
+    scores = _embed(model, "query", task.queries) @ items.T
+    top = metrics.top_k_from_scores(scores, 50, task.exclude)
+    ranked = metrics.ranking_metrics(top, task.truth, ks=(10, 50))
     return {"recall_at_10": ranked["recall@10"], "recall_at_50": ranked["recall@50"]}
 
 

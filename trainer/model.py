@@ -625,19 +625,21 @@ class TwoTowerModel(keras.Model):
         }
         return total / float(global_batch_size), sums
 
-    def _catalog_embeddings(self, training: bool) -> tf.Tensor:
-        """Candidate embeddings of the whole catalog ``[N, D]`` (float32), in catalog order."""
+    def _catalog_embeddings(self, training: bool) -> tuple[tf.Tensor, tf.Tensor]:
+        """Candidate embeddings of the whole catalog ``[N, D]`` (float32), in catalog order, and
+        the items' accidental-hit ids ``[N]``."""
         if self._catalog is None:
             raise ConfigError(
                 "--negatives full/mixed needs the catalog's fields in the model's assets "
                 "(a model dir written by an older version has none)"
             )
         inputs = self.preprocess_candidate(self._catalog)
-        return tf.cast(self.candidate_tower(inputs, training=training), tf.float32)
+        embeddings = tf.cast(self.candidate_tower(inputs, training=training), tf.float32)
+        return embeddings, inputs["hit_id"]
 
     def _full_softmax(self, query, query_inputs, candidate_inputs, weights, training):
         """Softmax over every catalog item: ``(sum of CE over positives, hits at 10)``."""
-        items = self._catalog_embeddings(training)  # [N, D]
+        items, _ = self._catalog_embeddings(training)  # [N, D]
         logits = tf.matmul(query, items, transpose_b=True) / self.model_config.temperature
         # Catalog rows are preprocessor rows - 2 (0 = padding, 1 = unknown item).
         target = tf.cast(candidate_inputs["row"], tf.int32) - 2
@@ -646,10 +648,12 @@ class TwoTowerModel(keras.Model):
         target = tf.maximum(target, 0)
         pairs = tf.stack([batch, target], axis=1)
         positive = tf.gather_nd(logits, pairs)
-        history = tf.cast(query_inputs["history_rows"], tf.int32) - 2  # [B, H]
-        seen = tf.where(history >= 0)  # [M, 2]: (query, position)
-        seen_pairs = tf.stack([tf.cast(seen[:, 0], tf.int32), tf.gather_nd(history, seen)], axis=1)
         if self.model_config.mask_history:
+            history = tf.cast(query_inputs["history_rows"], tf.int32) - 2  # [B, H]
+            seen = tf.where(history >= 0)  # [M, 2]: (query, position)
+            seen_pairs = tf.stack(
+                [tf.cast(seen[:, 0], tf.int32), tf.gather_nd(history, seen)], axis=1
+            )
             logits = tf.tensor_scatter_nd_update(
                 logits, seen_pairs, tf.fill([tf.shape(seen_pairs)[0]], -1e9)
             )
@@ -677,13 +681,10 @@ class TwoTowerModel(keras.Model):
             # Mixed negative sampling (Yang et al. 2020): uniform catalog items beside the
             # batch's. Every candidate's correction is its expected count under the mixture,
             # (batch size * popularity + samples / N): an item can arrive either way.
-            items = self._catalog_embeddings(training)
+            items, item_hit_ids = self._catalog_embeddings(training)
             count = tf.shape(items)[0]
             sampled = tf.random.uniform([config.sampled_negatives], 0, count, dtype=tf.int32)
-            sampled_ids = tf.gather(
-                tf.strings.to_hash_bucket_fast(self._catalog["item_id"], _HIT_ID_BUCKETS),
-                sampled,
-            )
+            sampled_ids = tf.gather(item_hit_ids, sampled)
             in_batch = tf.cast(tf.shape(all_candidates)[0], tf.float32)
             uniform = float(config.sampled_negatives) / tf.cast(count, tf.float32)
             all_probs = tf.concat(

@@ -290,7 +290,8 @@ class TextCache(keras.layers.Layer):
 
 
 class IdDropout(keras.layers.Layer):
-    """Zeroes the whole id embedding of a random share of examples while training.
+    """Zeroes the whole id embedding of a random share of examples (or of history positions)
+    while training: ``x`` ``[..., E]``, one draw per vector along the last axis.
 
     Unlike element dropout it removes the id signal entirely for those rows, so the tower learns
     to score from text and attributes too (what a cold item has). No rescaling: at serving time
@@ -305,8 +306,8 @@ class IdDropout(keras.layers.Layer):
     def call(self, x: tf.Tensor, training: bool = False) -> tf.Tensor:
         if not training or self.rate <= 0:
             return x
-        batch = keras.ops.shape(x)[0]
-        keep = keras.random.uniform((batch, 1), seed=self.seed_generator) >= self.rate
+        shape = (*keras.ops.shape(x)[:-1], 1)
+        keep = keras.random.uniform(shape, seed=self.seed_generator) >= self.rate
         return x * keras.ops.cast(keep, x.dtype)
 
 
@@ -381,8 +382,8 @@ def id_embedding(config: ModelConfig, dim: int, name: str) -> keras.layers.Embed
 class HistoryEncoder(keras.layers.Layer):
     """The user's rated items (and typed titles) -> one user-history vector ``[B, 2 d]``.
 
-    Each history position is ``Dense(text vector) + Dense(id embedding)`` (+ a recency
-    embedding when ``positions``); each typed title is ``Dense(its text vector)`` + a learned
+    Each history position is ``Dense(text vector) + Dense(id embedding)`` + a recency
+    embedding; each typed title is ``Dense(its text vector)`` + a learned
     "title" type vector, through the same item projection, so a title lands where its item
     would. A learned summary token is prepended (an empty history still has one unmasked
     position), then optionally one pre-norm transformer block with a padding mask, then the
@@ -403,7 +404,6 @@ class HistoryEncoder(keras.layers.Layer):
         length: int,
         transformer: bool,
         dropout: float,
-        positions: bool = True,
         id_dropout: float = 0.0,
         **kwargs,
     ):
@@ -411,13 +411,10 @@ class HistoryEncoder(keras.layers.Layer):
         self.dim = dim
         self.length = length
         self.use_transformer = transformer
-        self.use_positions = positions
-        self.id_dropout = id_dropout
-        self.seed_generator = keras.random.SeedGenerator(7)
+        self.id_dropout = IdDropout(id_dropout, seed=7, name="history_id_dropout")
         self.item_proj = keras.layers.Dense(dim, name="item_proj")
         self.id_proj = keras.layers.Dense(dim, use_bias=False, name="id_proj")
-        if positions:
-            self.position = keras.layers.Embedding(length + 1, dim, name="position")
+        self.position = keras.layers.Embedding(length + 1, dim, name="position")
         self.dropout = keras.layers.Dropout(dropout)
         if transformer:
             self.norm1 = keras.layers.LayerNormalization(name="norm1")
@@ -442,13 +439,6 @@ class HistoryEncoder(keras.layers.Layer):
         )
         self.built = True
 
-    def _drop_ids(self, ids, training: bool):
-        if not training or self.id_dropout <= 0:
-            return ids
-        shape = keras.ops.shape(ids)
-        keep = keras.random.uniform((shape[0], shape[1], 1), seed=self.seed_generator)
-        return ids * keras.ops.cast(keep >= self.id_dropout, ids.dtype)
-
     def call(
         self, table, rows, ids, mask, titles=None, title_mask=None, training: bool = False
     ) -> tf.Tensor:
@@ -458,12 +448,11 @@ class HistoryEncoder(keras.layers.Layer):
         if table is not None:
             x = keras.ops.take(self.item_proj(table), rows, axis=0)
         if ids is not None:
-            ids = self.id_proj(self._drop_ids(ids, training))
+            ids = self.id_proj(self.id_dropout(ids, training=training))
             x = ids if x is None else x + ids
         batch, length = keras.ops.shape(x)[0], keras.ops.shape(x)[1]
-        if self.use_positions:
-            recency = keras.ops.minimum(keras.ops.arange(length) + 1, self.length)
-            x = x + self.position(recency)[None]
+        recency = keras.ops.minimum(keras.ops.arange(length) + 1, self.length)
+        x = x + self.position(recency)[None]
         summary = keras.ops.broadcast_to(
             keras.ops.cast(self.summary, x.dtype), (batch, 1, self.dim)
         )
@@ -511,8 +500,7 @@ class SetEncoder(keras.layers.Layer):
     def __init__(self, dim: int, dropout: float, id_dropout: float = 0.0, **kwargs):
         super().__init__(**kwargs)
         self.dim = dim
-        self.id_dropout = id_dropout
-        self.seed_generator = keras.random.SeedGenerator(11)
+        self.id_dropout = IdDropout(id_dropout, seed=11, name="history_id_dropout")
         self.item_proj = keras.layers.Dense(dim, name="item_proj")
         self.id_proj = keras.layers.Dense(dim, use_bias=False, name="id_proj")
         self.score = keras.layers.Dense(1, name="pool_score")
@@ -534,10 +522,7 @@ class SetEncoder(keras.layers.Layer):
             x = keras.ops.take(self.item_proj(text_table), rows, axis=0)
         if id_table is not None:
             ids = keras.ops.take(self.id_proj(id_table), rows, axis=0)
-            if training and self.id_dropout > 0:
-                shape = keras.ops.shape(rows)
-                keep = keras.random.uniform((shape[0], shape[1], 1), seed=self.seed_generator)
-                ids = ids * keras.ops.cast(keep >= self.id_dropout, ids.dtype)
+            ids = self.id_dropout(ids, training=training)
             x = ids if x is None else x + ids
         valid = rows > 1
         if titles is not None:
@@ -619,7 +604,6 @@ class QueryTower(keras.layers.Layer):
                 history_length,
                 transformer=config.history == "transformer",
                 dropout=config.dropout,
-                positions=config.history != "set",
                 id_dropout=config.history_id_dropout if config.use_text else 0.0,
                 name="history_encoder",
             )
@@ -639,11 +623,11 @@ class QueryTower(keras.layers.Layer):
                 self.id_dropout, self.user_embedding, self.residual, inputs["user_id"], training
             )
             parts.append(ids)
+        titles, title_mask = None, None
+        if self.history is not None and self.title_vectors is not None:
+            titles = self.title_vectors(inputs["titles"])
+            title_mask = inputs["title_mask"]
         if isinstance(self.history, SetEncoder):
-            titles, title_mask = None, None
-            if self.title_vectors is not None:
-                titles = self.title_vectors(inputs["titles"])
-                title_mask = inputs["title_mask"]
             text_table, id_table = self.catalog_tables()
             parts.append(
                 self.history(
@@ -663,10 +647,6 @@ class QueryTower(keras.layers.Layer):
             table, table_rows = None, None
             if self.config.use_text:
                 table, table_rows = self.item_text_table(rows)
-            titles, title_mask = None, None
-            if self.title_vectors is not None:
-                titles = self.title_vectors(inputs["titles"])
-                title_mask = inputs["title_mask"]
             history = self.history(
                 table, table_rows, ids, rows > 0, titles, title_mask, training=training
             )
