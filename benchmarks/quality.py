@@ -391,6 +391,25 @@ def main(argv: list[str] | None = None) -> None:
     results["wall_seconds"] = round(time.time() - start, 1)
     results["cpu_cores"] = os.cpu_count()
     print(_write(args.name, results))
+    for path in _write_figures(args.work, args.name, args.splits):
+        print(f"wrote {path}")
+
+
+def _write_figures(work: str, name: str, splits: list[str]) -> list[str]:
+    """The figures as pictures too: recall/NDCG@k and exposure of every system, per protocol
+    (``benchmarks/results/<name>_<split>.{ranking,exposure}.png``), from the reports in ``work``."""
+    from trainer import plots
+
+    paths = []
+    for split in splits:
+        names = sorted(
+            f for f in os.listdir(work) if f.startswith("eval_") and f.endswith(f"_{split}.json")
+        )
+        reports = [plots.read_report(os.path.join(work, f)) for f in names]
+        if reports:
+            target = os.path.join(RESULTS, f"{name}_{split}.json")
+            paths += plots.write_report_plots(reports[0], target, others=reports[1:])
+    return paths
 
 
 if __name__ == "__main__":

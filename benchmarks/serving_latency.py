@@ -1,19 +1,31 @@
-"""Serving latency benchmark: the local TF Serving-compatible server over gRPC.
+"""Serving latency benchmark: known text, free text and a 1M-item catalog behind the server.
 
-Starts `python -m serving.server` on 127.0.0.1 for an export base path, with and without
-server-side batching, and reports p50/p95/p99 latency and QPS at concurrency 1, 8 and 32
-(one gRPC channel per client thread), plus the in-process signature call as the floor.
-Inputs are built from the model's metadata (ServingClient), `--batch` queries per request.
+    python benchmarks/serving_latency.py --model_dir runs/demo/model [--quick]
 
-    python benchmarks/serving_latency.py --base_path EXPORT_BASE [--requests 200]
-        [--concurrency 1 8 32] [--batch 2] [--k 10]
+Everything in one run, so every ratio compares figures of the same run:
 
-Writes ``benchmarks/results/serving_latency.{json,md}`` (or --out_dir).
+1. Exports of the trained model: over its own catalog (ScaNN), and over its catalog plus
+   synthetic items (1,000,000 in all; ScaNN and brute force). The synthetic items sit near
+   mixtures of real item embeddings, so real queries have real neighbours among them.
+2. The 1M index searched in process (no server, no towers): single real query embeddings,
+   ScaNN against brute force (the speed ratio), and ScaNN's recall@10 against brute force.
+3. For every export and query kind, the in-process floor: ``serving_default`` run through the
+   session loader TF Serving uses (``serving.session_runner``), one request after another.
+4. gRPC: the local server (``python -m serving.server``) per setting, concurrency 1, 8 and 32,
+   one channel per client thread. Query kinds: ``known`` (real users: profile, typed titles and
+   history, all texts the model has encoded) and ``free`` (free text, no history: BERT runs).
+5. Sweeps on the model's own export: batching parameters and TensorFlow's intra/inter-op threads.
+
+Requests carry ``--batch`` queries each (2), k = 10, no exclusions, no diversity; each row
+cycles through distinct requests. Writes ``benchmarks/results/serving_latency.{json,md}``
+(or ``--out_dir``). Exports go to ``--work`` (a temporary folder unless given; reused when
+they are already there).
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import platform
@@ -31,51 +43,221 @@ import numpy as np
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 
-from serving.client import ServingClient  # noqa: E402
-
 RESULTS = os.path.join(REPO, "benchmarks", "results")
-DEFAULT_BATCHING = (
+KEYS = ("user_id", "user_age", "user_gender", "user_occupation", "query_text", "history")
+
+#: Chosen batching: no timeout (a lone request is never held back) and one batch thread, so a
+#: batch forms from whatever queued while the previous one ran (it grows with the load).
+BATCHING = (
     "max_batch_size { value: 64 }\n"
-    "batch_timeout_micros { value: 2000 }\n"
-    "num_batch_threads { value: 2 }\n"
+    "batch_timeout_micros { value: 0 }\n"
+    "num_batch_threads { value: 1 }\n"
     "max_enqueued_batches { value: 1000 }\n"
 )
+#: The previous setting (README before issue 13), kept in the sweep for comparison.
+OLD_BATCHING = BATCHING.replace("value: 0 }", "value: 2000 }").replace(
+    "num_batch_threads { value: 1 }", "num_batch_threads { value: 2 }"
+)
+BATCHING_SWEEP = {
+    "timeout 0, 1 thread (chosen)": BATCHING,
+    "timeout 0, 2 threads": BATCHING.replace("num_batch_threads { value: 1 }",
+                                             "num_batch_threads { value: 2 }"),
+    "timeout 500 us, 1 thread": BATCHING.replace("value: 0 }", "value: 500 }"),
+    "timeout 2000 us, 2 threads (before)": OLD_BATCHING,
+    "max 16 rows, timeout 0, 1 thread": BATCHING.replace("value: 64 }", "value: 16 }"),
+}  # fmt: skip
+THREAD_SWEEP = {"TF default": (0, 0), "intra 1, inter 1": (1, 1), "intra 2, inter 1": (2, 1),
+                "intra 1, inter 2": (1, 2)}  # fmt: skip
+
+FREE_TEXTS = (
+    "space adventure with robots", "a quiet french love story", "funny animated film for kids",
+    "dark crime thriller in a rainy city", "old western with a lone gunman",
+    "documentary about the ocean", "romantic comedy set in new york", "war drama at sea",
+    "a musical about dancers in paris", "horror in an abandoned house",
+)  # fmt: skip
 
 
-def start_server(base_path: str, model: str, batching_file: str | None) -> tuple[Any, int]:
-    """Starts the server subprocess; returns (process, grpc port) once it serves."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    cmd = [sys.executable, "-m", "serving.server", "--model_name", model]
-    cmd += ["--model_base_path", base_path, "--port", str(port)]
-    cmd += ["--file_system_poll_wait_seconds", "0", "--grpc_max_threads", "64"]
-    if batching_file:
-        cmd += ["--enable_batching", "--batching_parameters_file", batching_file]
-    env = {**os.environ, "PYTHONPATH": REPO, "TF_CPP_MIN_LOG_LEVEL": "2"}
-    proc = subprocess.Popen(cmd, cwd=REPO, env=env, stderr=subprocess.PIPE, text=True)
-    started = threading.Event()
-
-    def read() -> None:
-        assert proc.stderr is not None
-        for line in proc.stderr:
-            if '"server_start"' in line:
-                started.set()
-
-    threading.Thread(target=read, daemon=True).start()
-    if not started.wait(300):
-        proc.kill()
-        raise RuntimeError("server did not start")
-    return proc, port
+class BenchError(ValueError):
+    """A flag or input the benchmark cannot run with."""
 
 
-def stop_server(proc: Any) -> None:
-    proc.send_signal(signal.SIGTERM)
-    proc.wait(60)
+@dataclasses.dataclass
+class BenchConfig:
+    """What to run; ``--quick`` shrinks it to a few minutes."""
+
+    model_dir: str = ""
+    data: str = ""  # default: the data dir the model was trained on
+    work: str = ""  # exports; default: a temporary folder
+    out_dir: str = RESULTS
+    synthetic_items: int = 1_000_000  # items of the big catalog, real ones included
+    requests: int = 400  # per row
+    concurrency: tuple[int, ...] = (1, 8, 32)
+    batch: int = 2  # queries per request
+    k: int = 10
+    search_queries: int = 300  # real query embeddings for the in-process 1M search
+    sweeps: bool = True
+    seed: int = 0
+
+    def validate(self) -> None:
+        if not self.model_dir or not os.path.isfile(os.path.join(self.model_dir, "config.json")):
+            raise BenchError(f"--model_dir {self.model_dir!r} is not a trained model dir")
+        if self.data and not os.path.isdir(self.data):
+            raise BenchError(f"--data {self.data!r} is not a directory")
+        for name in ("synthetic_items", "requests", "batch", "k", "search_queries"):
+            if getattr(self, name) < 1:
+                raise BenchError(f"--{name} must be at least 1, got {getattr(self, name)}")
+        if not self.concurrency or min(self.concurrency) < 1:
+            raise BenchError(f"--concurrency values must be at least 1, got {self.concurrency}")
+
+    @classmethod
+    def quick(cls, **overrides: Any) -> BenchConfig:
+        base = {"synthetic_items": 200_000, "requests": 120, "concurrency": (1, 32),
+                "search_queries": 100}  # fmt: skip
+        return cls(**{**base, **overrides})
+
+
+# ----------------------------------------------------------------------------- exports
+
+
+def synthetic_catalog(num_items: int, seed: int):
+    """``grow_catalog`` for :func:`trainer.export.build_module`: the real catalog first, then
+    items near mixtures of two real items' embeddings, up to ``num_items`` in all."""
+
+    def grow(catalog: dict, embeddings: np.ndarray) -> tuple[dict, np.ndarray]:
+        rng = np.random.default_rng(seed)
+        real = len(embeddings)
+        extra = max(0, num_items - real)
+        a = rng.integers(0, real, extra)
+        b = rng.integers(0, real, extra)
+        mix = rng.uniform(0.0, 0.5, (extra, 1)).astype(np.float32)
+        noise = rng.normal(0.0, 0.3 / np.sqrt(embeddings.shape[1]), (extra, embeddings.shape[1]))
+        vectors = (1 - mix) * embeddings[a] + mix * embeddings[b] + noise.astype(np.float32)
+        vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)
+        names = np.array([f"synthetic-{i}" for i in range(extra)], dtype=object)
+        grown = {}
+        for key, column in catalog.items():
+            column = np.asarray(column)
+            if key in ("item_id", "item_title", "item_text"):
+                filler = names
+            elif column.dtype.kind in "iuf":
+                filler = np.zeros(extra, column.dtype)
+            else:
+                filler = np.full(extra, "", dtype=object)
+            grown[key] = np.concatenate([column.astype(filler.dtype), filler])
+        return grown, np.concatenate([embeddings, vectors.astype(np.float32)])
+
+    return grow
+
+
+def build_exports(config: BenchConfig, work: str) -> tuple[dict[str, str], dict]:
+    """The three exports (reused when present) and the in-process 1M search figures."""
+    import tensorflow as tf
+
+    from trainer.export import IndexConfig, build_module, save_export
+
+    paths = {
+        "own": os.path.join(work, "own"),
+        "big_scann": os.path.join(work, "big_scann"),
+        "big_brute_force": os.path.join(work, "big_brute_force"),
+    }
+    search: dict = {}
+    grow = synthetic_catalog(config.synthetic_items, config.seed)
+    modules = {}
+    for name, path in paths.items():
+        kind = "brute_force" if name == "big_brute_force" else "scann"
+        needs_module = name != "own" and not search
+        if os.path.isdir(os.path.join(path, "1")) and not needs_module:
+            continue
+        start = time.time()
+        module, catalog, users, info = build_module(
+            config.model_dir,
+            config.data or None,
+            IndexConfig(kind=kind),
+            grow_catalog=None if name == "own" else grow,
+        )
+        if not os.path.isdir(os.path.join(path, "1")):
+            save_export(module, os.path.dirname(path), os.path.basename(path), 1, users,
+                        catalog, info)  # fmt: skip
+            print(f"export {name}: {len(catalog['item_id']):,} items, {time.time() - start:.0f}s",
+                  flush=True)  # fmt: skip
+        if name != "own":
+            modules[kind] = (module, users)
+    if len(modules) == 2:
+        search = index_search(modules, config)
+    del modules
+    tf.keras.backend.clear_session()
+    return {name: os.path.join(path, "1") for name, path in paths.items()}, search
+
+
+def index_search(modules: dict, config: BenchConfig) -> dict:
+    """Single-query search of the big index alone, real query embeddings: p50 per index, the
+    speed ratio and ScaNN's recall@10 against brute force."""
+    import tensorflow as tf
+
+    scann, users = modules["scann"]
+    brute, _ = modules["brute_force"]
+    n = min(config.search_queries, len(users["user_id"]))
+    queries = {k: tf.constant(np.asarray(users[k][:n]).astype(str)) for k in KEYS}
+    embeddings = scann.query_embedding(**queries)["embeddings"].numpy()
+    out: dict = {"queries": n, "items": int(scann.embeddings.shape[0]),
+                 "pool": scann.index_config.pool}  # fmt: skip
+    answers = {}
+    for kind, module in (("scann", scann), ("brute_force", brute)):
+        fn = tf.function(lambda q, m=module: m._pool(q))
+        fn(tf.constant(embeddings[:1]))
+        latencies, ids = [], []
+        for row in embeddings:
+            q = tf.constant(row[None, :])
+            t0 = time.perf_counter()
+            _, indices = fn(q)
+            indices = indices.numpy()
+            latencies.append(time.perf_counter() - t0)
+            ids.append(indices[0, :10])
+        answers[kind] = ids
+        out[f"{kind}_p50_ms"] = round(1e3 * float(np.median(latencies)), 3)
+        out[f"{kind}_p99_ms"] = round(1e3 * float(np.percentile(latencies, 99)), 3)
+    out["speedup"] = round(out["brute_force_p50_ms"] / out["scann_p50_ms"], 1)
+    out["recall_at_10"] = round(float(np.mean([
+        len(set(a) & set(b)) / 10 for a, b in zip(answers["scann"], answers["brute_force"],
+                                                   strict=True)
+    ])), 4)  # fmt: skip
+    out["leaves"] = f"{scann.index_config.num_leaves_to_search}/{scann.index_config.num_leaves}"
+    print("in-process 1M search:", json.dumps(out), flush=True)
+    return out
+
+
+# ----------------------------------------------------------------------------- requests
+
+
+def query_requests(config: BenchConfig, kind: str, count: int = 64) -> list[dict[str, np.ndarray]]:
+    """``count`` distinct requests of ``config.batch`` queries: real users (``known``) or
+    free text with a known profile and no history (``free``)."""
+    from trainer.config import TrainConfig
+    from trainer.data import records
+
+    with open(os.path.join(config.model_dir, "config.json")) as f:
+        train = TrainConfig.from_dict(json.load(f))
+    users = records.load_users(config.data or train.data.data, train.data.split)
+    b = config.batch
+    out = []
+    for r in range(count):
+        rows = [(r * b + i) % len(users["user_id"]) for i in range(b)]
+        inputs = {k: np.asarray(users[k])[rows].astype(object) for k in KEYS}
+        if kind == "free":
+            inputs["user_id"] = np.array([""] * b, object)
+            inputs["query_text"] = np.array(
+                [f"{FREE_TEXTS[(r * b + i) % len(FREE_TEXTS)]} {r}" for i in range(b)], object
+            )
+            inputs["history"] = np.array([[""]] * b, object)
+        inputs["k"] = np.full([b], config.k, np.int32)
+        inputs["exclude_item_ids"] = np.array([[""]] * b, object)
+        inputs["diversity"] = np.zeros([b], np.float32)
+        out.append(inputs)
+    return out
 
 
 def summarize(latencies_s: list[float], wall_s: float, errors: int) -> dict[str, float]:
-    ms = np.asarray(latencies_s) * 1e3
+    ms = np.asarray(latencies_s or [np.nan]) * 1e3
     return {
         "requests": len(latencies_s),
         "errors": errors,
@@ -86,33 +268,121 @@ def summarize(latencies_s: list[float], wall_s: float, errors: int) -> dict[str,
     }
 
 
-def load(
-    target: str, model: str, inputs: dict[str, Any], signature: str, concurrency: int, total: int
-) -> dict[str, float]:
-    """`total` requests spread over `concurrency` threads, each with its own channel."""
+def floor(path: str, requests: list[dict], total: int) -> dict:
+    """``serving_default`` run in process through the session loader, one call at a time."""
+    from serving.model_manager import LoaderOptions, load_servable
+    from serving.predictor import call_signature
+
+    servable = load_servable("bench", 1, path, LoaderOptions())
+    sig = servable.signatures["serving_default"]
+    try:
+        for inputs in requests[:8]:
+            call_signature(sig, inputs)
+        latencies = []
+        start = time.perf_counter()
+        for i in range(total):
+            t0 = time.perf_counter()
+            call_signature(sig, requests[i % len(requests)])
+            latencies.append(time.perf_counter() - t0)
+        return summarize(latencies, time.perf_counter() - start, 0)
+    finally:
+        servable.handle.close()
+
+
+# ----------------------------------------------------------------------------- the server
+
+
+def start_server(path: str, batching: str | None, threads: tuple[int, int], tmp: str):
+    """Starts the server on the version folder's base path; (process, gRPC port) once up."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    cmd = [sys.executable, "-m", "serving.server", "--model_name", "bench",
+           "--model_base_path", os.path.dirname(path), "--port", str(port),
+           "--rest_api_port", "0", "--file_system_poll_wait_seconds", "0",
+           "--grpc_max_threads", "64", "--tensorflow_intra_op_parallelism", str(threads[0]),
+           "--tensorflow_inter_op_parallelism", str(threads[1])]  # fmt: skip
+    if batching:
+        batching_file = os.path.join(tmp, f"batching-{port}.config")
+        with open(batching_file, "w") as f:
+            f.write(batching)
+        cmd += ["--enable_batching", "--batching_parameters_file", batching_file]
+    env = {**os.environ, "PYTHONPATH": REPO, "TF_CPP_MIN_LOG_LEVEL": "2"}
+    proc = subprocess.Popen(cmd, cwd=REPO, env=env, stderr=subprocess.PIPE, text=True)
+    started = threading.Event()
+    tail: list[str] = []
+
+    def read() -> None:
+        assert proc.stderr is not None
+        for line in proc.stderr:
+            tail[:] = [*tail[-20:], line]
+            if '"server_start"' in line:
+                started.set()
+
+    threading.Thread(target=read, daemon=True).start()
+    for _ in range(600):
+        if started.wait(1) or proc.poll() is not None:
+            break
+    if not started.is_set():
+        proc.kill()
+        raise RuntimeError("server did not start:\n" + "".join(tail))
+    return proc, port
+
+
+def stop_server(proc: subprocess.Popen) -> None:
+    proc.send_signal(signal.SIGTERM)
+    try:
+        proc.wait(60)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+
+
+def predict_requests(requests: list[dict]) -> list[Any]:
+    import tensorflow as tf
+    from tensorflow_serving.apis import predict_pb2
+
+    out = []
+    for inputs in requests:
+        request = predict_pb2.PredictRequest()
+        request.model_spec.name = "bench"
+        request.model_spec.signature_name = "serving_default"
+        for name, value in inputs.items():
+            request.inputs[name].CopyFrom(tf.make_tensor_proto(value))
+        out.append(request)
+    return out
+
+
+def load(port: int, requests: list[Any], concurrency: int, total: int) -> dict:
+    """``total`` requests over ``concurrency`` threads, each with its own channel."""
+    import grpc
+    from tensorflow_serving.apis import prediction_service_pb2_grpc
+
     per_thread = max(1, total // concurrency)
     latencies: list[float] = []
     errors = [0]
     lock = threading.Lock()
     barrier = threading.Barrier(concurrency + 1)
 
-    def worker() -> None:
-        with ServingClient(target, model, timeout_s=60, retries=0) as client:
-            client.predict(inputs, signature)  # warm the channel
+    def worker(offset: int) -> None:
+        with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+            stub = prediction_service_pb2_grpc.PredictionServiceStub(channel)
+            stub.Predict(requests[offset % len(requests)], timeout=120)  # warm the channel
             barrier.wait()
-            mine = []
-            for _ in range(per_thread):
-                start = time.perf_counter()
+            mine, failed = [], 0
+            for i in range(per_thread):
+                request = requests[(offset + i) % len(requests)]
+                t0 = time.perf_counter()
                 try:
-                    client.predict(inputs, signature)
-                    mine.append(time.perf_counter() - start)
-                except Exception:
-                    with lock:
-                        errors[0] += 1
+                    stub.Predict(request, timeout=120)
+                    mine.append(time.perf_counter() - t0)
+                except grpc.RpcError:
+                    failed += 1
             with lock:
                 latencies.extend(mine)
+                errors[0] += failed
 
-    threads = [threading.Thread(target=worker) for _ in range(concurrency)]
+    threads = [threading.Thread(target=worker, args=(7 * i,)) for i in range(concurrency)]
     for t in threads:
         t.start()
     barrier.wait()
@@ -122,37 +392,100 @@ def load(
     return summarize(latencies, time.perf_counter() - start, errors[0])
 
 
-def floor(base_path: str, model: str, inputs: dict[str, Any], signature: str, n: int) -> dict:
-    """The signature called in-process: what the server adds is the rest."""
-    from serving.model_manager import LoaderOptions, list_versions, load_servable
-    from serving.predictor import call_signature
-
-    version = max(list_versions(base_path))
-    servable = load_servable(model, version, list_versions(base_path)[version], LoaderOptions())
-    sig = servable.signatures[signature]
-    call_signature(sig, inputs)
-    latencies = []
-    start = time.perf_counter()
-    for _ in range(n):
-        t0 = time.perf_counter()
-        call_signature(sig, inputs)
-        latencies.append(time.perf_counter() - t0)
-    return summarize(latencies, time.perf_counter() - start, 0)
+# ----------------------------------------------------------------------------- the run
 
 
-def build_inputs(target: str, model: str, signature: str, batch: int, k: int) -> dict[str, Any]:
-    """Contract-shaped queries, filled to whatever the signature declares."""
-    rng = np.random.default_rng(0)
-    columns = {
-        "user_id": [str(u) for u in rng.integers(1, 900, size=batch)],
-        "user_age": ["25"] * batch,
-        "user_gender": ["F"] * batch,
-        "user_occupation": ["engineer"] * batch,
-        "query_text": ["space adventure with robots"] * batch,
-    }
-    with ServingClient(target, model, timeout_s=60) as client:
-        extras = {"k": np.full([batch], k, np.int32), "diversity": np.zeros([batch], np.float32)}
-        return client.build_inputs(signature, columns, extras, batch)
+def run(config: BenchConfig) -> dict:
+    work = config.work or tempfile.mkdtemp(prefix="serving-latency-")
+    os.makedirs(work, exist_ok=True)
+    exports, search = build_exports(config, work)
+    kinds = {kind: query_requests(config, kind) for kind in ("known", "free")}
+    protos = {kind: predict_requests(reqs) for kind, reqs in kinds.items()}
+    floors: dict[str, dict] = {}
+    for export, kind in (("own", "known"), ("own", "free"), ("big_scann", "known"),
+                         ("big_brute_force", "known")):  # fmt: skip
+        floors[f"{export}/{kind}"] = floor(exports[export], kinds[kind], config.requests)
+        print(f"floor {export}/{kind}:", json.dumps(floors[f"{export}/{kind}"]), flush=True)
+
+    rows: list[dict] = []
+    quick_c = (min(config.concurrency), max(config.concurrency))
+
+    def measure(group: str, export: str, kind: str, batching: str | None, label: str,
+                threads: tuple[int, int] = (0, 0), levels: tuple[int, ...] = quick_c) -> None:
+        with tempfile.TemporaryDirectory() as tmp:
+            proc, port = start_server(exports[export], batching, threads, tmp)
+            try:
+                load(port, protos[kind], 1, 16)  # warm the server's threads
+                for c in levels:
+                    stats = load(port, protos[kind], c, max(config.requests, 4 * c))
+                    row = {"group": group, "export": export, "kind": kind, "setting": label,
+                           "batching": batching is not None, "concurrency": c, **stats,
+                           "floor_p50_ms": floors[f"{export}/{kind}"]["p50_ms"]}  # fmt: skip
+                    rows.append(row)
+                    print(json.dumps(row), flush=True)
+            finally:
+                stop_server(proc)
+
+    for kind in ("known", "free"):
+        measure("main", "own", kind, None, "no batching", levels=config.concurrency)
+        measure("main", "own", kind, BATCHING, "batching", levels=config.concurrency)
+    for export in ("big_scann", "big_brute_force"):
+        measure("main", export, "known", None, "no batching")
+        measure("main", export, "known", BATCHING, "batching")
+    if config.sweeps:
+        for label, text in BATCHING_SWEEP.items():
+            measure("batching sweep", "own", "known", text, label)
+        for label, threads in THREAD_SWEEP.items():
+            for kind in ("known", "free"):
+                measure("thread sweep", "own", kind, BATCHING, label, threads)
+    import tensorflow as tf
+
+    return {
+        "config": {**dataclasses.asdict(config), "work": work, "batching": BATCHING,
+                   "host": f"{platform.machine()}, {os.cpu_count()} CPUs, Python "
+                           f"{platform.python_version()}, TensorFlow {tf.__version__}"},
+        "index_search": search,
+        "floors": floors,
+        "rows": rows,
+        "ratios": ratios(rows, floors, search),
+    }  # fmt: skip
+
+
+def _row(rows: list[dict], **match: Any) -> dict | None:
+    for row in rows:
+        if all(row.get(k) == v for k, v in match.items()):
+            return row
+    return None
+
+
+def ratios(rows: list[dict], floors: dict, search: dict) -> dict:
+    """The issue's claims as figures of this run."""
+    out: dict = {}
+    for kind in ("known", "free"):
+        for batching in (False, True):
+            one = _row(rows, group="main", export="own", kind=kind, batching=batching,
+                       concurrency=1)  # fmt: skip
+            many = [r for r in rows if r["group"] == "main" and r["export"] == "own"
+                    and r["kind"] == kind and r["batching"] == batching]  # fmt: skip
+            if not one or not many:
+                continue
+            top = max(many, key=lambda r: r["concurrency"])
+            tag = f"{kind}, {'batching' if batching else 'no batching'}"
+            out[tag] = {
+                "server_adds_p50_ms": round(one["p50_ms"] - floors[f"own/{kind}"]["p50_ms"], 3),
+                "p99_over_p50_c1": round(one["p99_ms"] / one["p50_ms"], 2),
+                f"qps_c{top['concurrency']}_over_c1": round(top["qps"] / one["qps"], 2),
+                "errors": sum(r["errors"] for r in many),
+            }
+    own = _row(rows, group="main", export="own", kind="known", batching=True, concurrency=1)
+    big = _row(rows, group="main", export="big_scann", kind="known", batching=True,
+               concurrency=1)  # fmt: skip
+    if own and big:
+        out["big_scann_minus_own_p50_ms_c1"] = round(big["p50_ms"] - own["p50_ms"], 3)
+    if search:
+        out["index_search_speedup"] = search["speedup"]
+        out["index_recall_at_10"] = search["recall_at_10"]
+    return out
 
 
 def to_markdown(result: dict) -> str:
@@ -160,82 +493,96 @@ def to_markdown(result: dict) -> str:
     lines = [
         "# Serving latency (local gRPC server)",
         "",
-        f"Export `{cfg['base_path']}`, signature `{cfg['signature']}`, {cfg['batch']} queries per "
-        f"request, k={cfg['k']}, {cfg['requests']} requests per row; {cfg['host']}.",
+        f"Model `{cfg['model_dir']}`; {cfg['batch']} queries per request, k={cfg['k']}, "
+        f"{cfg['requests']} requests per row (at least 4 per client thread); {cfg['host']}. "
+        "`known`: real users (profile, typed titles, history: texts the model has encoded); "
+        "`free`: free text, no history (BERT runs). Floor: the same requests run in process "
+        "through the session loader, one at a time.",
         "",
-        "| mode | concurrency | p50 ms | p95 ms | p99 ms | QPS | errors |",
-        "| --- | ---: | ---: | ---: | ---: | ---: | ---: |",
+        "| export | queries | setting | concurrency | p50 ms | p99 ms | QPS | errors "
+        "| floor p50 ms |",
+        "| --- | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: |",
     ]
-    f = result["floor"]
-    lines.append(
-        f"| in-process signature call (floor) | 1 | {f['p50_ms']} | {f['p95_ms']} | "
-        f"{f['p99_ms']} | {f['qps']} | 0 |"
-    )
-    for run in result["runs"]:
-        mode = "gRPC, batching" if run["batching"] else "gRPC, no batching"
-        lines.append(
-            f"| {mode} | {run['concurrency']} | {run['p50_ms']} | {run['p95_ms']} | "
-            f"{run['p99_ms']} | {run['qps']} | {run['errors']} |"
-        )
-    lines += ["", f"Batching parameters: `{cfg['batching'].strip().replace(chr(10), ' ')}`", ""]
+    names = {"own": "own catalog, ScaNN", "big_scann": "1M items, ScaNN",
+             "big_brute_force": "1M items, brute force"}  # fmt: skip
+    for group in ("main", "batching sweep", "thread sweep"):
+        selected = [r for r in result["rows"] if r["group"] == group]
+        if not selected:
+            continue
+        if group != "main":
+            lines += ["", f"**{group}** (own catalog)", "",
+                      "| queries | setting | concurrency | p50 ms | p99 ms | QPS | errors |",
+                      "| --- | --- | ---: | ---: | ---: | ---: | ---: |"]  # fmt: skip
+        for r in selected:
+            if group == "main":
+                lines.append(
+                    f"| {names[r['export']]} | {r['kind']} | {r['setting']} | {r['concurrency']} "
+                    f"| {r['p50_ms']} | {r['p99_ms']} | {r['qps']} | {r['errors']} "
+                    f"| {r['floor_p50_ms']} |"
+                )
+            else:
+                lines.append(
+                    f"| {r['kind']} | {r['setting']} | {r['concurrency']} | {r['p50_ms']} "
+                    f"| {r['p99_ms']} | {r['qps']} | {r['errors']} |"
+                )
+    search = result["index_search"]
+    if search:
+        lines += [
+            "",
+            f"**{search['items']:,}-item index searched in process** ({search['queries']} real "
+            f"query embeddings, one at a time, top {search['pool']}): ScaNN p50 "
+            f"{search['scann_p50_ms']} ms (p99 {search['scann_p99_ms']}), brute force p50 "
+            f"{search['brute_force_p50_ms']} ms (p99 {search['brute_force_p99_ms']}): "
+            f"{search['speedup']}x; ScaNN recall@10 against brute force {search['recall_at_10']} "
+            f"({search['leaves']} leaves searched).",
+        ]
+    lines += ["", "Ratios of this run: `" + json.dumps(result["ratios"]) + "`", "",
+              f"Batching parameters (\"batching\" rows): "
+              f"`{BATCHING.strip().replace(chr(10), ' ')}`",
+              ""]  # fmt: skip
     return "\n".join(lines)
 
 
-def main(argv: list[str] | None = None) -> int:
+def parse_args(argv: list[str] | None) -> BenchConfig:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--base_path", required=True, help="export base path (<base>/<version>/)")
-    p.add_argument("--model_name", default="recs")
-    p.add_argument("--signature", default="serving_default")
-    p.add_argument("--requests", type=int, default=200, help="requests per measurement")
-    p.add_argument("--concurrency", type=int, nargs="+", default=[1, 8, 32])
-    p.add_argument("--batch", type=int, default=2, help="queries per request")
-    p.add_argument("--k", type=int, default=10)
-    p.add_argument("--batching_parameters", default=DEFAULT_BATCHING)
+    p.add_argument("--model_dir", required=True, help="trained model dir (python -m trainer.task)")
+    p.add_argument("--data", default="", help="prepared data (default: the model's own)")
+    p.add_argument("--work", default="", help="folder for the exports (reused when present)")
     p.add_argument("--out_dir", default=RESULTS)
+    p.add_argument("--quick", action="store_true", help="200k items, fewer requests and levels")
+    p.add_argument("--synthetic_items", type=int)
+    p.add_argument("--requests", type=int, help="requests per row")
+    p.add_argument("--concurrency", type=int, nargs="+")
+    p.add_argument("--batch", type=int, help="queries per request")
+    p.add_argument("--no_sweeps", action="store_true", help="skip the batching/thread sweeps")
     args = p.parse_args(argv)
-    base_path = os.path.abspath(args.base_path)
+    given = {"model_dir": args.model_dir, "data": args.data, "work": args.work,
+             "out_dir": args.out_dir, "sweeps": not args.no_sweeps}  # fmt: skip
+    for name in ("synthetic_items", "requests", "batch"):
+        if getattr(args, name) is not None:
+            given[name] = getattr(args, name)
+    if args.concurrency:
+        given["concurrency"] = tuple(args.concurrency)
+    return BenchConfig.quick(**given) if args.quick else BenchConfig(**given)
 
-    runs: list[dict] = []
-    inputs: dict[str, Any] = {}
-    with tempfile.TemporaryDirectory() as tmp:
-        batching_file = os.path.join(tmp, "batching.config")
-        with open(batching_file, "w") as f:
-            f.write(args.batching_parameters)
-        for batching in (False, True):
-            proc, port = start_server(
-                base_path, args.model_name, batching_file if batching else None
-            )
-            target = f"127.0.0.1:{port}"
-            try:
-                if not inputs:
-                    inputs = build_inputs(
-                        target, args.model_name, args.signature, args.batch, args.k
-                    )
-                for c in args.concurrency:
-                    stats = load(target, args.model_name, inputs, args.signature, c, args.requests)
-                    runs.append({"batching": batching, "concurrency": c, **stats})
-                    print(json.dumps(runs[-1]), flush=True)
-            finally:
-                stop_server(proc)
-    result = {
-        "config": {
-            "base_path": base_path,
-            "signature": args.signature,
-            "batch": args.batch,
-            "k": args.k,
-            "requests": args.requests,
-            "batching": args.batching_parameters,
-            "host": f"{platform.machine()}, {os.cpu_count()} CPUs, Python "
-            f"{platform.python_version()}",
-        },
-        "floor": floor(base_path, args.model_name, inputs, args.signature, args.requests),
-        "runs": runs,
-    }
-    os.makedirs(args.out_dir, exist_ok=True)
-    with open(os.path.join(args.out_dir, "serving_latency.json"), "w") as f:
-        json.dump(result, f, indent=2)
-    with open(os.path.join(args.out_dir, "serving_latency.md"), "w") as f:
-        f.write(to_markdown(result))
+
+def main(argv: list[str] | None = None) -> int:
+    try:
+        config = parse_args(argv)
+        config.validate()
+    except BenchError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    import trainer  # noqa: F401  (TF_USE_LEGACY_KERAS before TensorFlow)
+
+    result = run(config)
+    os.makedirs(config.out_dir, exist_ok=True)
+    for name, text in (("serving_latency.json", json.dumps(result, indent=2)),
+                       ("serving_latency.md", to_markdown(result))):  # fmt: skip
+        tmp = os.path.join(config.out_dir, f".{name}.tmp")
+        with open(tmp, "w") as f:
+            f.write(text)
+        os.replace(tmp, os.path.join(config.out_dir, name))
     print(to_markdown(result))
     return 0
 

@@ -380,7 +380,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     """CLI entry point: query a server and print a table."""
     p = argparse.ArgumentParser(prog="python -m serving.client", description=__doc__.split("\n")[0])
     p.add_argument("--server", required=True, help="HOST:PORT of the gRPC endpoint")
-    p.add_argument("--model", required=True)
+    p.add_argument(
+        "--model-name",
+        "--model",
+        dest="model",
+        required=True,
+        help="model name on the server (--model: the older spelling, still accepted)",
+    )
     p.add_argument("--signature", default=RETRIEVE_SIGNATURE)
     p.add_argument("--input", action="append", default=[], help="name=value (repeatable)")
     p.add_argument("--query-json", help="file with one query object or a list of them")

@@ -28,6 +28,7 @@ from concurrent import futures
 from typing import Any
 
 import grpc
+import numpy as np
 
 from serving.batching import Batcher, BatchingOptions, parse_batching_parameters
 from serving.errors import Code, JsonFormatter, ServingError, from_exception, log_event
@@ -230,6 +231,54 @@ def _abort(context: grpc.ServicerContext, method: str, exc: BaseException, model
     context.abort(grpc.StatusCode[err.code.name], err.message)
 
 
+# TensorProto <-> numpy for what the exports exchange (strings, float32, int32, int64), without
+# tf.make_ndarray / tf.make_tensor_proto's per-element checks: about 0.7 ms of a known-text
+# request on 2 cores went there. Anything else takes TensorFlow's own converters.
+_FAST_DTYPES = {1: np.dtype("<f4"), 3: np.dtype("<i4"), 9: np.dtype("<i8")}  # DT_FLOAT, ...
+_DT_STRING = 7
+
+
+def tensor_to_array(proto: Any) -> np.ndarray:
+    """A request's TensorProto -> numpy (bytes objects for strings), as tf.make_ndarray."""
+    shape = [d.size for d in proto.tensor_shape.dim]
+    count = int(np.prod(shape)) if shape else 1
+    if proto.dtype == _DT_STRING and len(proto.string_val) == count:
+        return np.array(list(proto.string_val), dtype=object).reshape(shape)
+    dtype = _FAST_DTYPES.get(proto.dtype)
+    if dtype is not None and len(proto.tensor_content) == count * dtype.itemsize and count:
+        array = np.frombuffer(proto.tensor_content, dtype)
+        return array.astype(dtype.newbyteorder("=")).reshape(shape)
+    import tensorflow as tf
+
+    return tf.make_ndarray(proto)
+
+
+def array_to_tensor(value: Any) -> Any:
+    """numpy -> TensorProto, the same message tf.make_tensor_proto builds for these dtypes."""
+    import tensorflow as tf
+    from tensorflow.core.framework import tensor_pb2
+
+    array = np.asarray(value)
+    proto = tensor_pb2.TensorProto()
+    try:
+        if array.dtype == object and all(isinstance(v, bytes) for v in array.flat):
+            proto.dtype = _DT_STRING
+            proto.string_val.extend(array.ravel().tolist())
+        else:
+            code = next(
+                (c for c, d in _FAST_DTYPES.items() if array.dtype == d.newbyteorder("=")), None
+            )
+            if code is None or array.dtype.byteorder == ">" or array.size < 2:
+                return tf.make_tensor_proto(array)
+            proto.dtype = code
+            proto.tensor_content = np.ascontiguousarray(array).astype(_FAST_DTYPES[code]).tobytes()
+    except TypeError:
+        return tf.make_tensor_proto(array)
+    for size in array.shape:
+        proto.tensor_shape.dim.add(size=size)
+    return proto
+
+
 def _spec_version(spec: Any) -> tuple[int | None, str | None]:
     choice = spec.WhichOneof("version_choice")
     if choice == "version":
@@ -274,7 +323,7 @@ class _PredictionServicer:
                 shape = [d.size for d in proto.tensor_shape.dim]
                 check_input(sig, name, dtype, shape)
                 try:
-                    arrays[name] = tf.make_ndarray(proto)
+                    arrays[name] = tensor_to_array(proto)
                 except Exception as exc:
                     raise ServingError(
                         Code.INVALID_ARGUMENT, f"tensor parsing error: {name}"
@@ -285,7 +334,7 @@ class _PredictionServicer:
             response.model_spec.version.value = result.version
             response.model_spec.signature_name = result.signature_name
             for name, value in result.outputs.items():
-                response.outputs[name].CopyFrom(tf.make_tensor_proto(value))
+                response.outputs[name].CopyFrom(array_to_tensor(value))
             return response
         except Exception as exc:
             code = from_exception(exc).code

@@ -24,6 +24,7 @@ def tiny_data_dir(tmp_path_factory: pytest.TempPathFactory) -> str:
 # The defaults (p2: the whole-history set encoder, typed titles, full-catalog softmax).
 TINY_TRAIN_FLAGS = (
     "--preset", "tiny", "--epochs", "2", "--no-progress", "--batch-size", "128",
+    "--user-batch-size", "16", "--user-passes", "4",
 )  # fmt: skip
 
 
@@ -45,3 +46,14 @@ def tiny_export(tiny_model_dir: str, tmp_path_factory: pytest.TempPathFactory) -
 
     base = str(tmp_path_factory.mktemp("export"))
     return export(tiny_model_dir, base, "movielens", IndexConfig(kind="scann", max_k=20))
+
+
+@pytest.fixture(scope="session")
+def fake_export_base(tiny_data_dir: str, tmp_path_factory: pytest.TempPathFactory) -> str:
+    """tests/test_batch_score.py's hash-embedding export (brute force, the real signatures) of
+    ``tiny_data_dir`` split p2: returns the model base ``<tmp>/movielens`` (version 1)."""
+    from tests.test_batch_score import build_fake_export
+
+    base = tmp_path_factory.mktemp("fake_export")
+    build_fake_export(tiny_data_dir, str(base))
+    return str(base / "movielens")

@@ -1,9 +1,11 @@
 """Structure tests of the deployment artifacts: nothing here is built, submitted or deployed.
 
-Covers the Vertex AI CustomJob specs and their submitter (dry run), the Kubeflow TFJob and KFP
-pipeline (compiled with the real `kfp` package; skipped only if kfp is not installed), the
-Kubernetes serving manifests, TF Serving's text protos (parsed with TF Serving's own messages)
-and the Dockerfiles (instructions, base images, ports, and the entrypoint script run against a
+Covers the Vertex AI CustomJob specs (parsed into ``google.cloud.aiplatform_v1`` types) and their
+submitter (dry run), the Kubeflow TFJob (parsed into the Training Operator SDK's TFJob model) and
+its restart wrapper, the KFP pipeline (compiled with the real ``kfp`` and
+google-cloud-pipeline-components), the Kubernetes serving manifests (round-tripped through the
+``kubernetes`` client's models, so a misspelt field is caught), TF Serving's text protos and the
+Dockerfiles (instructions, base images, users, ports, and the entrypoint script run against a
 fake tensorflow_model_server).
 """
 
@@ -77,6 +79,11 @@ def test_vertex_spec_files_present() -> None:
     assert set(SPECS) == {"custom_job_1gpu", "custom_job_4gpu", "custom_job_multiworker"}
 
 
+def filled_spec(name: str, tensorboard: str = "123") -> dict[str, Any]:
+    spec = load_yaml(SPECS[name])
+    return submit.fill_placeholders(spec, "my-proj", "gs://b", "us-central1", tensorboard)
+
+
 @pytest.mark.parametrize("name", ["custom_job_1gpu", "custom_job_4gpu", "custom_job_multiworker"])
 def test_vertex_spec_is_valid(name: str) -> None:
     spec = load_yaml(SPECS[name])
@@ -85,25 +92,64 @@ def test_vertex_spec_is_valid(name: str) -> None:
     for pool in spec["workerPoolSpecs"]:
         machine = pool["machineSpec"]
         assert machine["acceleratorType"] in GPU_TYPES
+        # Every spec runs the training image (TF 2.20 + its CUDA/cuDNN), not a package
+        # installed over an older prebuilt TF image.
         code, args = pool_code(pool)
-        # The trainer runs either as the package's module or as the image's entrypoint.
-        assert code == "trainer.task" or "bert-two-tower-trainer" in code
+        assert "bert-two-tower-trainer" in code
         assert flag_value(args, "--data").startswith("gs://")
         assert flag_value(args, "--split") == "p2"
         # Vertex supplies the model dir (AIP_MODEL_DIR) from baseOutputDirectory.
         assert flag_value(args, "--model-dir") is None
+        # Nothing is fetched from a model hub at run time.
+        assert not any("hf://" in a for a in args)
 
 
-def test_vertex_1gpu_single_replica_python_package() -> None:
+@pytest.mark.parametrize("name", ["custom_job_1gpu", "custom_job_4gpu", "custom_job_multiworker"])
+def test_vertex_spec_parses_into_aiplatform_v1(name: str) -> None:
+    """The filled spec is a real ``aiplatform_v1.CustomJobSpec`` (unknown fields are errors) and
+    wires a Vertex AI TensorBoard with the service account Vertex requires for it."""
+    aiplatform_v1 = pytest.importorskip("google.cloud.aiplatform_v1")
+
+    spec = filled_spec(name)
+    assert submit.find_placeholders(spec) == []
+    proto = aiplatform_v1.CustomJobSpec.from_json(json.dumps(spec))
+    assert proto.tensorboard == "projects/my-proj/locations/us-central1/tensorboards/123"
+    assert proto.service_account == "bert-two-tower-trainer@my-proj.iam.gserviceaccount.com"
+    assert proto.base_output_directory.output_uri_prefix.startswith("gs://b/vertex/")
+    for pool in proto.worker_pool_specs:
+        assert pool.container_spec.image_uri.startswith("us-docker.pkg.dev/my-proj/")
+        assert pool.machine_spec.accelerator_type.name in GPU_TYPES
+    job = aiplatform_v1.CustomJob(display_name=name, job_spec=proto)
+    assert job.job_spec.worker_pool_specs[0].replica_count == 1
+    # The REST JSON of the proto is the spec itself: nothing was dropped or renamed.
+    back = json.loads(aiplatform_v1.CustomJobSpec.to_json(proto, use_integers_for_enums=False))
+    assert _without_defaults(back) == _without_defaults(json.loads(json.dumps(spec)))
+
+
+def _without_defaults(value: Any) -> Any:
+    """Drops empty/zero values (proto JSON omits defaults) and stringifies int64s."""
+    if isinstance(value, dict):
+        kept = {k: _without_defaults(v) for k, v in value.items()}
+        empty = ({}, [], "", 0, False, None)
+        return {
+            k: v
+            for k, v in kept.items()
+            if v not in empty and not (isinstance(v, str) and v.endswith("_UNSPECIFIED"))
+        }
+    if isinstance(value, list):
+        return [_without_defaults(v) for v in value]
+    return str(value) if isinstance(value, int) and not isinstance(value, bool) else value
+
+
+def test_vertex_1gpu_single_replica_container() -> None:
     spec = load_yaml(SPECS["custom_job_1gpu"])
     (pool,) = spec["workerPoolSpecs"]
     assert pool["replicaCount"] == 1
     assert pool["machineSpec"]["acceleratorCount"] == 1
-    package = pool["pythonPackageSpec"]
-    assert package["pythonModule"] == "trainer.task"
-    assert package["packageUris"] == ["gs://BUCKET/packages/bert-two-tower-0.1.0.tar.gz"]
-    assert "vertex-ai/training/tf-gpu" in package["executorImageUri"]
-    assert flag_value(package["args"], "--strategy") == "default"
+    assert "pythonPackageSpec" not in pool
+    container = pool["containerSpec"]
+    assert container["imageUri"].endswith("/bert-two-tower-trainer:0.1.0")
+    assert flag_value(container["args"], "--strategy") == "default"
 
 
 def test_vertex_4gpu_mirrored_on_one_machine() -> None:
@@ -145,25 +191,36 @@ def test_vertex_multiworker_chief_and_workers() -> None:
         (lambda s: s.update(workerPoolSpec=[]), "unknown CustomJobSpec field"),
         (lambda s: s.update(workerPoolSpecs=[]), "non-empty"),
         (lambda s: s["scheduling"].update(timeout="1 day"), "86400s"),
+        (lambda s: s.pop("serviceAccount"), "tensorboard needs serviceAccount"),
+        (lambda s: s.update(tensorboard="tensorboards/1"), "projects/P/locations/R"),
+        (
+            lambda s: s.update(tensorboard="projects/p/locations/europe-west4/tensorboards/1"),
+            "not in the job's region us-central1",
+        ),
     ],
 )
 def test_validate_spec_rejects(mutate: Any, message: str) -> None:
-    spec = load_yaml(SPECS["custom_job_4gpu"])
+    spec = filled_spec("custom_job_4gpu")
+    submit.validate_spec(spec, "us-central1")
     mutate(spec)
     with pytest.raises(submit.SpecError) as info:
-        submit.validate_spec(spec)
+        submit.validate_spec(spec, "us-central1")
     assert any(message in problem for problem in info.value.problems), info.value.problems
 
 
 def test_placeholders_filled() -> None:
     spec = submit.fill_placeholders(
-        load_yaml(SPECS["custom_job_multiworker"]), "my-proj", "gs://b/"
+        load_yaml(SPECS["custom_job_multiworker"]), "my-proj", "gs://b/", "us-central1", "9"
     )
     assert submit.find_placeholders(spec) == []
     assert spec["baseOutputDirectory"]["outputUriPrefix"].startswith("gs://b/vertex/")
     assert "my-proj" in spec["workerPoolSpecs"][0]["containerSpec"]["imageUri"]
     left = submit.find_placeholders(load_yaml(SPECS["custom_job_1gpu"]))
     assert "baseOutputDirectory.outputUriPrefix" in left
+    # Without --tensorboard the TensorBoard id stays a placeholder (no real submission).
+    partial = submit.fill_placeholders(load_yaml(SPECS["custom_job_1gpu"]), "p", "gs://b", "r1")
+    assert submit.find_placeholders(partial) == ["tensorboard"]
+    assert partial["tensorboard"] == "projects/p/locations/r1/tensorboards/TENSORBOARD_ID"
 
 
 # --------------------------------------------------------------------------------------------
@@ -182,9 +239,18 @@ def test_submit_dry_run_prints_job(name: str, capsys: pytest.CaptureFixture[str]
     assert request["parent"] == "projects/my-proj/locations/us-central1"
     job = request["customJob"]
     assert job["displayName"] == "bert-two-tower-" + name.replace("_", "-")
-    expected = submit.fill_placeholders(load_yaml(SPECS[name]), "my-proj", "gs://b")
+    expected = submit.fill_placeholders(load_yaml(SPECS[name]), "my-proj", "gs://b", "us-central1")
     assert job["jobSpec"] == expected
     assert "not submitted: --dry-run" in err
+
+
+def test_submit_dry_run_fills_tensorboard(capsys: pytest.CaptureFixture[str]) -> None:
+    spec = str(SPECS["custom_job_multiworker"])
+    argv = ["--spec", spec, *ARGS, "--staging-bucket", "gs://b", "--tensorboard", "42", "--dry-run"]
+    assert submit.main(argv) == 0
+    job = json.loads(capsys.readouterr().out)["customJob"]["jobSpec"]
+    assert job["tensorboard"] == "projects/my-proj/locations/us-central1/tensorboards/42"
+    assert submit.find_placeholders(job) == []
 
 
 def test_submit_dry_run_subprocess_without_credentials(tmp_path: Path) -> None:
@@ -202,7 +268,7 @@ def test_submit_dry_run_subprocess_without_credentials(tmp_path: Path) -> None:
     )
     assert proc.returncode == 0, proc.stderr
     job = json.loads(proc.stdout)["customJob"]["jobSpec"]
-    assert job["workerPoolSpecs"][0]["pythonPackageSpec"]["pythonModule"] == "trainer.task"
+    assert "bert-two-tower-trainer" in job["workerPoolSpecs"][0]["containerSpec"]["imageUri"]
     assert "not submitted" in proc.stderr
 
 
@@ -210,7 +276,8 @@ def test_submit_without_sdk_or_credentials_exits_1(
     monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
     monkeypatch.setattr(submit, "submission_blocker", lambda: "no credentials (test)")
-    rc = submit.main(["--spec", str(SPECS["custom_job_4gpu"]), *ARGS, "--staging-bucket", "gs://b"])
+    argv = ["--spec", str(SPECS["custom_job_4gpu"]), *ARGS, "--staging-bucket", "gs://b"]
+    rc = submit.main([*argv, "--tensorboard", "7"])
     out, err = capsys.readouterr()
     assert rc == 1
     assert json.loads(out)["customJob"]["jobSpec"]["workerPoolSpecs"]
@@ -234,6 +301,10 @@ def test_submit_bad_input_exits_2(tmp_path: Path, capsys: pytest.CaptureFixture[
     assert submit.main(["--spec", str(tmp_path / "missing.yaml"), *ARGS, "--dry-run"]) == 2
     assert submit.main(["--spec", str(SPECS["custom_job_1gpu"]), "--project", "p", "--region", "x"])
     assert "--region" in capsys.readouterr().err
+    assert (
+        submit.main(["--spec", str(SPECS["custom_job_1gpu"]), *ARGS, "--tensorboard", "tb/1"]) == 2
+    )
+    assert "--tensorboard must be" in capsys.readouterr().err
 
 
 def test_submission_blocker_names_missing_sdk() -> None:
@@ -270,6 +341,73 @@ def test_tfjob_chief_and_workers() -> None:
         assert flag_value(args, "--strategy") == "multi_worker"
     assert containers[0]["args"] == containers[1]["args"]
     assert containers[0]["image"] == containers[1]["image"]
+    assert containers[0]["command"] == containers[1]["command"]
+
+
+class _FakeResponse:
+    """What the generated clients' ``deserialize`` reads (a REST response's body)."""
+
+    def __init__(self, obj: Any) -> None:
+        self.data = json.dumps(obj)
+
+
+def _quantities_as_strings(value: Any, key: str = "") -> Any:
+    """Resource quantities are ``dict(str, str)`` in the Kubernetes models (``1`` -> ``"1"``)."""
+    if isinstance(value, dict):
+        return {
+            k: (
+                {q: str(n) for q, n in v.items()}
+                if k in ("limits", "requests") and isinstance(v, dict)
+                else _quantities_as_strings(v, k)
+            )
+            for k, v in value.items()
+        }
+    if isinstance(value, list):
+        return [_quantities_as_strings(v, key) for v in value]
+    return value
+
+
+def round_trip(api: Any, manifest: dict[str, Any], model: str) -> Any:
+    """Deserializes ``manifest`` into the client's ``model`` and checks that serializing it back
+    gives the manifest: a misspelt or misplaced field would be dropped and fail here."""
+    obj = api.deserialize(_FakeResponse(manifest), model)
+    assert api.sanitize_for_serialization(obj) == _quantities_as_strings(manifest)
+    return obj
+
+
+def test_tfjob_parses_into_training_operator_model() -> None:
+    training = pytest.importorskip("kubeflow.training")
+    job = load_yaml(REPO / "deploy" / "kubeflow" / "tfjob.yaml")
+    tfjob = round_trip(training.ApiClient(), job, "KubeflowOrgV1TFJob")
+    assert isinstance(tfjob, training.KubeflowOrgV1TFJob)
+    for name, replica in tfjob.spec.tf_replica_specs.items():
+        # ExitCode: retryable exits (128-255) recreate the pod, permanent ones fail the job.
+        assert replica.restart_policy == "ExitCode", name
+        pod = replica.template.spec
+        assert pod.security_context.run_as_non_root is True
+        assert pod.termination_grace_period_seconds >= 60  # the SIGTERM checkpoint
+        (container,) = pod.containers
+        assert container.security_context.allow_privilege_escalation is False
+    assert tfjob.spec.run_policy.active_deadline_seconds > 0  # bounds a restart loop
+
+
+@pytest.mark.parametrize(("trainer_exit", "pod_exit"), [(0, 0), (2, 2), (1, 138), (143, 138)])
+def test_tfjob_command_makes_failures_retryable(
+    trainer_exit: int, pod_exit: int, tmp_path: Path
+) -> None:
+    """The container command, run with a fake ``python``: a bad configuration (2) stays
+    permanent, every other failure becomes 138 so the whole group restarts."""
+    job = load_yaml(REPO / "deploy" / "kubeflow" / "tfjob.yaml")
+    (container,) = job["spec"]["tfReplicaSpecs"]["Worker"]["template"]["spec"]["containers"]
+    fake = tmp_path / "python"
+    fake.write_text(f'#!/bin/sh\necho "$@" > "{tmp_path}/argv"\nexit {trainer_exit}\n')
+    fake.chmod(0o755)
+    env = {"PATH": f"{tmp_path}:/usr/bin:/bin"}
+    proc = subprocess.run(
+        [*container["command"], *container["args"]], env=env, capture_output=True, timeout=30
+    )
+    assert proc.returncode == pod_exit
+    assert (tmp_path / "argv").read_text().split() == ["-m", "trainer.task", *container["args"]]
 
 
 # --------------------------------------------------------------------------------------------
@@ -309,8 +447,8 @@ def test_k8s_deployment() -> None:
     assert int(sleep[1]) < template["spec"]["terminationGracePeriodSeconds"]
 
     # The model volume is mounted where models.config points.
-    (mount,) = container["volumeMounts"]
-    assert mount["mountPath"] == "/models" and mount["readOnly"] is True
+    (mount,) = [m for m in container["volumeMounts"] if m["mountPath"] == "/models"]
+    assert mount["readOnly"] is True
     volume_names = {v["name"] for v in template["spec"]["volumes"]}
     assert mount["name"] in volume_names
 
@@ -324,6 +462,60 @@ def test_k8s_service_matches_deployment() -> None:
     (container,) = deployment["spec"]["template"]["spec"]["containers"]
     ports = {p["port"]: _resolve_port(container, p["targetPort"]) for p in service["spec"]["ports"]}
     assert ports == {8500: 8500, 8501: 8501}
+
+
+def test_k8s_manifests_parse_into_kubernetes_models() -> None:
+    kubernetes = pytest.importorskip("kubernetes")
+    api = kubernetes.client.ApiClient()
+    models = {
+        "deployment.yaml": "V1Deployment",
+        "service.yaml": "V1Service",
+        "hpa.yaml": "V2HorizontalPodAutoscaler",
+        "pdb.yaml": "V1PodDisruptionBudget",
+    }
+    assert {p.name for p in K8S.glob("*.yaml")} == set(models)
+    objects = {
+        name: round_trip(api, load_yaml(K8S / name), model) for name, model in models.items()
+    }
+    deployment = objects["deployment.yaml"]
+    pod_labels = deployment.spec.template.metadata.labels
+
+    # HPA scales this Deployment (which leaves the replica count to it) on CPU.
+    hpa = objects["hpa.yaml"]
+    ref = hpa.spec.scale_target_ref
+    assert (ref.api_version, ref.kind, ref.name) == ("apps/v1", "Deployment", "movielens-tfserving")
+    assert deployment.spec.replicas is None
+    assert 2 <= hpa.spec.min_replicas < hpa.spec.max_replicas
+    (metric,) = hpa.spec.metrics
+    assert metric.resource.name == "cpu" and 0 < metric.resource.target.average_utilization < 100
+    assert hpa.spec.behavior.scale_down.stabilization_window_seconds >= 60
+
+    # PDB covers exactly these pods and always leaves one of the HPA's minimum serving.
+    pdb = objects["pdb.yaml"]
+    assert pdb.spec.selector.match_labels.items() <= pod_labels.items()
+    assert pdb.spec.max_unavailable == 1 and pdb.spec.max_unavailable < hpa.spec.min_replicas
+
+
+def test_k8s_deployment_security_context() -> None:
+    kubernetes = pytest.importorskip("kubernetes")
+    api = kubernetes.client.ApiClient()
+    deployment = round_trip(api, load_yaml(K8S / "deployment.yaml"), "V1Deployment")
+    pod = deployment.spec.template.spec
+    assert pod.security_context.run_as_non_root is True
+    assert pod.security_context.run_as_user == 10001  # the images' USER
+    assert pod.security_context.seccomp_profile.type == "RuntimeDefault"
+    assert pod.automount_service_account_token is False
+    (container,) = pod.containers
+    context = container.security_context
+    assert context.read_only_root_filesystem is True
+    assert context.allow_privilege_escalation is False
+    assert context.capabilities.drop == ["ALL"]
+    # A read-only root still needs a writable /tmp (the entrypoint's Vertex models.config).
+    mounts = {m.mount_path: m.name for m in container.volume_mounts}
+    volumes = {v.name: v for v in pod.volumes}
+    assert volumes[mounts["/tmp"]].empty_dir is not None
+    assert "/tmp/models.config" in entrypoint_script(DOCKER / "Dockerfile.tfserving")
+    assert volumes[mounts["/models"]].persistent_volume_claim.read_only is True
 
 
 # --------------------------------------------------------------------------------------------
@@ -359,17 +551,80 @@ def test_models_config_accepted_by_local_server() -> None:
     assert (config.name, config.base_path) == ("movielens", "/models/movielens")
 
 
+# TF Serving 2.20's BatchingParameters (tensorflow_serving/servables/tensorflow/
+# session_bundle_config.proto), fields 1-7: (name, number, label, type, message type). The
+# tensorflow-serving-api wheel ships tensorflow_serving.config and .apis but not this proto, so
+# the test states the upstream fields itself and checks serving.batching's rebuilt message
+# against them (instead of parsing the config with that rebuilt message alone).
+_UPSTREAM_BATCHING_FIELDS = (
+    ("max_batch_size", 1, "optional", "message", "google.protobuf.Int64Value"),
+    ("batch_timeout_micros", 2, "optional", "message", "google.protobuf.Int64Value"),
+    ("max_enqueued_batches", 3, "optional", "message", "google.protobuf.Int64Value"),
+    ("num_batch_threads", 4, "optional", "message", "google.protobuf.Int64Value"),
+    ("thread_pool_name", 5, "optional", "message", "google.protobuf.StringValue"),
+    ("allowed_batch_sizes", 6, "repeated", "int64", None),
+    ("pad_variable_length_inputs", 7, "optional", "bool", None),
+)
+
+
 def _batching_parameters_class() -> type:
-    """TF Serving's BatchingParameters. The tensorflow-serving-api wheel does not ship
-    session_bundle_config_pb2; serving.batching then rebuilds the message with the same field
-    names, numbers and types, so the text format is checked identically."""
+    """TF Serving's own message when importable, else one built here from the upstream fields."""
     try:
         from tensorflow_serving.servables.tensorflow import session_bundle_config_pb2
     except ImportError:
-        from serving.batching import _batching_parameters_class as rebuilt
+        pass
+    else:
+        return session_bundle_config_pb2.BatchingParameters
+    from google.protobuf import descriptor_pb2, descriptor_pool, message_factory, wrappers_pb2
 
-        return rebuilt()
-    return session_bundle_config_pb2.BatchingParameters
+    pool = descriptor_pool.DescriptorPool()
+    wrappers = descriptor_pb2.FileDescriptorProto()
+    wrappers_pb2.DESCRIPTOR.CopyToProto(wrappers)
+    pool.Add(wrappers)
+    fdp = descriptor_pb2.FieldDescriptorProto
+    message = descriptor_pb2.DescriptorProto(name="BatchingParameters")
+    for name, number, label, kind, type_name in _UPSTREAM_BATCHING_FIELDS:
+        message.field.add(
+            name=name,
+            number=number,
+            label=fdp.LABEL_REPEATED if label == "repeated" else fdp.LABEL_OPTIONAL,
+            type={"message": fdp.TYPE_MESSAGE, "int64": fdp.TYPE_INT64, "bool": fdp.TYPE_BOOL}[
+                kind
+            ],
+            type_name=f".{type_name}" if type_name else None,
+        )
+    pool.Add(
+        descriptor_pb2.FileDescriptorProto(
+            name="test_deploy/batching_parameters.proto",
+            package="tensorflow.serving",
+            syntax="proto3",
+            dependency=["google/protobuf/wrappers.proto"],
+            message_type=[message],
+        )
+    )
+    descriptor = pool.FindMessageTypeByName("tensorflow.serving.BatchingParameters")
+    return message_factory.GetMessageClass(descriptor)
+
+
+def _fields(message_class: type) -> set[tuple[str, int, bool, int, str | None]]:
+    return {
+        (
+            f.name,
+            f.number,
+            f.label == f.LABEL_REPEATED,
+            f.type,
+            f.message_type.full_name if f.message_type else None,
+        )
+        for f in message_class.DESCRIPTOR.fields
+    }
+
+
+def test_local_batching_message_matches_tf_serving_fields() -> None:
+    from serving.batching import _batching_parameters_class as rebuilt
+
+    upstream = _fields(_batching_parameters_class())
+    assert {f[0] for f in upstream} >= {f[0] for f in _UPSTREAM_BATCHING_FIELDS}
+    assert _fields(rebuilt()) <= upstream
 
 
 def test_batching_config_parses_with_tf_serving_proto() -> None:
@@ -378,7 +633,7 @@ def test_batching_config_parses_with_tf_serving_proto() -> None:
     text = (CONFIGS / "batching.config").read_text()
     params = text_format.Parse(text, _batching_parameters_class()())
     assert params.max_batch_size.value == 64
-    assert params.batch_timeout_micros.value == 2000
+    assert params.HasField("batch_timeout_micros") and params.batch_timeout_micros.value == 0
     assert params.num_batch_threads.value == 4
     assert params.max_enqueued_batches.value == 100
     assert params.pad_variable_length_inputs is False
@@ -463,6 +718,76 @@ def test_dockerfile_tfserving_scann_multistage() -> None:
     assert {a for kw, a in instructions if kw == "EXPOSE"} == {"8500", "8501"}
     # Both serving images start the server the same way.
     assert entrypoint_script(path) == entrypoint_script(DOCKER / "Dockerfile.tfserving")
+
+
+def final_user(path: Path) -> str | None:
+    """The USER in effect in the last stage of a Dockerfile."""
+    user = None
+    for keyword, args in dockerfile_instructions(path):
+        if keyword == "FROM":
+            user = None
+        elif keyword == "USER":
+            user = args.strip()
+    return user
+
+
+@pytest.mark.parametrize(
+    "path",
+    [
+        DOCKER / "Dockerfile.tfserving",
+        DOCKER / "Dockerfile.tfserving-scann",
+        REPO / "trainer" / "Dockerfile",
+    ],
+)
+def test_dockerfiles_run_as_non_root(path: Path) -> None:
+    user = final_user(path)
+    assert user is not None and user.split(":")[0] not in ("root", "0"), user
+    # Numeric, so Kubernetes' runAsNonRoot can verify it, and the uid the manifests set.
+    assert user == "10001:10001"
+    runs = " ".join(a for kw, a in dockerfile_instructions(path) if kw == "RUN")
+    assert "useradd --system --uid 10001" in runs
+
+
+def test_dockerfile_scann_commit_is_pinned() -> None:
+    """No default branch: the build needs a full commit and checks it is the ScaNN release."""
+    instructions = dockerfile_instructions(DOCKER / "Dockerfile.tfserving-scann")
+    args = dict(
+        (a.split("=", 1) + [""])[:2] for kw, a in instructions if kw == "ARG"
+    )  # name -> default
+    assert args["SCANN_COMMIT"] == ""  # required build argument
+    assert args["SCANN_VERSION"] == "1.4.2"  # the scann[tf] pin in setup.cfg
+    assert "scann[tf]==1.4.2" in (REPO / "setup.cfg").read_text()
+    (fetch,) = [a for kw, a in instructions if kw == "RUN" and "SCANN_COMMIT" in a]
+    assert "master" not in fetch
+    assert "[0-9a-f]{40}" in fetch and "sha256sum -c" in fetch
+    assert 'version=\\"${SCANN_VERSION}\\"' in fetch
+
+
+def test_trainer_dockerfile_checks_cuda_and_has_kfp() -> None:
+    instructions = dockerfile_instructions(REPO / "trainer" / "Dockerfile")
+    (check,) = [a for kw, a in instructions if kw == "RUN" and "get_build_info" in a]
+    script = check.split("\n", 1)[1]
+    ast.parse(script)
+    for needle in ('"12."', '"9"', "nvidia-cudnn-cu12", "libcudnn.so.9"):
+        assert needle in script, needle
+    runs = " ".join(a for kw, a in instructions if kw == "RUN")
+    assert "kfp==2.17.0" in runs  # the KFP pipeline's Python steps run in this image
+    assert "kfp==2.17.0" in (REPO / "setup.cfg").read_text()
+
+
+def test_dataflow_worker_image_matches_the_beam_pin() -> None:
+    """Workers and launcher must run the same Beam: the image is Beam's SDK image of the pin."""
+    path = REPO / "deploy" / "dataflow" / "Dockerfile"
+    (pin,) = re.findall(r"apache-beam\[gcp\]==([\d.]+)", (REPO / "setup.cfg").read_text())
+    assert from_images(path) == [f"apache/beam_python3.11_sdk:{pin}"]
+    instructions = dockerfile_instructions(path)
+    assert ("ENTRYPOINT", '["/opt/apache/beam/boot"]') in instructions
+    runs = " ".join(a for kw, a in instructions if kw == "RUN")
+    assert 'pip install ".[beam]"' in runs and f"'{pin}'" in runs
+    for kw, args in instructions:
+        if kw == "COPY":
+            for source in shlex.split(args)[:-1]:
+                assert (REPO / source).exists(), source
 
 
 def test_dockerfile_scann_patch_script_is_valid_python() -> None:
@@ -569,56 +894,162 @@ def _all_tasks(ir: dict[str, Any]) -> dict[str, dict[str, Any]]:
     return tasks
 
 
-def test_kfp_pipeline_compiles(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def _depends_on(ir: dict[str, Any], tasks: dict[str, dict[str, Any]], name: str) -> set[str]:
+    """Every task ``name`` waits for, directly, through the groups it sits in, or transitively."""
+    direct = set(tasks[name].get("dependentTasks", []))
+    for group, task in tasks.items():
+        sub = ir["components"][task["componentRef"]["name"]].get("dag", {}).get("tasks", {})
+        if name in sub:  # a task inside a condition group also waits for the group's deps
+            direct |= {group} | _depends_on(ir, tasks, group)
+    return direct | {d for dep in direct for d in _depends_on(ir, tasks, dep)}
+
+
+def _group_of(ir: dict[str, Any], task: str) -> tuple[str, dict[str, Any]]:
+    """(component name, component) of the DAG holding ``task``."""
+    (found,) = [
+        (name, c)
+        for name, c in ir["components"].items()
+        if task in c.get("dag", {}).get("tasks", {})
+    ]
+    return found
+
+
+def _condition_of(ir: dict[str, Any], tasks: dict[str, dict[str, Any]], task: str) -> str:
+    """The trigger condition of the group task whose component holds ``task``."""
+    name, _ = _group_of(ir, task)
+    (group,) = [t for t in tasks.values() if t["componentRef"]["name"] == name]
+    return group["triggerPolicy"]["condition"]
+
+
+@pytest.fixture(scope="module")
+def compiled_pipeline(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     pytest.importorskip("kfp")
+    pytest.importorskip("google_cloud_pipeline_components")
     from deploy.kubeflow import pipeline
 
-    out = tmp_path / "pipeline.yaml"
+    out = tmp_path_factory.mktemp("kfp") / "pipeline.yaml"
     assert pipeline.main(["--output", str(out), "--image", "example.com/trainer:1"]) == 0
-    assert "wrote" in capsys.readouterr().out
-    ir = load_yaml(out)
+    return load_yaml(out)
+
+
+def test_kfp_pipeline_order_and_metrics_gate(compiled_pipeline: dict[str, Any]) -> None:
+    from deploy.kubeflow import pipeline
+
+    ir = compiled_pipeline
     tasks = _all_tasks(ir)
-    assert set(pipeline.TASK_NAMES) <= set(tasks)
-
-    # Dependency order: each step (transitively) depends on the one before.
-    def depends_on(name: str) -> set[str]:
-        direct = set(tasks[name].get("dependentTasks", []))
-        for group, task in tasks.items():
-            sub = ir["components"][task["componentRef"]["name"]].get("dag", {}).get("tasks", {})
-            if name in sub:  # a task inside a condition group also waits for the group's deps
-                direct |= {group} | depends_on(group)
-        return direct | {d for dep in direct for d in depends_on(dep)}
-
+    assert set(pipeline.TASK_NAMES) | set(pipeline.VERTEX_TASKS) | {"push"} <= set(tasks)
     order = pipeline.TASK_NAMES
     for before, after in zip(order, order[1:], strict=False):
-        assert before in depends_on(after), (before, after)
+        assert before in _depends_on(ir, tasks, after), (before, after)
 
-    # The quality gate: export/push sit in a group triggered by recall@10 >= the parameter.
-    (gate,) = [t for t in tasks.values() if "triggerPolicy" in t]
-    condition = gate["triggerPolicy"]["condition"]
-    assert "recall_at_10" in condition and ">=" in condition and "min_recall_at_10" in condition
-    gated = ir["components"][gate["componentRef"]["name"]]["dag"]["tasks"]
-    assert set(gated) == {"export", "push"}
-    params = ir["root"]["inputDefinitions"]["parameters"]
-    assert params["min_recall_at_10"]["parameterType"] == "NUMBER_DOUBLE"
-    assert "serving_base" in params
-
-    # The steps run the project's CLIs in the training image.
-    executors = ir["deploymentSpec"]["executors"]
-    commands = {
-        name.removeprefix("exec-"): " ".join(e["container"]["command"] + e["container"]["args"])
-        for name, e in executors.items()
+    # evaluate writes a system.Metrics artifact, and the gate reads exactly that artifact.
+    outputs = ir["components"]["comp-evaluate"]["outputDefinitions"]["artifacts"]
+    assert outputs["metrics"]["artifactType"]["schemaTitle"] == "system.Metrics"
+    gate_input = tasks["gate"]["inputs"]["artifacts"]["metrics"]["taskOutputArtifact"]
+    assert gate_input == {"outputArtifactKey": "metrics", "producerTask": "evaluate"}
+    gate_params = tasks["gate"]["inputs"]["parameters"]
+    assert gate_params["metric"] == {"componentInputParameter": "gate_metric"}
+    assert gate_params["threshold"] == {"componentInputParameter": "gate_threshold"}
+    assert ir["components"]["comp-gate"]["outputDefinitions"]["parameters"]["Output"] == {
+        "parameterType": "BOOLEAN"
     }
-    assert all(e["container"]["image"] == "example.com/trainer:1" for e in executors.values())
+    # Everything after the gate runs only when it returned true.
+    assert _condition_of(ir, tasks, "export") == (
+        "inputs.parameter_values['pipelinechannel--gate-Output'] == true"
+    )
+    params = ir["root"]["inputDefinitions"]["parameters"]
+    assert params["gate_threshold"]["parameterType"] == "NUMBER_DOUBLE"
+    assert params["gate_metric"]["defaultValue"] == "recall@10"
+    assert params["deploy_target"]["defaultValue"] == "vertex"
+
+    # The project's steps run its CLIs in the training image, with no pip install at run time.
+    executors = ir["deploymentSpec"]["executors"]
+    ours = ("prepare", "train", "evaluate", "gate", "export", "push", "reject-deploy-target")
+    commands = {}
+    for name in ours:
+        container = executors[f"exec-{name}"]["container"]
+        assert container["image"] == "example.com/trainer:1", name
+        commands[name] = " ".join(container["command"] + container["args"])
+        assert "pip install" not in commands[name], name
     assert "trainer.data prepare --dataset" in commands["prepare"]
     assert "-m trainer.task --data" in commands["train"]
-    assert "--model-dir" in commands["train"]
-    assert 'python -m trainer.evaluate --data "$1"' in commands["evaluate"]
-    assert 'report["metrics"]["recall@10"]' in commands["evaluate"]
+    assert '"trainer.evaluate"' in commands["evaluate"] and "log_metric" in commands["evaluate"]
     assert "-m trainer.export --model-dir" in commands["export"]
-    assert "--index" in commands["export"]
     accelerator = executors["exec-train"]["container"]["resources"]["accelerator"]
     assert accelerator["resourceCount"] == "1"
+
+
+def test_kfp_pipeline_deploy_branches(compiled_pipeline: dict[str, Any]) -> None:
+    from deploy.kubeflow import pipeline
+
+    ir = compiled_pipeline
+    tasks = _all_tasks(ir)
+    executors = ir["deploymentSpec"]["executors"]
+    vertex = _condition_of(ir, tasks, "model-upload")
+    assert vertex == "inputs.parameter_values['pipelinechannel--deploy_target'] == 'vertex'"
+    for name in pipeline.VERTEX_TASKS:
+        assert _condition_of(ir, tasks, name) == vertex, name
+    serving_path = _condition_of(ir, tasks, "push")
+    assert "== 'serving_path'" in serving_path and "!(" in serving_path
+    rejected = _condition_of(ir, tasks, "reject-deploy-target")
+    assert rejected.count("!(") == 2
+
+    # The model base the export wrote becomes an UnmanagedContainerModel served by TF Serving.
+    importer = tasks["importer"]
+    assert importer["inputs"]["parameters"]["uri"] == {
+        "componentInputParameter": "pipelinechannel--export-model_uri"
+    }
+    spec = executors["exec-importer"]["importer"]
+    assert spec["typeSchema"]["schemaTitle"] == "google.UnmanagedContainerModel"
+    container = spec["metadata"]["containerSpec"]
+    assert container["predictRoute"] == "/v1/models/movielens:predict"
+    assert container["healthRoute"] == "/v1/models/movielens"
+    assert importer["inputs"]["parameters"]["metadata"] == {
+        "componentInputParameter": "pipelinechannel--serving_image"
+    }
+    # Model Registry upload -> Endpoint -> deploy, with google-cloud-pipeline-components.
+    upload = tasks["model-upload"]["inputs"]["artifacts"]["unmanaged_container_model"]
+    assert upload["taskOutputArtifact"]["producerTask"] == "importer"
+    deploy = tasks["model-deploy"]["inputs"]["artifacts"]
+    assert deploy["model"]["taskOutputArtifact"]["producerTask"] == "model-upload"
+    assert deploy["endpoint"]["taskOutputArtifact"]["producerTask"] == "endpoint-create"
+    for name in ("model-upload", "endpoint-create", "model-deploy"):
+        image = executors[f"exec-{name}"]["container"]["image"]
+        assert image.startswith("gcr.io/ml-pipeline/google-cloud-pipeline-components:"), image
+        assert tasks[name]["cachingOptions"].get("enableCache") is not True, name
+    assert tasks["push"]["cachingOptions"].get("enableCache") is not True
+
+
+def test_kfp_evaluate_logs_metrics_and_gate_reads_them(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The two Python steps' functions, run here on real KFP artifacts (trainer.evaluate faked)."""
+    pytest.importorskip("kfp")
+    from kfp import dsl
+
+    from deploy.kubeflow import pipeline
+
+    def fake_run(command: list[str], check: bool) -> None:
+        assert command[1:3] == ["-m", "trainer.evaluate"] and "--no-mmr" in command
+        report = {"metrics": {"recall@10": 0.2, "ndcg@10": 0.3, "protocol": "p2", "ok": True}}
+        Path(command[command.index("--output") + 1]).write_text(json.dumps(report))
+
+    monkeypatch.setattr(subprocess, "run", fake_run)
+    metrics = dsl.Metrics(name="metrics", uri="", metadata={})
+    data = dsl.Dataset(name="data", uri="", metadata={})
+    model = dsl.Model(name="model", uri="", metadata={})
+    report = dsl.Artifact(name="report", uri="", metadata={})
+    for artifact, name in ((data, "data"), (model, "model"), (report, "report.json")):
+        artifact.path = str(tmp_path / name)
+    pipeline.evaluate("p2", "--no-mmr", data, model, report, metrics)
+    assert metrics.metadata == {"recall@10": 0.2, "ndcg@10": 0.3}  # numbers only
+
+    assert pipeline.gate(metrics, "recall@10", 0.2) is True
+    assert pipeline.gate(metrics, "recall@10", 0.25) is False
+    with pytest.raises(ValueError, match="logged no 'mrr@10'"):
+        pipeline.gate(metrics, "mrr@10", 0.1)
+    with pytest.raises(ValueError, match="use 'vertex' or 'serving_path'"):
+        pipeline.reject_deploy_target("k8s")
 
 
 def test_push_script_copies_next_version(

@@ -335,3 +335,111 @@ def test_every_input_has_a_batch_dimension(tiny_export):
             for alias, info in sig.inputs.items():
                 dims = info.tensor_shape.dim
                 assert len(dims) >= 1 and dims[0].size == -1, (name, alias)
+
+
+def _mixed_text_queries(tiny_data_dir: str) -> dict[str, np.ndarray]:
+    """Three known users (profile, typed titles, history all seen in training), then a row of
+    free text with a profile nobody has (every text a miss), then a known profile beside an
+    unseen typed title: a batch of hits and misses."""
+    queries = {k: v.numpy() for k, v in _queries(tiny_data_dir, 3).items()}
+    free = {
+        "user_id": "", "user_age": "37", "user_gender": "X", "user_occupation": "astronaut",
+        "query_text": "a dark story of the city at night", "history": None,
+    }  # fmt: skip
+    unseen_title = {
+        **{k: queries[k][0] for k in ("user_id", "user_age", "user_gender", "user_occupation")},
+        "query_text": "Liked: Toy Story Of The Night (2031).",
+        "history": None,
+    }
+    out = {}
+    for key in QUERY_KEYS:
+        if key == "history":
+            empty = np.full_like(queries[key][:1], "")
+            out[key] = np.concatenate([queries[key], empty, queries[key][:1]])
+        else:
+            extra = np.array([free[key], unseen_title[key]], object)
+            out[key] = np.concatenate([queries[key].astype(object), extra])
+    return out
+
+
+def _bert_ops_ran(model, signature: str, inputs: dict[str, np.ndarray]) -> bool:
+    """Whether one traced Session.run of ``signature`` executed any op of a BERT backbone."""
+    sig = model.signature_defs[signature]
+    options = tf.compat.v1.RunOptions(trace_level=tf.compat.v1.RunOptions.FULL_TRACE)
+    metadata = tf.compat.v1.RunMetadata()
+    model.session.run(
+        [sig.outputs[name].name for name in sorted(sig.outputs)],
+        feed_dict={sig.inputs[name].name: value for name, value in inputs.items()},
+        options=options,
+        run_metadata=metadata,
+    )
+    # The backbone's variable handles are fed to the graph on every run; its math only when
+    # a text missed the tables.
+    return any(
+        "bert_backbone" in n.node_name and "VarHandleOp" not in n.timeline_label
+        for d in metadata.step_stats.dev_stats
+        for n in d.node_stats
+    )
+
+
+def test_known_texts_skip_bert_and_answer_as_live_bert(
+    tiny_model_dir, brute_force_export, tiny_data_dir
+):
+    """A frozen-BERT export answers known texts from its in-graph tables and sends only the
+    misses of a batch through the tokenizer and BERT; through TF Serving's loader it gives
+    exactly what running BERT on every text gives (same ids, vectors within 1e-5)."""
+    from serving.session_runner import SessionModel
+    from trainer.model import ModelScorer, load_trained
+
+    model, config = load_trained(tiny_model_dir)
+    assert config.model.freeze_bert and model.uses_titles and model.profile_cache is not None
+    model.set_text_mode("live")
+    model._live_uses_caches = False  # the reference: BERT reads every text
+    queries = _mixed_text_queries(tiny_data_dir)
+    want = model.query_embeddings({k: tf.constant(v.astype(str)) for k, v in queries.items()})
+    want = want.numpy()
+    catalog = records.load_catalog(tiny_data_dir, "p2")
+    items = ModelScorer(model, catalog).item_embeddings()
+    want_ids = np.asarray(catalog["item_id"]).astype(str)[np.argsort(-(want @ items.T), axis=1)]
+
+    batch = len(queries["query_text"])
+    retrieve = {
+        **queries,
+        "k": np.full([batch], 5, np.int32),
+        "exclude_item_ids": np.array([[""]] * batch, object),
+        "diversity": np.zeros([batch], np.float32),
+    }
+    with SessionModel(brute_force_export) as served:
+        got = served.run("query_embedding", queries)["embeddings"]
+        np.testing.assert_allclose(got, want, atol=1e-5)
+        ids = served.run("serving_default", retrieve)["item_ids"].astype(str)
+        assert ids.tolist() == want_ids[:, :5].tolist()
+        # Known texts only: BERT does not run; one miss in the batch: it does.
+        known = {k: v[:3] for k, v in retrieve.items()}
+        assert not _bert_ops_ran(served, "serving_default", known)
+        assert _bert_ops_ran(served, "serving_default", retrieve)
+        np.testing.assert_array_equal(
+            served.run("serving_default", known)["item_ids"].astype(str), ids[:3]
+        )
+
+
+def test_a_fine_tuned_export_serves_its_own_final_vectors(tiny_model_dir, tiny_data_dir):
+    """serve_from_caches recomputes stale tables with the encoders as they are, so cached
+    answers equal BERT's on every text (the history's item table is a table in both)."""
+    from trainer.model import load_trained
+
+    model, _ = load_trained(tiny_model_dir)
+    model.set_text_mode("live")
+    rng = np.random.default_rng(0)
+    for encoder in (model.query_encoder, model.candidate_encoder):  # as if BERT trained on
+        for variable in encoder.backbone.weights:
+            variable.assign(variable + rng.normal(0, 0.2, variable.shape).astype(np.float32))
+    queries = {k: tf.constant(v.astype(str)) for k, v in _mixed_text_queries(tiny_data_dir).items()}
+    stale = model.query_embeddings(queries).numpy()  # tables from before the weights moved
+    model._live_uses_caches = False  # a fine-tuned model's export starts like this
+    model.serve_from_caches()
+    got = model.query_embeddings(queries).numpy()
+    model._live_uses_caches = False
+    want = model.query_embeddings(queries).numpy()
+    np.testing.assert_allclose(got, want, atol=1e-5)
+    assert not np.allclose(stale, want, atol=1e-3)

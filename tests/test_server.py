@@ -942,6 +942,75 @@ def test_batcher_merges_and_splits() -> None:
         assert info.value.code == Code.INVALID_ARGUMENT
 
 
+def test_batcher_without_timeout_runs_a_lone_request_at_once_and_batches_under_load() -> None:
+    """batch_timeout_micros 0, one batch thread (serving/configs/batching.config): a lone
+    request is never held back, and what queues while a batch runs becomes the next batch."""
+    started, release = threading.Event(), threading.Event()
+    calls: list[int] = []
+
+    def run(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        calls.append(len(batch["x"]))
+        if len(calls) == 1:
+            started.set()
+            release.wait(10)
+        return {"y": batch["x"] + 1}
+
+    batcher = Batcher(BatchingOptions(max_batch_size=64, batch_timeout_micros=0,
+                                      num_batch_threads=1))  # fmt: skip
+    results: dict[int, list[int]] = {}
+
+    def submit(i: int, rows: int) -> None:
+        inputs = {"x": np.full((rows,), i)}
+        key, size = batch_key_and_size("m", inputs)
+        results[i] = batcher.submit(key, inputs, size, run)["y"].tolist()
+
+    threads = [threading.Thread(target=submit, args=(0, 1))]
+    threads[0].start()
+    assert started.wait(10)  # ran with nothing else queued: no timeout to wait out
+    threads += [threading.Thread(target=submit, args=(i, 2)) for i in range(1, 6)]
+    for t in threads[1:]:
+        t.start()
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:  # all five queued behind the running batch
+        with batcher._cv:
+            if sum(q.size for q in batcher._queues.values()) == 10:
+                break
+        time.sleep(0.005)
+    release.set()
+    for t in threads:
+        t.join(10)
+    batcher.stop()
+    assert calls == [1, 10]
+    assert results == {0: [1], **{i: [i + 1] * 2 for i in range(1, 6)}}
+
+
+def test_tensor_converters_match_tensorflows() -> None:
+    """The server's fast TensorProto <-> numpy converters give what TF's own give."""
+    import tensorflow as tf
+    from tensorflow.core.framework import tensor_pb2
+
+    from serving.server import array_to_tensor, tensor_to_array
+
+    cases = [
+        np.array([b"a", b"bc"], object), np.array([[b"1"] * 5] * 2, object),
+        np.array([3, 4], np.int32), np.array([0.5, 1], np.float32), np.array([1, 2], np.int64),
+        np.array(7, np.int32), np.array([], np.float32), np.array([1.5, 2], np.float64),
+        np.array(["x", "y"]),
+    ]  # fmt: skip
+    for value in cases:
+        proto = tf.make_tensor_proto(value)
+        got, want = tensor_to_array(proto), tf.make_ndarray(proto)
+        assert got.dtype == want.dtype and got.shape == want.shape
+        assert got.tolist() == want.tolist()
+        assert array_to_tensor(value) == proto
+    repeated = tensor_pb2.TensorProto(dtype=7, string_val=[b"z"])  # one value for 3 slots
+    repeated.tensor_shape.dim.add(size=3)
+    listed = tensor_pb2.TensorProto(dtype=1, float_val=[1.0, 2.0])
+    listed.tensor_shape.dim.add(size=2)
+    for proto in (repeated, listed):
+        assert tensor_to_array(proto).tolist() == tf.make_ndarray(proto).tolist()
+
+
 def test_config_parsing_and_version_listing(tmp_path: Path) -> None:
     opts = parse_batching_parameters("max_batch_size { value: 16 } num_batch_threads { value: 3 }")
     assert (opts.max_batch_size, opts.num_batch_threads, opts.batch_timeout_micros) == (16, 3, 0)

@@ -27,9 +27,10 @@ ENV = {
     "TF_CPP_MIN_LOG_LEVEL": "2",
     "CUDA_VISIBLE_DEVICES": "",
 }
-# p2 of the tiny data: 1,228 train examples -> 38 steps of 32 per epoch.
+# p2 of the tiny data: 1,228 train examples -> 38 steps of 32 per epoch (event batches).
 RESUME_FLAGS = shlex.split(
-    "--preset tiny --split p2 --batch-size 32 --epochs 4 --checkpoint-every 5 "
+    "--preset tiny --split p2 --train-queries events --batch-size 32 --epochs 4 "
+    "--checkpoint-every 5 "
     "--early-stopping-patience 0 --no-progress --log-every 1000"
 )
 
@@ -314,7 +315,10 @@ def test_two_workers_end_with_identical_weights(tiny_data_dir, tmp_path):
                 {"cluster": cluster, "task": {"type": "worker", "index": index}}
             ),
         }
-        flags = "--preset tiny --batch-size 64 --epochs 1 --max-steps 8 --worker-model-copy"
+        flags = (
+            "--preset tiny --batch-size 64 --user-batch-size 16 --epochs 1 --max-steps 8 "
+            "--worker-model-copy"
+        )
         cmd = [sys.executable, "-m", "trainer.task", "--data", tiny_data_dir, "--split", "p2",
                "--model-dir", model_dir, "--no-progress", *shlex.split(flags)]  # fmt: skip
         processes.append(

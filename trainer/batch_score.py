@@ -892,37 +892,9 @@ def explain(
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        prog="python -m trainer.batch_score",
-        description=__doc__,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
-    source = p.add_argument_group("model (exactly one)")
-    source.add_argument("--export", help="export version dir, or model base (highest version)")
-    source.add_argument("--server", help="HOST:PORT of TF Serving / serving.server (gRPC)")
-    p.add_argument("--model-name", default="movielens", help="model name on --server")
-    p.add_argument("--signature", default=RETRIEVE_SIGNATURE, help="retrieve signature")
-    p.add_argument("--data", required=True, help="prepared data directory")
-    p.add_argument("--split", required=True, choices=schema.PROTOCOLS)
-    p.add_argument("--output", required=True, help="output directory (local or gs://)")
-    p.add_argument("-k", "--k", type=int, default=10, help="recommendations per user")
-    p.add_argument("--batch-size", type=int, default=256, help="users per request")
-    p.add_argument("--shard-size", type=int, default=5000, help="users per Parquet shard")
-    p.add_argument(
-        "--exclude-seen",
-        action="store_true",
-        help="never recommend items the user rated in --exclude-parts",
-    )
-    p.add_argument(
-        "--exclude-parts",
-        default="train",
-        help="comma-separated parts whose items --exclude-seen removes",
-    )
-    p.add_argument("--diversity", type=float, default=0.0, help="MMR λ in [0, 1]")
-    p.add_argument("--timeout", type=float, default=60.0, help="per-request deadline (--server)")
-    p.add_argument("--overwrite", action="store_true", help="replace shards of other settings")
-    p.add_argument("--no-progress", action="store_true", help="no progress bar")
-    return p
+    from trainer.cli import batch_score_parser  # TF-free, so that --help answers before TF
+
+    return batch_score_parser()
 
 
 def _validate(args: argparse.Namespace, parser: argparse.ArgumentParser) -> tuple[str, ...]:

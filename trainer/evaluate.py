@@ -39,7 +39,7 @@ from typing import Protocol
 
 import numpy as np
 
-from trainer import metrics
+from trainer import lazy_import, metrics, plots
 from trainer.baselines import (
     HELDOUT_USER_KEY,
     EaseScorer,
@@ -48,8 +48,11 @@ from trainer.baselines import (
     gram,
     item_rows,
 )
-from trainer.data import records
+from trainer.config import ConfigError
 from trainer.data.movielens import DataError
+
+# TensorFlow loads on first use, so that --help and bad flags answer at once.
+records = lazy_import("trainer.data.records")
 
 K_ACCURACY = (10, 50, 100)
 K_RANKING = (10, 20)
@@ -121,14 +124,17 @@ def evaluate_p1(scorer: Scorer, data_dir: str, catalog: dict[str, np.ndarray]) -
     test = records.load_events(data_dir, "p1", "test")
     index = index_of(catalog)
     truth = np.array([index[i] for i in test["item_id"]])
-    hits = {k: 0 for k in K_ACCURACY}
+    curve_ks = range(1, plots.CURVE_MAX_K + 1)  # K_ACCURACY's cut-offs are among them
+    hits = {k: 0 for k in curve_ks}
     for start, scores in _batched_scores(scorer, test):
         part = metrics.factorized_top_k_accuracy(
-            scores, truth[start : start + len(scores)], ks=K_ACCURACY
+            scores, truth[start : start + len(scores)], ks=curve_ks
         )
-        for k in K_ACCURACY:
+        for k in curve_ks:
             hits[k] += part[f"top_{k}_accuracy"] * len(scores)
     result = {f"top_{k}_accuracy": hits[k] / len(truth) for k in K_ACCURACY}
+    accuracy = [hits[k] / len(truth) for k in curve_ks]
+    result["curves"] = {"k": list(curve_ks), "top_k_accuracy": accuracy}
     predicted = scorer.predict_ratings(test)
     if predicted is not None:
         result["rmse"] = metrics.rmse(predicted, test["rating"])
@@ -304,8 +310,11 @@ def evaluate(
     else:
         task = ranking_task(data_dir, split, catalog, part)
         result, pool = evaluate_full_ranking(scorer, data_dir, split, catalog, part, task)
+    curves = result.pop("curves", None) or plots.ranking_curves(pool, task.truth)
     result.update(beyond_accuracy(scorer, pool[:, :10], catalog))
     out = {"scorer": scorer.name, "split": split, "part": part, "metrics": result}
+    out["curves"] = curves  # recall/NDCG (p1: top-k accuracy) at k = 1..100, for the plots
+    out["exposure"] = plots.exposure_summary(pool[:, :10], catalog["popularity"])
     if getattr(scorer, "config", None):
         out["scorer_config"] = scorer.config
     if mmr and split != "p1":
@@ -434,7 +443,12 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("--data", required=True, help="prepared data directory")
-    parser.add_argument("--split", required=True, choices=["p1", "p2", "p3", "p4"])
+    parser.add_argument(
+        "--split",
+        required=True,
+        choices=["p1", "p2", "p3", "p4"],
+        help="protocol: p1 TFRS, p2 RecBole, p3 cold-start items, p4 new users (see above)",
+    )
     parser.add_argument("--model-dir", help="trained model directory (omit with --baseline)")
     parser.add_argument(
         "--baseline", choices=["popularity", "ease"], help="evaluate a baseline instead"
@@ -446,7 +460,12 @@ def build_parser() -> argparse.ArgumentParser:
         + ", ".join(f"{v:g}" for v in EASE_L2_GRID)
         + ")",
     )
-    parser.add_argument("--output", help="write the report as JSON here")
+    parser.add_argument(
+        "--output",
+        help="write the report as JSON here, and beside it the plots (NAME.ranking.png, "
+        "NAME.exposure.png, with --model-dir NAME.training.png); with --model-dir the model "
+        "dir's MODEL_CARD.md gets the figures of this report and of the baselines beside it",
+    )
     parser.add_argument("--no-mmr", action="store_true", help="skip the MMR trade-off")
     parser.add_argument(
         "--part",
@@ -466,6 +485,10 @@ def load_scorer(args: argparse.Namespace) -> Scorer:
         return PopularityScorer(records.load_catalog(args.data, args.split)["popularity"])
     if not args.model_dir:
         raise DataError("give --model-dir (a trained model) or --baseline")
+    if not os.path.isfile(os.path.join(args.model_dir, "config.json")):
+        raise ConfigError(
+            f"--model-dir {args.model_dir} is not a trained model dir (no config.json)"
+        )
     from trainer.model import ModelScorer  # TensorFlow model code only when needed
 
     return ModelScorer.from_model_dir(args.model_dir, records.load_catalog(args.data, args.split))
@@ -478,7 +501,7 @@ def main(argv: list[str] | None = None) -> int:
         report = evaluate(
             load_scorer(args), args.data, args.split, mmr=not args.no_mmr, part=args.part
         )
-    except (DataError, FileNotFoundError) as e:
+    except (DataError, ConfigError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     print(format_report(report))
@@ -488,6 +511,13 @@ def main(argv: list[str] | None = None) -> int:
         with open(tmp, "w") as f:
             json.dump(report, f, indent=2)
         os.replace(tmp, args.output)
+        model_dir = None if args.baseline else args.model_dir
+        for path in plots.write_report_plots(report, args.output, model_dir):
+            print(f"wrote {path}")
+        if model_dir:
+            from trainer import model_card
+
+            print(f"wrote {model_card.refresh_model_dir_card(model_dir, args.output)}")
     return 0
 
 

@@ -31,6 +31,13 @@ runs before any op reads the checked values.
     ``item_id, item_title, item_year, item_genres, item_text`` string ``[B]``; output
     ``embeddings`` float32 ``[B, D]``. New, never-rated items are embedded from their text.
 
+Known texts skip BERT. Every text the model has encoded (catalog item texts, profile
+sentences, the titles a query text may name) is looked up in an in-graph table; a batch sends
+only its misses through the tokenizer and BERT (packed to its longest text) and merges them
+back in order, so a frozen BERT's export answers exactly as running BERT on every text would,
+and a fine-tuned one's tables are recomputed with its final weights at export. The set
+encoder's per-catalog-row tables are stored filled, and a batch without diversity skips MMR.
+
 Every signature loads and runs through TF Serving's session-based loader as well as through
 ``tf.saved_model.load`` (:meth:`RecommenderModule.track_variables`; checked by
 tests/test_export.py with :mod:`serving.session_runner`).
@@ -46,7 +53,6 @@ import os
 import re
 import sys
 import time
-import uuid
 from collections.abc import Callable
 
 import numpy as np
@@ -264,8 +270,17 @@ class RecommenderModule(tf.Module):
         # MMR over the pool, each query with its own λ; excluded or missing entries carry -inf
         # and are picked last. The output is as wide as the batch's largest k.
         width = tf.reduce_max(k)
-        picked = metrics.mmr_rerank_tf(
-            tf.maximum(indices, 0), scores, self.embeddings, max_k, diversity[:, None]
+        candidates = tf.maximum(indices, 0)
+
+        def diverse() -> tf.Tensor:
+            return metrics.mmr_rerank_tf(
+                candidates, scores, self.embeddings, max_k, diversity[:, None]
+            )
+
+        # MMR at λ = 0 picks the stably sorted pool in order (-inf last, ties to the earlier
+        # position); a batch that asks no diversity skips its max_k-step loop (several ms).
+        picked = tf.cond(
+            tf.reduce_any(diversity > 0.0), diverse, lambda: candidates[:, :max_k]
         )[:, :width]
         position = tf.argmax(
             tf.cast(picked[:, :, None] == indices[:, None, :], tf.int32),
@@ -434,6 +449,36 @@ def next_version(model_base: str) -> int:
     return max(versions, default=0) + 1
 
 
+def _stage(message: str) -> None:
+    """One progress line of an export (minutes on a CPU), flushed at once."""
+    print(f"{time.strftime('%H:%M:%S')} {message}", flush=True)
+
+
+def check_target(export_base: str, model_name: str, version: int | None) -> tuple[str, int]:
+    """``(model base, version)`` of a new export, or :class:`ExportError` naming the flag.
+
+    Also removes the ``.tmp-*`` folders that killed exports left under the model base.
+    """
+    if not re.fullmatch(r"[A-Za-z0-9_.-]+", model_name) or set(model_name) <= {"."}:
+        raise ExportError(
+            f"--model-name {model_name!r}: use letters, digits, _ . - (a folder name under "
+            "--export-base; '.' and '..' are not names)"
+        )
+    model_base = os.path.join(export_base, model_name)
+    if version is not None and version < 1:
+        raise ExportError(f"--version must be a positive integer, got {version}")
+    if tf.io.gfile.isdir(model_base):
+        from trainer.data import staging
+
+        for path in staging.remove_stale(model_base, ".tmp-"):
+            print(f"removed {path}, left by an export that was killed")
+    version = next_version(model_base) if version is None else version
+    final = os.path.join(model_base, str(version))
+    if tf.io.gfile.exists(final):
+        raise ExportError(f"{final} already exists; versions are never overwritten")
+    return model_base, version
+
+
 def recall_against_brute_force(
     module: RecommenderModule, queries: dict[str, np.ndarray], k: int = 10
 ) -> float:
@@ -511,15 +556,8 @@ def save_export(
     Returns the version directory. Raises :class:`ExportError` if the version exists or the
     index's recall@10 against brute force is below ``module.index_config.min_recall``.
     """
-    if not re.fullmatch(r"[A-Za-z0-9_.-]+", model_name):
-        raise ExportError(f"--model-name {model_name!r} may only hold letters, digits, _ . -")
-    model_base = os.path.join(export_base, model_name)
-    version = next_version(model_base) if version is None else version
-    if version < 1:
-        raise ExportError(f"--version must be a positive integer, got {version}")
+    model_base, version = check_target(export_base, model_name, version)
     final = os.path.join(model_base, str(version))
-    if tf.io.gfile.exists(final):
-        raise ExportError(f"{final} already exists; versions are never overwritten")
     config = module.index_config
     sample = {
         name: np.asarray(queries[name][: config.recall_queries]).astype(object)
@@ -546,12 +584,16 @@ def save_export(
             f"{config.min_recall}; raise --num-leaves-to-search or reordering"
         )
     requests = sample_requests(queries, catalog, config.max_k)
+    _stage(f"tracing the {len(requests)} signatures")
     for signature, inputs in requests.items():  # the concrete functions run once before saving
         module.signatures()[signature](**{k: tf.constant(v) for k, v in inputs.items()})
     module.track_variables()
     tf.io.gfile.makedirs(model_base)
-    tmp = os.path.join(model_base, f".tmp-{version}-{uuid.uuid4().hex[:8]}")
+    from trainer.data import staging
+
+    tmp = os.path.join(model_base, f".tmp-{version}-{staging.temp_token()}")
     try:
+        _stage(f"saving the SavedModel to {tmp}")
         tf.saved_model.save(
             module,
             tmp,
@@ -571,6 +613,10 @@ def save_export(
         }
         with tf.io.gfile.GFile(os.path.join(extra, RECALL_FILE), "w") as f:
             json.dump(info, f, indent=2)
+        from trainer import model_card  # what the export is, its figures and limits
+
+        card = model_card.write_export_card(extra, info)
+        _stage(f"wrote warm-up requests, {RECALL_FILE} and {os.path.basename(card)}")
         if tf.io.gfile.exists(final):
             raise ExportError(f"{final} appeared while exporting; not overwriting it")
         tf.io.gfile.rename(tmp, final)
@@ -583,13 +629,23 @@ def save_export(
 # ---------------------------------------------------------------------- from a trained model
 
 
+CatalogFn = Callable[
+    [dict[str, np.ndarray], np.ndarray], tuple[dict[str, np.ndarray], np.ndarray]
+]
+
+
 def build_module(
-    model_dir: str, data_dir: str | None, index: IndexConfig
+    model_dir: str,
+    data_dir: str | None,
+    index: IndexConfig,
+    grow_catalog: CatalogFn | None = None,
 ) -> tuple[RecommenderModule, dict[str, np.ndarray], dict[str, np.ndarray], dict]:
     """Loads a trained model dir and builds the serving module over its catalog.
 
     The catalog and the real queries of the recall check come from the data dir the model was
     trained on (recorded in its config) unless ``data_dir`` names another prepared copy.
+    ``grow_catalog``: ``(catalog, item embeddings [N, D]) -> (catalog, [N', D])``, what the
+    index serves instead (benchmarks: a synthetic million-item catalog behind the real towers).
 
     Returns the module, the catalog table, the users table and a dict describing the export.
     """
@@ -606,9 +662,14 @@ def build_module(
         users = records.load_users(data_dir, split)
     except DataError as e:
         raise ExportError(f"{e} (pass --data: the prepared data the model was trained on)") from e
-    # Catalog embeddings are computed once here (cached text where possible); the query tower
-    # in the graph reads raw text through BERT.
+    # Every text the model has encoded (catalog item texts, profile sentences, titles) is
+    # answered from its in-graph table; only the misses of a batch go through the tokenizer
+    # and BERT (trainer.model.cached_or_encoded). A fine-tuned BERT's tables are recomputed
+    # with its final weights first, so both paths give the same vectors.
+    model.serve_from_caches()
     item_embeddings = ModelScorer(model, catalog).item_embeddings()
+    if grow_catalog is not None:
+        catalog, item_embeddings = grow_catalog(catalog, item_embeddings)
     model.set_text_mode("live")
     module = RecommenderModule(
         query_model=lambda f: model.query_embeddings(f),
@@ -620,6 +681,7 @@ def build_module(
         history_length=model.assets.history_length,
     )
     module.keras_model = model  # tracked, so the SavedModel holds the towers' variables
+    module.catalog_tables = _freeze_catalog_tables(model)
     info = {
         "model_dir": model_dir,
         "data_dir": data_dir,
@@ -628,6 +690,32 @@ def build_module(
         "sequence_length": config.model.sequence_length,
     }
     return module, catalog, users, info
+
+
+def _freeze_catalog_tables(model) -> list[tf.Variable]:
+    """Serves the set encoder's per-catalog-row tables from variables filled once.
+
+    The whole-history query tower reads every catalog row's text vector and id embedding on
+    each call (a gather of ``[R, T]`` floats and an id lookup of ``R`` rows, the largest ops of
+    a known-text query); at serving time both are constants. Returns the variables (the module
+    tracks them, so they are saved).
+    """
+    from trainer.towers import SetEncoder
+
+    tower = model.query_tower
+    tables = getattr(tower, "catalog_tables", None)
+    if tables is None or not isinstance(getattr(tower, "history", None), SetEncoder):
+        return []  # only the set encoder reads them
+    text, ids = tables()
+    frozen = [
+        None if t is None else tf.Variable(tf.convert_to_tensor(t), trainable=False, name=name)
+        for t, name in ((text, "catalog_text_table"), (ids, "catalog_id_table"))
+    ]
+    tower.catalog_tables = lambda: (
+        None if frozen[0] is None else frozen[0].read_value(),
+        None if frozen[1] is None else frozen[1].read_value(),
+    )
+    return [v for v in frozen if v is not None]
 
 
 def _pairwise_ratings(
@@ -654,7 +742,13 @@ def export(
 ) -> str:
     """Builds and writes one export version; returns its directory."""
     start = time.time()
+    _stage(f"loading {model_dir} and embedding its catalog")
     module, catalog, users, info = build_module(model_dir, data_dir, index)
+    _stage(
+        f"built the serving module: {len(catalog['item_id']):,} items, "
+        f"{len(users['user_id']):,} users for the checks, index {module.index_config.kind} "
+        f"({time.time() - start:.1f}s)"
+    )
     path = save_export(module, export_base, model_name, version, users, catalog, info)
     print(
         f"exported {path} ({module.index_config.kind}, {len(catalog['item_id'])} items) "
@@ -664,30 +758,9 @@ def export(
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        prog="python -m trainer.export",
-        description=__doc__,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
-    p.add_argument("--model-dir", required=True, help="trained model dir (python -m trainer.task)")
-    p.add_argument("--export-base", required=True, help="TF Serving base folder (local or gs://)")
-    p.add_argument("--model-name", required=True, help="model name: <export-base>/<name>/<version>")
-    p.add_argument("--index", default="scann", choices=["scann", "brute_force"])
-    p.add_argument("--version", type=int, help="version number (default: latest + 1)")
-    p.add_argument("--data", help="prepared data dir (default: the one the model was trained on)")
-    defaults = IndexConfig()
-    p.add_argument("--max-k", type=int, default=defaults.max_k, help="largest k a request may ask")
-    p.add_argument("--pool", type=int, default=0, help="candidates before exclusions/MMR")
-    p.add_argument("--num-leaves", type=int, default=0, help="ScaNN leaves (0: about sqrt(N))")
-    p.add_argument("--num-leaves-to-search", type=int, default=0)
-    p.add_argument("--num-reordering-candidates", type=int, default=0)
-    p.add_argument(
-        "--min-recall",
-        type=float,
-        default=defaults.min_recall,
-        help="fail when ScaNN recall@10 vs brute force is below this",
-    )
-    return p
+    from trainer.cli import export_parser  # TF-free, so that --help answers before TF loads
+
+    return export_parser()
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -704,6 +777,12 @@ def main(argv: list[str] | None = None) -> int:
     from trainer.config import ConfigError
 
     try:
+        # Cheap checks first: the model takes minutes to load.
+        check_target(args.export_base, args.model_name, args.version)
+        if not tf.io.gfile.exists(os.path.join(args.model_dir, "config.json")):
+            raise ExportError(
+                f"--model-dir {args.model_dir} is not a trained model dir (no config.json)"
+            )
         export(args.model_dir, args.export_base, args.model_name, index, args.version, args.data)
     except (ExportError, DataError, ConfigError) as e:
         print(f"error: {e}", file=sys.stderr)

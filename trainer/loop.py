@@ -36,6 +36,12 @@ from trainer.data import records, schema
 from trainer.data.movielens import DataError
 from trainer.evaluate import RankingTask, index_of, items_by_user, ranking_task
 from trainer.model import ModelAssets, TwoTowerModel, build_model, save_trained
+from trainer.train_queries import (
+    trainable_users,
+    user_batch_count,
+    user_batches,
+    whole_history_queries,
+)
 
 log = logging.getLogger("trainer")
 
@@ -180,6 +186,18 @@ def train_dataset(
     plan: DataPlan, config: TrainConfig, epoch: int, skip_steps: int, steps_per_epoch: int
 ) -> tf.data.Dataset:
     """Global batches of epoch ``epoch`` from step ``skip_steps`` on: deterministic order."""
+    if config.data.train_queries == "users":
+        d = config.data
+        ds = user_batches(
+            plan.users,
+            plan.catalog,
+            batch_size=d.user_batch_size,
+            passes=d.user_passes,
+            target_fraction=d.user_target_fraction,
+            seed=config.optim.seed * 1009 + epoch,
+            max_items=d.train_history_items,
+        )
+        return _finish(ds.skip(skip_steps))
     ds = records.make_dataset(plan.data_dir, plan.split, "train", 1024, shuffle=False)
     ds = ds.unbatch()
     if plan.holdout > 0:
@@ -199,52 +217,15 @@ def train_dataset(
             max_items=config.data.train_history_items,
         )
         ds = ds.enumerate().map(attach, num_parallel_calls=tf.data.AUTOTUNE)
-    ds = ds.skip(skip_steps).prefetch(tf.data.AUTOTUNE)
+    return _finish(ds.skip(skip_steps))
+
+
+def _finish(ds: tf.data.Dataset) -> tf.data.Dataset:
+    ds = ds.prefetch(tf.data.AUTOTUNE)
     options = tf.data.Options()
     options.deterministic = True
     options.experimental_distribute.auto_shard_policy = tf.data.experimental.AutoShardPolicy.DATA
     return ds.with_options(options)
-
-
-def whole_history_queries(
-    users: Mapping[str, np.ndarray], dropout: float, seed: int, max_items: int = 0
-) -> Callable[[tf.Tensor, dict], dict]:
-    """``(batch index, batch) -> batch`` whose ``history`` is each user's whole history
-    (``users["history"]`` ``[U, H]``) with the event's own item left out, a ``dropout`` share
-    of the rest dropped, and at most ``max_items`` of what remains kept at random (0 = all;
-    ``history`` is then ``[B, max_items]``). Seeded by ``(seed, batch index)``: the same batch
-    on a resume.
-
-    The target never sits in its own query, so the model cannot learn to echo its input; the
-    fresh random drop each epoch makes it rank what is missing from a history (denoising).
-    """
-    table = tf.lookup.StaticHashTable(
-        tf.lookup.KeyValueTensorInitializer(
-            tf.constant(users["user_id"].astype(str)),
-            tf.range(len(users["user_id"]), dtype=tf.int64),
-        ),
-        default_value=-1,
-    )
-    histories = tf.constant(users["history"].astype(str))
-
-    def attach(index: tf.Tensor, batch: dict) -> dict:
-        rows = table.lookup(batch["user_id"])
-        history = tf.gather(histories, tf.maximum(rows, 0))
-        keep = tf.logical_and(rows[:, None] >= 0, history != batch["item_id"][:, None])
-        keep = tf.logical_and(keep, history != "")
-        draw = tf.random.stateless_uniform(
-            tf.shape(history), seed=tf.stack([tf.constant(seed, tf.int64), index])
-        )
-        if dropout > 0:
-            keep = tf.logical_and(keep, draw >= dropout)
-        history = tf.where(keep, history, "")
-        if max_items and max_items < histories.shape[1]:
-            # A random subset: the kept items with the highest draws (dropped ones rank last).
-            picked = tf.math.top_k(tf.where(keep, draw, -1.0), k=max_items).indices
-            history = tf.gather(history, picked, batch_dims=1)
-        return {**batch, "history": history}
-
-    return attach
 
 
 # ----------------------------------------------------------------------------- validation
@@ -288,8 +269,8 @@ def evaluate_validation(model: TwoTowerModel, plan: DataPlan, config: TrainConfi
     subset = {k: v[:cap] for k, v in valid.items()}
     q = _embed(model, "query", subset)
     c = _embed(model, "candidate", subset)
-    predicted = predict_ratings(model, q, c, subset)
-    out["rmse"] = float(np.sqrt(np.mean((np.clip(predicted, 1, 5) - subset["rating"]) ** 2)))
+    # The test figure's definition (trainer.evaluate): unclipped, one function for both.
+    out["rmse"] = metrics.rmse(predict_ratings(model, q, c, subset), subset["rating"])
     return out
 
 
@@ -408,31 +389,48 @@ def make_train_step(
     forward = model.forward_numeric
     if config.runtime.xla == "on":  # the numeric towers only: string ops cannot be compiled
         forward = tf.function(model.forward_numeric, jit_compile=True, reduce_retracing=True)
-    global_batch = config.optim.batch_size
     gather = config.model.gather_candidates
     all_vars = [v for variables in var_lists for v in variables]
+    replicas = strategy.num_replicas_in_sync
+    clipnorms = [None] * len(optimizers)
+    if replicas > 1 and precision != "mixed_float16":  # float16: the scaled grads stay local
+        clipnorms = [_take_clipnorm(opt) for opt in optimizers]
+    if config.data.train_queries == "users":
+        global_batch = config.data.user_batch_size
 
-    def replica_fn(features, stop):
-        with tf.GradientTape() as tape:
-            loss, sums = model.compute_losses(
+        def losses(features):
+            return model.compute_user_losses(features, global_batch_size=global_batch)
+    else:
+        global_batch = config.optim.batch_size
+
+        def losses(features):
+            return model.compute_losses(
                 features,
                 global_batch_size=global_batch,
                 training=True,
                 gather_candidates=gather,
                 forward=forward,
             )
+
+    def replica_fn(features, stop):
+        with tf.GradientTape() as tape:
+            loss, sums = losses(features)
             scaled = optimizers[0].scale_loss(loss) if precision == "mixed_float16" else loss
         grads = tape.gradient(scaled, all_vars)
         start = 0
-        for opt, variables in zip(optimizers, var_lists, strict=True):
+        for opt, variables, clipnorm in zip(optimizers, var_lists, clipnorms, strict=True):
             pairs = [
                 (g, v)
                 for g, v in zip(grads[start : start + len(variables)], variables, strict=True)
                 if g is not None
             ]
+            if clipnorm and pairs:
+                pairs = _clip_across_replicas(pairs, clipnorm, replicas)
             opt.apply_gradients(pairs)
             start += len(variables)
-        return {"loss": loss, "stop": stop, **sums}
+        # tf.identity: the input tensor itself, returned by every replica, comes back from
+        # MirroredStrategy.run as one plain tensor, which strategy.reduce refuses.
+        return {"loss": loss, "stop": tf.identity(stop), **sums}
 
     @tf.function
     def train_step(batch, stop):
@@ -440,6 +438,34 @@ def make_train_step(
         return {k: strategy.reduce("SUM", v, axis=None) for k, v in outputs.items()}
 
     return train_step
+
+
+def _take_clipnorm(optimizer) -> float | None:
+    """Moves the optimizer's global clipnorm out of it, for the step to apply across replicas.
+
+    Keras clips each replica's own gradients before it all-reduces them, so with several
+    replicas the update was not the one-device update (each half clipped on its own). Kept on
+    the optimizer, so a second step built on it still clips.
+    """
+    if not hasattr(optimizer, "_replica_clipnorm"):
+        optimizer._replica_clipnorm = optimizer.global_clipnorm
+        optimizer.global_clipnorm = None
+    return optimizer._replica_clipnorm
+
+
+def _clip_across_replicas(pairs: list, clipnorm: float, replicas: int) -> list:
+    """Clips the replicas' *summed* gradients by their global norm, as one device would, and
+    returns this replica's 1/R share of them (the optimizer's all-reduce sums them again)."""
+    summed = tf.distribute.get_replica_context().all_reduce("SUM", [g for g, _ in pairs])
+    clipped, _ = tf.clip_by_global_norm(summed, clipnorm)
+    out = []
+    for g, (_, v) in zip(clipped, pairs, strict=True):
+        if isinstance(g, tf.IndexedSlices):
+            g = tf.IndexedSlices(g.values / replicas, g.indices, g.dense_shape)
+        else:
+            g = g / replicas
+        out.append((g, v))
+    return out
 
 
 def build_for_training(
@@ -475,17 +501,27 @@ def train(
     replicas = strategy.num_replicas_in_sync
     config.validate(num_replicas=replicas)
     plan = plan_data(config)
-    steps_per_epoch = plan.train_examples // o.batch_size
-    if steps_per_epoch < 1:
-        raise ConfigError(
-            f"--batch-size {o.batch_size} exceeds the {plan.train_examples} training examples"
-        )
+    if config.data.train_queries == "users":
+        if plan.users is None:
+            raise ConfigError("--train-queries users needs a split with a valid part (p2-p4)")
+        users = len(trainable_users(plan.users))
+        batch = config.data.user_batch_size
+        steps_per_epoch = user_batch_count(users, batch, config.data.user_passes)
+        if steps_per_epoch < 1:
+            raise ConfigError(f"--user-batch-size {batch} exceeds the {users} training users")
+    else:
+        batch = o.batch_size
+        steps_per_epoch = plan.train_examples // batch
+        if steps_per_epoch < 1:
+            raise ConfigError(
+                f"--batch-size {batch} exceeds the {plan.train_examples} training examples"
+            )
     total_steps = steps_per_epoch * o.epochs
     if r.max_steps:
         total_steps = min(total_steps, r.max_steps)
     log.info(
         "data %s/%s: %d train examples (%s), %d validation events, %d items; "
-        "%d steps/epoch of %d, %d replicas",
+        "%d steps/epoch of %d %s, %d replicas",
         plan.data_dir,
         plan.split,
         plan.train_examples,
@@ -493,7 +529,8 @@ def train(
         len(plan.valid["rating"]),
         len(plan.catalog["item_id"]),
         steps_per_epoch,
-        o.batch_size,
+        batch,
+        config.data.train_queries,
         replicas,
     )
 

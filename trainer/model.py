@@ -362,6 +362,7 @@ class TwoTowerModel(keras.Model):
         # the cached vectors, so only unseen texts (free text, new items) need BERT.
         self._live_uses_caches = bool(config.freeze_bert and config.cache_text)
         self._catalog = assets.catalog_features()
+        self._popularity = list(assets.popularity)
         self._sampling_probability = tf.constant(assets.sampling_probability())
         # The hashed id of each catalog row (rows 0 and 1, padding and unknown, are masked).
         self._catalog_hashed_ids = self.preprocessor.hash_ids(
@@ -513,6 +514,16 @@ class TwoTowerModel(keras.Model):
                 chunks.append(np.asarray(encode(texts)))
             cache.vectors.assign(np.concatenate(chunks))
 
+    def serve_from_caches(self) -> None:
+        """Live text reads the caches from now on and sends only their misses to BERT (exports).
+
+        A frozen BERT's caches already hold its vectors. A fine-tuned one's are recomputed
+        first with the encoders as they are now, so known texts get the final model's vectors.
+        """
+        if not self._live_uses_caches:
+            self.refresh_text_caches()
+            self._live_uses_caches = True
+
     # ------------------------------------------------------------------ numeric inputs
 
     def preprocess_query(self, features: Mapping[str, tf.Tensor]) -> dict:
@@ -637,10 +648,20 @@ class TwoTowerModel(keras.Model):
         embeddings = tf.cast(self.candidate_tower(inputs, training=training), tf.float32)
         return embeddings, inputs["hit_id"]
 
+    def _catalog_logits(self, query: tf.Tensor, training: bool) -> tuple[tf.Tensor, tf.Tensor]:
+        """``(catalog embeddings [N, D], logits [B, N])`` of the full softmax.
+
+        Items with no train rating get -1e9: to training they are unknown, not disliked (p3's
+        cold items would otherwise be pushed below everything, the opposite of what they need).
+        """
+        items, _ = self._catalog_embeddings(training)
+        logits = tf.matmul(query, items, transpose_b=True) / self.model_config.temperature
+        unknown = tf.constant(np.asarray(self._popularity) <= 0)[None, :]
+        return items, tf.where(unknown, tf.constant(-1e9, logits.dtype), logits)
+
     def _full_softmax(self, query, query_inputs, candidate_inputs, weights, training):
         """Softmax over every catalog item: ``(sum of CE over positives, hits at 10)``."""
-        items, _ = self._catalog_embeddings(training)  # [N, D]
-        logits = tf.matmul(query, items, transpose_b=True) / self.model_config.temperature
+        _, logits = self._catalog_logits(query, training)
         # Catalog rows are preprocessor rows - 2 (0 = padding, 1 = unknown item).
         target = tf.cast(candidate_inputs["row"], tf.int32) - 2
         batch = tf.range(tf.shape(target)[0])
@@ -649,20 +670,68 @@ class TwoTowerModel(keras.Model):
         pairs = tf.stack([batch, target], axis=1)
         positive = tf.gather_nd(logits, pairs)
         if self.model_config.mask_history:
-            history = tf.cast(query_inputs["history_rows"], tf.int32) - 2  # [B, H]
-            seen = tf.where(history >= 0)  # [M, 2]: (query, position)
-            seen_pairs = tf.stack(
-                [tf.cast(seen[:, 0], tf.int32), tf.gather_nd(history, seen)], axis=1
-            )
-            logits = tf.tensor_scatter_nd_update(
-                logits, seen_pairs, tf.fill([tf.shape(seen_pairs)[0]], -1e9)
-            )
+            logits = _masked_history(logits, query_inputs["history_rows"])
         logits = tf.tensor_scatter_nd_update(logits, pairs, positive)  # the target stays
         weights = weights * tf.cast(known, tf.float32)
         loss = tf.nn.sparse_softmax_cross_entropy_with_logits(labels=target, logits=logits)
         rank = tf.reduce_sum(tf.cast(logits > positive[:, None], tf.int32), axis=1)
         hits = tf.reduce_sum(tf.cast(rank < 10, tf.float32) * weights)
         return tf.reduce_sum(loss * weights), hits
+
+    def compute_user_losses(
+        self, features: Mapping[str, tf.Tensor], *, global_batch_size: int
+    ) -> tuple[tf.Tensor, dict[str, tf.Tensor]]:
+        """The losses of a batch of users (:func:`trainer.train_queries.user_batches`).
+
+        Each user's query reads the input items (``history`` ``[B, H]``); one softmax over the
+        whole catalog (the kept items, ``seen``, masked out, as evaluation removes them)
+        scores every held-out target (``targets`` ``[B, H]``): the retrieval loss is the sum of
+        their cross-entropies, the multinomial likelihood of Mult-DAE. The ranking head is fit
+        on the same (user, target) pairs and their ``target_ratings``. Training only; sums as in
+        :meth:`compute_losses`, counted per target.
+        """
+        config = self.model_config
+        query_inputs = self.preprocess_query(features)
+        query = tf.cast(self.query_tower(query_inputs, training=True), tf.float32)  # [B, D]
+        items, logits = self._catalog_logits(query, training=True)  # [N, D], [B, N]
+        if config.mask_history:
+            logits = _masked_history(logits, self.preprocessor.item_rows(features["seen"]))
+        target_ids = tf.convert_to_tensor(features["targets"])
+        rows = tf.cast(self.preprocessor.item_rows(target_ids), tf.int32) - 2  # [B, H]
+        labels = tf.cast(features["target_ratings"], tf.float32)
+        known = rows >= 0
+        rows = tf.maximum(rows, 0)
+        weights = tf.cast(tf.logical_and(known, labels >= config.positive_threshold), tf.float32)
+        target_logits = tf.gather(logits, rows, batch_dims=1)  # [B, H]
+        normaliser = tf.reduce_logsumexp(logits, axis=1, keepdims=True)
+        retrieval_loss = tf.reduce_sum((normaliser - target_logits) * weights)
+        tenth = tf.math.top_k(logits, k=min(10, int(items.shape[0] or 10))).values[:, -1:]
+        hits = tf.reduce_sum(tf.cast(target_logits >= tenth, tf.float32) * weights)
+
+        user_ids = tf.convert_to_tensor(features["user_id"])
+        rating = self.predict_rating(
+            query, tf.gather(items, rows), user_ids, target_ids, training=True
+        )  # [B, H]
+        rated = tf.cast(known, tf.float32)
+        errors = tf.square(rating - labels) * rated
+        ranking_loss = self._tasks.ranking(
+            labels=tf.boolean_mask(labels, known)[:, None],
+            predictions=tf.boolean_mask(rating, known)[:, None],
+        )
+        if config.rating_l2:
+            hash_ids = self.preprocessor.hash_ids
+            user_terms = tf.broadcast_to(hash_ids(user_ids)[:, None], tf.shape(target_ids))
+            penalty = self.ranking_head.id_penalty(user_terms, hash_ids(target_ids))
+            ranking_loss += config.rating_l2 * tf.reduce_sum(penalty * rated)
+        total = config.retrieval_weight * retrieval_loss + config.ranking_weight * ranking_loss
+        sums = {
+            "examples": tf.reduce_sum(rated),
+            "positives": tf.reduce_sum(weights),
+            "retrieval_loss": retrieval_loss,
+            "squared_error": tf.reduce_sum(errors),
+            "hits_at_10": hits,
+        }
+        return total / float(global_batch_size), sums
 
     def _sampled_softmax(
         self, query, candidate, candidate_inputs, weights, training, gather_candidates
@@ -744,6 +813,15 @@ class TwoTowerModel(keras.Model):
                     seen.add(id(v))
                     out.append(v)
         return out
+
+
+def _masked_history(logits: tf.Tensor, history_rows: tf.Tensor) -> tf.Tensor:
+    """``logits`` ``[B, N]`` with each query's history items (preprocessor rows ``[B, H]``;
+    catalog row = row - 2) set to -1e9: they are the user's known positives."""
+    history = tf.cast(history_rows, tf.int32) - 2
+    seen = tf.where(history >= 0)  # [M, 2]: (query, position)
+    seen_pairs = tf.stack([tf.cast(seen[:, 0], tf.int32), tf.gather_nd(history, seen)], axis=1)
+    return tf.tensor_scatter_nd_update(logits, seen_pairs, tf.fill([tf.shape(seen_pairs)[0]], -1e9))
 
 
 def _gather_local_first(context, tensors):

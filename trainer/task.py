@@ -47,7 +47,22 @@ def run(config: TrainConfig):
     )
     from trainer.loop import train
 
-    return train(config, strategy, info, dirs, precision)
+    result = train(config, strategy, info, dirs, precision)
+    if getattr(result, "model_dir", None):
+        from trainer import model_card  # data, protocol, figures, limits beside the weights
+
+        log.info("model card: %s", model_card.write_model_dir_card(result.model_dir))
+    return result
+
+
+def _as_data_error(config: TrainConfig, error: Exception) -> Exception:
+    """A streaming DataLossError (TF names no file) as a DataError naming the damaged file."""
+    tf = sys.modules.get("tensorflow")
+    if tf is not None and isinstance(error, tf.errors.DataLossError):
+        from trainer.data.records import data_loss_error
+
+        return data_loss_error(config.data.data, error)
+    return error
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -58,7 +73,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         config = parse_args(argv)
         if not config.data.data:
             raise ConfigError("--data is required")
-        result = run(config)
+        try:
+            result = run(config)
+        except Exception as e:
+            mapped = _as_data_error(config, e)
+            if mapped is e:
+                raise
+            raise mapped from e
     except (ConfigError, DataError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

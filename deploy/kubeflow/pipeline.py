@@ -1,4 +1,4 @@
-"""KFP v2 pipeline: prepare -> train -> evaluate -> [recall@10 gate] -> export -> push.
+"""KFP v2 pipeline: prepare -> train -> evaluate -> [quality gate] -> export -> deploy.
 
 ``python -m deploy.kubeflow.pipeline --output pipeline.yaml [--image IMAGE]`` compiles it to the
 KFP IR YAML, which runs on Kubeflow Pipelines 2.x or Vertex AI Pipelines (``aiplatform.
@@ -10,13 +10,24 @@ project's own CLIs, so the pipeline holds no training logic of its own:
 * prepare:  ``python -m trainer.data prepare --dataset D --output DATA``
 * train:    ``python -m trainer.task --data DATA --split S --model-dir MODEL``
 * evaluate: ``python -m trainer.evaluate --data DATA --split S --model-dir MODEL --output R.json``;
-  ``metrics["recall@10"]`` of the report becomes the float output ``recall_at_10``;
-* gate:     ``dsl.If(recall_at_10 >= min_recall_at_10)``: export and push run only above it;
+  every figure of the report (the protocol's recall@10, NDCG@10, ...) is logged to a
+  ``dsl.Metrics`` artifact (shown by the KFP / Vertex AI Pipelines UI and lineage);
+* gate:     reads ``gate_metric`` from that artifact and returns whether it is at least
+  ``gate_threshold``; everything after runs under ``dsl.If(gate passed)``;
 * export:   ``python -m trainer.export --model-dir MODEL --export-base EXPORT --model-name N
-  --index scann|brute_force``;
-* push:     copies ``EXPORT/N/<v>`` to ``<serving_base>/N/<w>/`` where ``w`` is above every
-  version already served, so TF Serving (``latest`` policy) picks it up and never sees a
-  half-copied version.
+  --index brute_force|scann``; outputs the model base URI ``EXPORT/N`` (numbered versions);
+* deploy, by the ``deploy_target`` parameter:
+  ``vertex``: the model base is imported as an ``UnmanagedContainerModel`` served by the TF
+  Serving image (``serving_image``: serving/docker/Dockerfile.tfserving for a brute-force export,
+  Dockerfile.tfserving-scann for ScaNN), uploaded to the Vertex AI Model Registry
+  (``ModelUploadOp``), and deployed to a new Endpoint (``EndpointCreateOp`` + ``ModelDeployOp``,
+  google-cloud-pipeline-components); ``serving_path`` (open-source KFP): copies ``EXPORT/N/<v>``
+  to ``<serving_base>/N/<w>/`` where ``w`` is above every version already served, so TF Serving
+  (``latest`` policy, serving/k8s) picks it up and never sees a half-copied version; any other
+  value fails the run.
+
+The Python components (evaluate, gate) run in the training image with the kfp SDK already
+installed there (trainer/Dockerfile), so no step installs packages at run time.
 
 Data, model and export are KFP artifacts: on Vertex AI Pipelines their paths are GCS FUSE
 mounts (``/gcs/<pipeline root bucket>/...``), on Kubeflow they are staged by the KFP launcher.
@@ -33,21 +44,9 @@ from kfp import compiler, dsl
 
 PIPELINE_NAME = "bert-two-tower-train-and-deploy"
 DEFAULT_IMAGE = "us-docker.pkg.dev/PROJECT_ID/recsys/bert-two-tower-trainer:0.1.0"
-TASK_NAMES = ("prepare", "train", "evaluate", "export", "push")
-
-# Reads metrics["recall@10"] from the evaluation report into the KFP output parameter file.
-_EVALUATE_SCRIPT = """
-set -eu
-mkdir -p "$(dirname "$5")" "$(dirname "$6")"
-python -m trainer.evaluate --data "$1" --split "$2" --model-dir "$3" --output "$5" $4
-python - "$5" "$6" <<'PY'
-import json, sys
-report = json.load(open(sys.argv[1]))
-value = float(report["metrics"]["recall@10"])
-open(sys.argv[2], "w").write(repr(value))
-print(f"recall@10 = {value:.4f}")
-PY
-"""
+SERVING_IMAGE = "us-docker.pkg.dev/PROJECT_ID/recsys/movielens-tfserving:2.20.0"
+TASK_NAMES = ("prepare", "train", "evaluate", "gate", "export")
+VERTEX_TASKS = ("importer", "model-upload", "endpoint-create", "model-deploy")
 
 # Copies the newest export version to <serving_base>/<name>/<w>/ (w above all served versions).
 # tf.io.gfile handles local paths and gs://. Files go to a non-numeric staging dir first (TF
@@ -90,13 +89,65 @@ print(f"pushed {src} -> {dst}")
 """
 
 
-def _if_group() -> Callable[..., Any]:
-    """``dsl.If`` (KFP >= 2.5), else the older ``dsl.Condition``: same compiled condition."""
-    return getattr(dsl, "If", None) or dsl.Condition
+# Writes EXPORT/<name> (the TF Serving model base Vertex AI serves from) to the output file.
+_EXPORT_SCRIPT = """
+set -eu
+python -m trainer.export --model-dir "$1" --export-base "$2" --model-name "$3" --index "$4"
+mkdir -p "$(dirname "$6")"
+printf '%s/%s' "${5%/}" "$3" > "$6"
+"""
+
+
+def evaluate(
+    split: str,
+    extra_args: str,
+    data: dsl.Input[dsl.Dataset],
+    model: dsl.Input[dsl.Model],
+    report: dsl.Output[dsl.Artifact],
+    metrics: dsl.Output[dsl.Metrics],
+):
+    """Runs trainer.evaluate; logs every number of its report's ``metrics`` to ``metrics``."""
+    import json
+    import shlex
+    import subprocess
+    import sys
+
+    command = [sys.executable, "-m", "trainer.evaluate", "--data", data.path, "--split", split,
+               "--model-dir", model.path, "--output", report.path]  # fmt: skip
+    subprocess.run([*command, *shlex.split(extra_args)], check=True)
+    with open(report.path) as f:
+        figures = json.load(f)["metrics"]
+    for name, value in sorted(figures.items()):
+        if isinstance(value, int | float) and not isinstance(value, bool):
+            metrics.log_metric(name, float(value))
+
+
+def gate(metrics: dsl.Input[dsl.Metrics], metric: str, threshold: float) -> bool:
+    """Whether ``metric`` of the evaluation's Metrics artifact is at least ``threshold``."""
+    if metric not in metrics.metadata:
+        raise ValueError(f"the evaluation logged no {metric!r}; it has {sorted(metrics.metadata)}")
+    value = float(metrics.metadata[metric])
+    passed = value >= threshold
+    print(f"{metric} = {value:.4f}, threshold {threshold}: {'deploy' if passed else 'stop'}")
+    return passed
+
+
+def reject_deploy_target(deploy_target: str):
+    """Fails the run: ``deploy_target`` is neither ``vertex`` nor ``serving_path``."""
+    raise ValueError(f"deploy_target {deploy_target!r}: use 'vertex' or 'serving_path'")
 
 
 def build_pipeline(image: str = DEFAULT_IMAGE) -> Callable[..., Any]:
     """Returns the pipeline function; components are defined here so ``image`` is configurable."""
+    from google_cloud_pipeline_components.types import artifact_types
+    from google_cloud_pipeline_components.v1.endpoint import EndpointCreateOp, ModelDeployOp
+    from google_cloud_pipeline_components.v1.model import ModelUploadOp
+
+    # The training image has the project and kfp installed: nothing is pip-installed at run time.
+    python_component = dsl.component(base_image=image, install_kfp_package=False)
+    evaluate_op = python_component(evaluate)
+    gate_op = python_component(gate)
+    reject_op = python_component(reject_deploy_target)
 
     @dsl.container_component
     def prepare(dataset: str, data: dsl.Output[dsl.Dataset]):
@@ -113,32 +164,9 @@ def build_pipeline(image: str = DEFAULT_IMAGE) -> Callable[..., Any]:
         return dsl.ContainerSpec(
             image=image,
             command=["python", "-m", "trainer.task"],
-            args=[
-                "--data",
-                data.path,
-                "--split",
-                split,
-                "--model-dir",
-                model.path,
-                "--no-progress",
-            ],
-        )
-
-    @dsl.container_component
-    def evaluate(
-        split: str,
-        extra_args: str,
-        data: dsl.Input[dsl.Dataset],
-        model: dsl.Input[dsl.Model],
-        report: dsl.Output[dsl.Artifact],
-        recall_at_10: dsl.OutputPath(float),
-    ):
-        """Evaluates the model; outputs the JSON report and its recall@10 as a float."""
-        return dsl.ContainerSpec(
-            image=image,
-            command=["sh", "-c", _EVALUATE_SCRIPT, "evaluate"],
-            args=[data.path, split, model.path, extra_args, report.path, recall_at_10],
-        )
+            args=["--data", data.path, "--split", split, "--model-dir", model.path,
+                  "--no-progress"],
+        )  # fmt: skip
 
     @dsl.container_component
     def export(
@@ -146,21 +174,13 @@ def build_pipeline(image: str = DEFAULT_IMAGE) -> Callable[..., Any]:
         index: str,
         model: dsl.Input[dsl.Model],
         export_base: dsl.Output[dsl.Artifact],
+        model_uri: dsl.OutputPath(str),
     ):
-        """Writes the TF Serving SavedModel to <export_base>/<model_name>/<version>/."""
+        """Writes <export_base>/<model_name>/<version>/; outputs that model base's URI."""
         return dsl.ContainerSpec(
             image=image,
-            command=["python", "-m", "trainer.export"],
-            args=[
-                "--model-dir",
-                model.path,
-                "--export-base",
-                export_base.path,
-                "--model-name",
-                model_name,
-                "--index",
-                index,
-            ],
+            command=["sh", "-c", _EXPORT_SCRIPT, "export"],
+            args=[model.path, export_base.path, model_name, index, export_base.uri, model_uri],
         )
 
     @dsl.container_component
@@ -179,16 +199,23 @@ def build_pipeline(image: str = DEFAULT_IMAGE) -> Callable[..., Any]:
 
     @dsl.pipeline(
         name=PIPELINE_NAME,
-        description="Prepare MovieLens, train the two-tower BERT model, evaluate, and export + "
-        "push to the TF Serving model base only if recall@10 passes the gate.",
+        description="Prepare MovieLens, train the two-tower BERT model, evaluate into a Metrics "
+        "artifact, and - if the gate passes - export and deploy to a Vertex AI Endpoint or a TF "
+        "Serving model base.",
     )
     def pipeline(
-        serving_base: str,
+        project: str = "PROJECT_ID",
+        location: str = "us-central1",
+        deploy_target: str = "vertex",
+        serving_base: str = "",
+        serving_image: str = SERVING_IMAGE,
+        serving_machine_type: str = "n1-standard-4",
         dataset: str = "ml-100k",
         split: str = "p2",
         model_name: str = "movielens",
-        index: str = "scann",
-        min_recall_at_10: float = 0.05,
+        index: str = "brute_force",
+        gate_metric: str = "recall@10",
+        gate_threshold: float = 0.05,
         evaluate_args: str = "--no-mmr",
     ):
         prepare_task = prepare(dataset=dataset).set_display_name("prepare")
@@ -197,25 +224,62 @@ def build_pipeline(image: str = DEFAULT_IMAGE) -> Callable[..., Any]:
         # One GPU; Kubeflow needs a GPU node pool, Vertex AI Pipelines provisions it.
         train_task.set_accelerator_type("NVIDIA_TESLA_A100").set_accelerator_limit(1)
         train_task.set_cpu_limit("8").set_memory_limit("48G")
-        eval_task = evaluate(
+        eval_task = evaluate_op(
             split=split,
             extra_args=evaluate_args,
             data=prepare_task.outputs["data"],
             model=train_task.outputs["model"],
         ).set_display_name("evaluate")
-        with _if_group()(
-            eval_task.outputs["recall_at_10"] >= min_recall_at_10, name="quality-gate"
-        ):
+        gate_task = gate_op(
+            metrics=eval_task.outputs["metrics"], metric=gate_metric, threshold=gate_threshold
+        ).set_display_name("gate")
+        with dsl.If(gate_task.output == True, name="quality-gate"):  # noqa: E712 (a KFP condition)
             export_task = export(
                 model_name=model_name, index=index, model=train_task.outputs["model"]
             ).set_display_name("export")
-            push_task = push(
-                model_name=model_name,
-                serving_base=serving_base,
-                export_base=export_task.outputs["export_base"],
-            ).set_display_name("push")
-            # Pushing is a side effect on the serving folder: never reuse a cached result.
-            push_task.set_caching_options(False)
+            with dsl.If(deploy_target == "vertex", name="deploy-vertex"):
+                model_artifact = dsl.importer(
+                    artifact_uri=export_task.outputs["model_uri"],
+                    artifact_class=artifact_types.UnmanagedContainerModel,
+                    # Vertex AI sets AIP_HTTP_PORT (8080: no ports given) and AIP_STORAGE_URI;
+                    # the image's entrypoint maps them to --rest_api_port and the base path.
+                    metadata={
+                        "containerSpec": {
+                            "imageUri": serving_image,
+                            "predictRoute": "/v1/models/movielens:predict",
+                            "healthRoute": "/v1/models/movielens",
+                        }
+                    },
+                ).set_display_name("import-model")
+                upload_task = ModelUploadOp(
+                    project=project,
+                    location=location,
+                    display_name=model_name,
+                    unmanaged_container_model=model_artifact.outputs["artifact"],
+                ).set_display_name("model-upload")
+                endpoint_task = EndpointCreateOp(
+                    project=project, location=location, display_name=model_name
+                ).set_display_name("endpoint-create")
+                deploy_task = ModelDeployOp(
+                    model=upload_task.outputs["model"],
+                    endpoint=endpoint_task.outputs["endpoint"],
+                    dedicated_resources_machine_type=serving_machine_type,
+                    dedicated_resources_min_replica_count=1,
+                    dedicated_resources_max_replica_count=3,
+                    traffic_split={"0": 100},
+                ).set_display_name("model-deploy")
+                for task in (upload_task, endpoint_task, deploy_task):
+                    task.set_caching_options(False)  # side effects on Vertex AI
+            with dsl.Elif(deploy_target == "serving_path", name="deploy-serving-path"):
+                push_task = push(
+                    model_name=model_name,
+                    serving_base=serving_base,
+                    export_base=export_task.outputs["export_base"],
+                ).set_display_name("push")
+                # Pushing is a side effect on the serving folder: never reuse a cached result.
+                push_task.set_caching_options(False)
+            with dsl.Else(name="unknown-deploy-target"):
+                reject_op(deploy_target=deploy_target).set_display_name("reject-deploy-target")
 
     return pipeline
 

@@ -1,14 +1,15 @@
 """Validate and submit a Vertex AI CustomJob spec (the YAML files next to this module).
 
 ``python -m deploy.vertex.submit --spec deploy/vertex/custom_job_1gpu.yaml --project P --region R
-[--staging-bucket gs://B] [--display-name NAME] [--dry-run] [--wait]``
+[--staging-bucket gs://B] [--tensorboard ID] [--display-name NAME] [--dry-run] [--wait]``
 
 A spec is a ``CustomJobSpec`` in the REST shape (camelCase, as read by ``gcloud ai custom-jobs
 create --config``). The placeholders ``PROJECT_ID`` and ``gs://BUCKET`` in it are replaced by
-``--project`` and ``--staging-bucket``. The job is submitted with ``google.cloud.aiplatform``
-when that package is importable and Application Default Credentials exist; otherwise (and always
-with ``--dry-run``) the exact ``CustomJob`` request body is printed as JSON on stdout and the
-reason it was not submitted on stderr.
+``--project`` and ``--staging-bucket``; in the ``tensorboard`` resource name ``REGION`` and
+``TENSORBOARD_ID`` are replaced by ``--region`` and ``--tensorboard``. The job is submitted
+with ``google.cloud.aiplatform`` when that package is importable and Application Default
+Credentials exist; otherwise (and always with ``--dry-run``) the exact ``CustomJob`` request
+body is printed as JSON on stdout and the reason it was not submitted on stderr.
 
 Exit codes: 0 submitted or dry run; 1 not submitted (no SDK / no credentials / API error);
 2 invalid arguments or spec (one ``error:`` line per problem).
@@ -29,6 +30,15 @@ import yaml
 
 PROJECT_PLACEHOLDER = "PROJECT_ID"
 BUCKET_PLACEHOLDER = "gs://BUCKET"
+REGION_PLACEHOLDER = "/locations/REGION/"
+TENSORBOARD_PLACEHOLDER = "TENSORBOARD_ID"
+PLACEHOLDERS = (
+    PROJECT_PLACEHOLDER,
+    BUCKET_PLACEHOLDER,
+    REGION_PLACEHOLDER,
+    TENSORBOARD_PLACEHOLDER,
+)
+TENSORBOARD_RE = re.compile(r"^projects/[^/]+/locations/[^/]+/tensorboards/[^/]+$")
 
 # CustomJobSpec fields (REST names). gcloud rejects unknown keys, so this module does too.
 SPEC_FIELDS = frozenset(
@@ -84,16 +94,29 @@ def load_spec(path: str | Path) -> dict[str, Any]:
     return data
 
 
-def fill_placeholders(spec: Any, project: str, bucket: str | None) -> Any:
-    """Returns a copy of ``spec`` with PROJECT_ID and (when given) gs://BUCKET substituted."""
+def fill_placeholders(
+    spec: Any,
+    project: str,
+    bucket: str | None,
+    region: str | None = None,
+    tensorboard: str | None = None,
+) -> Any:
+    """Returns a copy of ``spec`` with PROJECT_ID and (when given) gs://BUCKET, the REGION and
+    TENSORBOARD_ID of a Vertex TensorBoard resource name substituted."""
     if isinstance(spec, dict):
-        return {key: fill_placeholders(value, project, bucket) for key, value in spec.items()}
+        return {
+            k: fill_placeholders(v, project, bucket, region, tensorboard) for k, v in spec.items()
+        }
     if isinstance(spec, list):
-        return [fill_placeholders(value, project, bucket) for value in spec]
+        return [fill_placeholders(v, project, bucket, region, tensorboard) for v in spec]
     if isinstance(spec, str):
         spec = spec.replace(PROJECT_PLACEHOLDER, project)
         if bucket:
             spec = spec.replace(BUCKET_PLACEHOLDER, bucket.rstrip("/"))
+        if region:
+            spec = spec.replace(REGION_PLACEHOLDER, f"/locations/{region}/")
+        if tensorboard:
+            spec = spec.replace(TENSORBOARD_PLACEHOLDER, tensorboard)
         return spec
     return copy.deepcopy(spec)
 
@@ -104,7 +127,7 @@ def find_placeholders(spec: Any, path: str = "") -> list[str]:
         return [p for key, value in spec.items() for p in find_placeholders(value, f"{path}.{key}")]
     if isinstance(spec, list):
         return [p for i, value in enumerate(spec) for p in find_placeholders(value, f"{path}[{i}]")]
-    if isinstance(spec, str) and (PROJECT_PLACEHOLDER in spec or BUCKET_PLACEHOLDER in spec):
+    if isinstance(spec, str) and any(p in spec for p in PLACEHOLDERS):
         return [path.lstrip(".")]
     return []
 
@@ -167,8 +190,11 @@ def _is_str_list(value: Any) -> bool:
     return isinstance(value, list) and all(isinstance(v, str) for v in value)
 
 
-def validate_spec(spec: dict[str, Any]) -> None:
-    """Checks the structure Vertex AI requires; raises SpecError listing every problem."""
+def validate_spec(spec: dict[str, Any], region: str | None = None) -> None:
+    """Checks the structure Vertex AI requires; raises SpecError listing every problem.
+
+    With ``region``, a TensorBoard resource name must be in that region (Vertex refuses one
+    from another region)."""
     problems = [f"unknown CustomJobSpec field {key!r}" for key in spec if key not in SPEC_FIELDS]
     pools = spec.get("workerPoolSpecs")
     if not isinstance(pools, list) or not pools:
@@ -199,6 +225,16 @@ def validate_spec(spec: dict[str, Any]) -> None:
             "baseOutputDirectory.outputUriPrefix must be a gs:// prefix "
             "(Vertex derives AIP_MODEL_DIR / AIP_CHECKPOINT_DIR / AIP_TENSORBOARD_LOG_DIR from it)"
         )
+    tensorboard = spec.get("tensorboard")
+    if tensorboard is not None:
+        if not isinstance(tensorboard, str) or not TENSORBOARD_RE.match(tensorboard):
+            problems.append(
+                f"tensorboard {tensorboard!r} must be projects/P/locations/R/tensorboards/ID"
+            )
+        elif region and f"/locations/{region}/" not in tensorboard:
+            problems.append(f"tensorboard {tensorboard!r} is not in the job's region {region}")
+        if not spec.get("serviceAccount"):
+            problems.append("tensorboard needs serviceAccount (Vertex AI requires one with it)")
     scheduling = spec.get("scheduling", {})
     if not isinstance(scheduling, dict):
         problems.append("scheduling must be a mapping")
@@ -298,6 +334,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--project", required=True, help="Google Cloud project id")
     parser.add_argument("--region", required=True, help="Vertex AI region, e.g. us-central1")
     parser.add_argument("--staging-bucket", help="gs:// bucket; replaces gs://BUCKET in the spec")
+    parser.add_argument(
+        "--tensorboard", help="Vertex AI TensorBoard id; replaces TENSORBOARD_ID in the spec"
+    )
     parser.add_argument("--display-name", help="job name (default: bert-two-tower-<spec name>)")
     parser.add_argument("--dry-run", action="store_true", help="validate and print; submit nothing")
     parser.add_argument("--wait", action="store_true", help="block until the job finishes")
@@ -310,6 +349,10 @@ def _check_args(args: argparse.Namespace) -> list[str]:
         problems.append(f"--region {args.region!r} does not look like a region (us-central1)")
     if args.staging_bucket and not args.staging_bucket.startswith("gs://"):
         problems.append(f"--staging-bucket must start with gs://, got {args.staging_bucket!r}")
+    if args.tensorboard and not re.match(r"^[0-9]+$", args.tensorboard):
+        problems.append(
+            f"--tensorboard must be a TensorBoard's numeric id, got {args.tensorboard!r}"
+        )
     if not re.match(r"^[a-z][a-z0-9-]{4,28}[a-z0-9]$", args.project):
         problems.append(f"--project {args.project!r} is not a valid project id")
     return problems
@@ -321,8 +364,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         problems = _check_args(args)
         if problems:
             raise SpecError(problems)
-        spec = fill_placeholders(load_spec(args.spec), args.project, args.staging_bucket)
-        validate_spec(spec)
+        spec = fill_placeholders(
+            load_spec(args.spec), args.project, args.staging_bucket, args.region, args.tensorboard
+        )
+        validate_spec(spec, args.region)
     except SpecError as exc:
         for problem in exc.problems:
             print(f"error: {problem}", file=sys.stderr)
@@ -332,7 +377,9 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     blocker = "--dry-run given" if args.dry_run else None
     if blocker is None and (left := find_placeholders(spec)):
-        blocker = f"placeholders left in {left}; pass --staging-bucket or edit the spec"
+        blocker = (
+            f"placeholders left in {left}; pass --staging-bucket / --tensorboard or edit the spec"
+        )
     if blocker is None:
         blocker = submission_blocker()
     if blocker is not None:

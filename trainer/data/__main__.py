@@ -3,17 +3,40 @@
 from __future__ import annotations
 
 import argparse
+import logging
 import sys
 import time
 
+import trainer  # noqa: F401  (TF_USE_LEGACY_KERAS before TensorFlow loads)
+from trainer import lazy_import
 from trainer.data.movielens import DataError
-from trainer.data.prepare import PrepareConfig, prepare
+
+# TensorFlow loads when preparing starts, not for --help or a bad flag.
+prepare_lib = lazy_import("trainer.data.prepare")
+
+# PrepareConfig's defaults, repeated here so that --help needs no TensorFlow; a test checks them.
+DEFAULTS = {
+    "seed": 42,
+    "history_length": 50,
+    "user_history_length": 256,
+    "liked_threshold": 4.0,
+    "query_titles": 10,
+    "cold_fraction": 0.1,
+    "train_shards": 4,
+}
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m trainer.data", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
-    p = commands.add_parser("prepare", help="load MovieLens, build text features, split, write")
+    p = commands.add_parser(
+        "prepare",
+        help="load MovieLens, build text features, split, write",
+        description="Loads MovieLens (or synthetic data), builds the text features, splits the "
+        "ratings under the protocols p1-p4 and writes TFRecords and a manifest. Stages and counts "
+        "go to stderr as they happen; the summary table to stdout at the end.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
     p.add_argument(
         "--dataset",
         default="ml-100k",
@@ -29,25 +52,49 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--cache-dir", help="where downloaded raw data is cached (default ~/.cache/bert-two-tower)"
     )
-    defaults = PrepareConfig(output="")
-    p.add_argument("--seed", type=int, default=defaults.seed)
+    defaults = DEFAULTS
+    p.add_argument(
+        "--seed", type=int, default=defaults["seed"], help="fixes all four protocols' splits"
+    )
     p.add_argument(
         "--history-length",
         type=int,
-        default=defaults.history_length,
+        default=defaults["history_length"],
         help="history items stored per p1 event (its earlier ratings, most recent first)",
     )
     p.add_argument(
         "--user-history-length",
         type=int,
-        default=defaults.user_history_length,
+        default=defaults["user_history_length"],
         help="history items stored per user (the whole-history query; longer ones are cut)",
     )
-    p.add_argument("--liked-threshold", type=float, default=defaults.liked_threshold)
-    p.add_argument("--query-titles", type=int, default=defaults.query_titles)
-    p.add_argument("--cold-fraction", type=float, default=defaults.cold_fraction)
-    p.add_argument("--train-shards", type=int, default=defaults.train_shards)
-    p.add_argument("--overwrite", action="store_true", help="replace existing prepared data")
+    p.add_argument(
+        "--liked-threshold",
+        type=float,
+        default=defaults["liked_threshold"],
+        help="ratings at or above this make a movie 'liked': its title goes into the query text",
+    )
+    p.add_argument(
+        "--query-titles",
+        type=int,
+        default=defaults["query_titles"],
+        help="liked titles written into each query text (most recent first)",
+    )
+    p.add_argument(
+        "--cold-fraction",
+        type=float,
+        default=defaults["cold_fraction"],
+        help="share of movies held out of training in p3 (cold-start items), in (0, 1)",
+    )
+    p.add_argument(
+        "--train-shards",
+        type=int,
+        default=defaults["train_shards"],
+        help="TFRecord shards of each train part",
+    )
+    p.add_argument(
+        "--overwrite", action="store_true", help="replace existing prepared data (atomically)"
+    )
     return parser
 
 
@@ -77,9 +124,19 @@ def summary_table(manifest: dict) -> str:
     return "\n".join(lines)
 
 
+def _log_to_stderr() -> None:
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("%(asctime)s %(message)s", "%H:%M:%S"))
+    logger = logging.getLogger("trainer.data")
+    logger.handlers[:] = [handler]
+    logger.setLevel(logging.INFO)
+    logger.propagate = False
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    config = PrepareConfig(
+    _log_to_stderr()
+    config = prepare_lib.PrepareConfig(
         output=args.output,
         dataset=args.dataset,
         source=args.source,
@@ -95,7 +152,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     start = time.time()
     try:
-        manifest = prepare(config)
+        manifest = prepare_lib.prepare(config)
     except DataError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

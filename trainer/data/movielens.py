@@ -17,6 +17,7 @@ from __future__ import annotations
 import csv
 import dataclasses
 import hashlib
+import math
 import os
 import re
 import subprocess
@@ -161,9 +162,13 @@ def _rating(path: str, number: int, value: str) -> float:
 
 def _int(path: str, number: int, value: str, what: str) -> int:
     try:
-        return int(float(value))
+        number_value = float(value)
     except ValueError:
         raise DataError(f"{path}:{number}: {what} {value!r} is not an integer") from None
+    # float() reads "inf" and "nan"; int() of those raises OverflowError / ValueError.
+    if not math.isfinite(number_value):
+        raise DataError(f"{path}:{number}: {what} {value!r} is not a finite number")
+    return int(number_value)
 
 
 def _check_header(path: str, number: int, line: str, expected: list[str]) -> None:

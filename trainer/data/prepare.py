@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import logging
 import os
 import time
 import uuid
@@ -18,7 +19,7 @@ from collections.abc import Iterator
 import numpy as np
 import tensorflow as tf
 
-from trainer.data import features, schema, splits
+from trainer.data import features, schema, splits, staging
 from trainer.data.movielens import (
     ML100K_COUNTS,
     DataError,
@@ -31,6 +32,9 @@ from trainer.data.movielens import (
 from trainer.data.records import MANIFEST, write_sharded
 
 MANIFEST_VERSION = 1
+
+# Stages and counts go here; `python -m trainer.data` prints them to stderr as they happen.
+log = logging.getLogger("trainer.data")
 
 
 @dataclasses.dataclass
@@ -140,6 +144,7 @@ class _Builder:
         event_length = self.config.history_length if split.name == "p1" else None
         for user in sorted(self.by_user):
             history: list[str] = []
+            ratings: list[float] = []
             liked: list[str] = []
             num_train = 0
             ordered = self.by_user[user]
@@ -168,10 +173,15 @@ class _Builder:
                     if split.parts[index] in _HISTORY_PARTS:
                         num_train += split.parts[index] == "train"
                         history.append(self.raw.ratings[index][1])
+                        ratings.append(float(self.raw.ratings[index][2]))
                         if self.raw.ratings[index][2] >= threshold:
                             liked.append(self.raw.ratings[index][1])
                 start = stop
-            query = self._query(user, history, liked, self.config.user_history_length)
+            length = self.config.user_history_length
+            query = self._query(user, history, liked, length)
+            # Aligned with the query's history (most recent first): user batches train the
+            # ranking head on the held-out items' ratings.
+            query["history_ratings"] = (ratings[::-1] + [0.0] * length)[:length]
             users.append({**query, "num_train": num_train})
         return out, users
 
@@ -242,9 +252,13 @@ def write_prepared(raw: RawData, config: PrepareConfig, directory: str) -> dict:
         "splits": {},
         "files_sha256": {},
     }
+    started = time.time()
+    log.info("splitting %s ratings under %s", f"{len(raw.ratings):,}", ", ".join(schema.PROTOCOLS))
     for split in make_splits(raw, config):
+        split_start = time.time()
         split_dir = os.path.join(directory, split.name)
         tf.io.gfile.makedirs(split_dir)
+        log.info("%s: building queries and histories", split.name)
         records, users = builder.events(split)
         parts = {}
         for part in schema.PARTS[split.name]:
@@ -266,12 +280,22 @@ def write_prepared(raw: RawData, config: PrepareConfig, directory: str) -> dict:
             "parts": parts,
             "cold_items": sorted(split.cold, key=_id_order),
         }
+        log.info(
+            "%s: wrote %s, %s users (%.1f s)",
+            split.name,
+            ", ".join(f"{part} {info['examples']:,}" for part, info in parts.items()),
+            f"{len(users):,}",
+            time.time() - split_start,
+        )
         if "foldin" in schema.PARTS[split.name]:  # p4: who the new (held-out) users are
             manifest["splits"][split.name]["heldout_users"] = splits.heldout_users(
                 [r[0] for r in raw.ratings], split.parts
             )
-    for path in sorted(tf.io.gfile.glob(os.path.join(directory, "*", "*.tfrecord"))):
+    files = sorted(tf.io.gfile.glob(os.path.join(directory, "*", "*.tfrecord")))
+    log.info("hashing %d files for the manifest", len(files))
+    for path in files:
         manifest["files_sha256"][os.path.relpath(path, directory)] = _file_sha256(path)
+    log.info("all splits written in %.1f s", time.time() - started)
     with tf.io.gfile.GFile(os.path.join(directory, MANIFEST), "w") as f:
         json.dump(manifest, f, indent=2)
     return manifest
@@ -307,11 +331,23 @@ def prepare(config: PrepareConfig, raw: RawData | None = None) -> dict:
             raise DataError(f"{output} already holds prepared data; pass --overwrite to replace it")
         if tf.io.gfile.listdir(output):
             raise DataError(f"{output} exists and is not empty; choose another --output")
-    raw = raw if raw is not None else load_raw(config)
-    tmp = f"{output}.tmp-{uuid.uuid4().hex[:8]}"
+    parent, name = os.path.split(output)
+    for path in staging.remove_stale(parent or ".", f"{name}.tmp-"):
+        log.info("removed %s, left by a run that was killed", path)
+    if raw is None:
+        log.info("loading %s", config.source or config.dataset)
+        raw = load_raw(config)
+    log.info(
+        "loaded %s ratings, %s users, %s items",
+        f"{len(raw.ratings):,}",
+        f"{len(raw.users):,}",
+        f"{len(raw.items):,}",
+    )
+    tmp = f"{output}.tmp-{staging.temp_token()}"
     try:
         manifest = write_prepared(raw, config, tmp)
         _swap_into_place(tmp, output)
+        log.info("renamed into place: %s", output)
     finally:
         if tf.io.gfile.exists(tmp):
             tf.io.gfile.rmtree(tmp)

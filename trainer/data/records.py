@@ -28,6 +28,10 @@ def _feature(value: object) -> tf.train.Feature:
         return tf.train.Feature(float_list=tf.train.FloatList(value=[float(value)]))
     if isinstance(value, int | np.integer):
         return tf.train.Feature(int64_list=tf.train.Int64List(value=[int(value)]))
+    if isinstance(value, list | tuple) and value and all(
+        isinstance(v, float | np.floating) for v in value
+    ):
+        return tf.train.Feature(float_list=tf.train.FloatList(value=[float(v) for v in value]))
     if isinstance(value, list | tuple):
         return tf.train.Feature(
             bytes_list=tf.train.BytesList(value=[str(v).encode("utf-8") for v in value])
@@ -36,7 +40,7 @@ def _feature(value: object) -> tf.train.Feature:
 
 
 def to_example(record: Mapping[str, object]) -> bytes:
-    """Serializes a flat dict of str / float / int / list-of-str values."""
+    """Serializes a flat dict of str / float / int / list-of-str / list-of-float values."""
     features = {name: _feature(value) for name, value in record.items()}
     return tf.train.Example(features=tf.train.Features(feature=features)).SerializeToString()
 
@@ -161,13 +165,30 @@ def make_dataset(
     return ds.prefetch(tf.data.AUTOTUNE)
 
 
+def _tf_message(error: tf.errors.OpError) -> str:
+    """The first line of a TF error without its ``{{function_node ...}}`` prefix."""
+    text = str(error.message).split("\n")[0]
+    return text.split("}} ")[-1].split(" [Op:")[0].strip()
+
+
 def _load_table(files: list[str], spec: dict[str, tf.io.FixedLenFeature]) -> dict[str, np.ndarray]:
     """Reads whole files into numpy arrays; strings become object arrays of ``str``."""
-    ds = tf.data.TFRecordDataset(files).batch(4096).map(lambda r: tf.io.parse_example(r, spec))
     chunks: dict[str, list[np.ndarray]] = {name: [] for name in spec}
-    for batch in ds.as_numpy_iterator():
-        for name, values in batch.items():
-            chunks[name].append(values)
+    for path in files:  # one at a time, so that a damaged file is named in the error
+        ds = tf.data.TFRecordDataset(path).batch(4096).map(lambda r: tf.io.parse_example(r, spec))
+        try:
+            for batch in ds.as_numpy_iterator():
+                for name, values in batch.items():
+                    chunks[name].append(values)
+        except tf.errors.DataLossError as e:
+            raise DataError(
+                f"{path}: corrupt or truncated TFRecord ({_tf_message(e)}); prepare the data "
+                "again (`python -m trainer.data prepare --overwrite`)"
+            ) from None
+        except tf.errors.InvalidArgumentError as e:
+            raise DataError(
+                f"{path}: records do not match the prepared-data schema ({_tf_message(e)})"
+            ) from None
     table = {}
     for name, parts in chunks.items():
         values = np.concatenate(parts) if parts else np.zeros([0, *spec[name].shape])
@@ -200,3 +221,38 @@ def load_events(data_dir: str, split: str, part: str) -> dict[str, np.ndarray]:
     """A whole part in memory (for evaluation)."""
     spec = schema.event_feature_spec(_history_length(data_dir))
     return _load_table(part_files(data_dir, split, part), spec)
+
+
+def damaged_files(data_dir: str) -> list[str]:
+    """Files of a prepared directory whose sha256 differs from the manifest's (or missing ones).
+
+    Reads every file: meant for the error path (a ``DataLossError`` while streaming), where TF
+    names no file.
+    """
+    recorded = read_manifest(data_dir).get("files_sha256", {})
+    bad = []
+    for name, digest in sorted(recorded.items()):
+        path = os.path.join(data_dir, name)
+        if not tf.io.gfile.exists(path) or _sha256(path) != digest:
+            bad.append(path)
+    return bad
+
+
+def _sha256(path: str) -> str:
+    import hashlib
+
+    digest = hashlib.sha256()
+    with tf.io.gfile.GFile(path, "rb") as f:
+        while chunk := f.read(1 << 20):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def data_loss_error(data_dir: str, error: tf.errors.DataLossError) -> DataError:
+    """A :class:`DataError` naming the damaged file(s) behind a streaming ``DataLossError``."""
+    bad = damaged_files(data_dir) if data_dir else []
+    where = ", ".join(bad) if bad else f"a TFRecord under {data_dir or 'the data dir'}"
+    return DataError(
+        f"{where}: corrupt or truncated TFRecord ({_tf_message(error)}); prepare the data again "
+        "(`python -m trainer.data prepare --overwrite`)"
+    )

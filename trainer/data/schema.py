@@ -102,8 +102,13 @@ def user_feature_spec(
 ) -> dict[str, tf.io.FixedLenFeature]:
     """Parsing spec of one user: the query features built from the user's whole train history.
 
-    Extra field: ``num_train`` int64 ``[]``, the user's ratings in the train part.
+    Extra fields: ``num_train`` int64 ``[]``, the user's ratings in the train part;
+    ``history_ratings`` float32 ``[history_length]``, the rating of each ``history`` item (0 =
+    padding, or a data dir prepared before ratings were kept: the loop then refuses user batches).
     """
     spec = query_feature_spec(history_length)
     spec["num_train"] = tf.io.FixedLenFeature([], tf.int64)
+    spec["history_ratings"] = tf.io.FixedLenFeature(
+        [history_length], tf.float32, default_value=[0.0] * history_length
+    )
     return spec
