@@ -696,8 +696,9 @@ def _freeze_catalog_tables(model) -> list[tf.Variable]:
     """Serves the set encoder's per-catalog-row tables from variables filled once.
 
     The whole-history query tower reads every catalog row's text vector and id embedding on
-    each call (a gather of ``[R, T]`` floats and an id lookup of ``R`` rows, the largest ops of
-    a known-text query); at serving time both are constants. Returns the variables (the module
+    each call and projects both (a gather of ``[R, T]`` floats, an id lookup of ``R`` rows and
+    two ``[R, .] x [., d]`` matmuls: most of a known-text query); at serving time all of it is
+    constant, so the projected ``[R, d]`` tables are stored. Returns the variables (the module
     tracks them, so they are saved).
     """
     from trainer.towers import SetEncoder
@@ -706,7 +707,7 @@ def _freeze_catalog_tables(model) -> list[tf.Variable]:
     tables = getattr(tower, "catalog_tables", None)
     if tables is None or not isinstance(getattr(tower, "history", None), SetEncoder):
         return []  # only the set encoder reads them
-    text, ids = tables()
+    text, ids = tower.history.project(*tables())
     frozen = [
         None if t is None else tf.Variable(tf.convert_to_tensor(t), trainable=False, name=name)
         for t, name in ((text, "catalog_text_table"), (ids, "catalog_id_table"))
@@ -715,6 +716,7 @@ def _freeze_catalog_tables(model) -> list[tf.Variable]:
         None if frozen[0] is None else frozen[0].read_value(),
         None if frozen[1] is None else frozen[1].read_value(),
     )
+    tower.catalog_tables_projected = True
     return [v for v in frozen if v is not None]
 
 

@@ -522,15 +522,33 @@ class SetEncoder(keras.layers.Layer):
         )
         self.built = True
 
+    def project(self, text_table, id_table) -> tuple:
+        """The per-catalog-row item vectors ``(Dense(text) [R, d], Dense(ids) [R, d])`` (None
+        where the table is). Constant at serving time: an export computes them once."""
+        return (
+            None if text_table is None else self.item_proj(text_table),
+            None if id_table is None else self.id_proj(id_table),
+        )
+
     def call(
-        self, text_table, id_table, rows, titles=None, title_mask=None, training: bool = False
+        self,
+        text_table,
+        id_table,
+        rows,
+        titles=None,
+        title_mask=None,
+        training: bool = False,
+        projected: bool = False,
     ) -> tf.Tensor:
+        """``projected``: the tables are already :meth:`project`'s output."""
         rows = keras.ops.cast(rows, "int32")
+        if not projected:
+            text_table, id_table = self.project(text_table, id_table)
         x = None
         if text_table is not None:
-            x = keras.ops.take(self.item_proj(text_table), rows, axis=0)
+            x = keras.ops.take(text_table, rows, axis=0)
         if id_table is not None:
-            ids = keras.ops.take(self.id_proj(id_table), rows, axis=0)
+            ids = keras.ops.take(id_table, rows, axis=0)
             ids = self.id_dropout(ids, training=training)
             x = ids if x is None else x + ids
         valid = rows > 1
@@ -589,6 +607,8 @@ class QueryTower(keras.layers.Layer):
         self.text_vectors = text_vectors
         self.title_vectors = title_vectors
         self.catalog_tables = catalog_tables
+        # True once an export serves SetEncoder.project's output from constant tables.
+        self.catalog_tables_projected = False
         self.item_text_table = item_text_table
         self.item_id_embedding = item_id_embedding
         self.text_proj = keras.layers.Dense(config.history_dim, activation="gelu", name="text_proj")
@@ -648,6 +668,7 @@ class QueryTower(keras.layers.Layer):
                     titles,
                     title_mask,
                     training=training,
+                    projected=self.catalog_tables_projected,
                 )
             )
         elif self.history is not None:
