@@ -362,7 +362,8 @@ class TwoTowerModel(keras.Model):
         # the cached vectors, so only unseen texts (free text, new items) need BERT.
         self._live_uses_caches = bool(config.freeze_bert and config.cache_text)
         self._catalog = assets.catalog_features()
-        self._popularity = list(assets.popularity)
+        # [1, N]: catalog items nobody rated in train (no negatives of the training softmax).
+        self._untrained_items = (np.asarray(assets.popularity) <= 0)[None, :]
         self._sampling_probability = tf.constant(assets.sampling_probability())
         # The hashed id of each catalog row (rows 0 and 1, padding and unknown, are masked).
         self._catalog_hashed_ids = self.preprocessor.hash_ids(
@@ -656,8 +657,7 @@ class TwoTowerModel(keras.Model):
         """
         items, _ = self._catalog_embeddings(training)
         logits = tf.matmul(query, items, transpose_b=True) / self.model_config.temperature
-        unknown = tf.constant(np.asarray(self._popularity) <= 0)[None, :]
-        return items, tf.where(unknown, tf.constant(-1e9, logits.dtype), logits)
+        return items, tf.where(self._untrained_items, tf.constant(-1e9, logits.dtype), logits)
 
     def _full_softmax(self, query, query_inputs, candidate_inputs, weights, training):
         """Softmax over every catalog item: ``(sum of CE over positives, hits at 10)``."""
