@@ -15,7 +15,7 @@ import pytest
 
 from trainer import cli, metrics, model_card, plots
 from trainer.config import TrainConfig, build_parser, field_docs
-from trainer.data import staging
+from common import staging
 
 REPO = Path(__file__).resolve().parents[1]
 

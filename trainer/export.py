@@ -468,7 +468,7 @@ def check_target(export_base: str, model_name: str, version: int | None) -> tupl
     if version is not None and version < 1:
         raise ExportError(f"--version must be a positive integer, got {version}")
     if tf.io.gfile.isdir(model_base):
-        from trainer.data import staging
+        from common import staging
 
         for path in staging.remove_stale(model_base, ".tmp-"):
             print(f"removed {path}, left by an export that was killed")
@@ -589,7 +589,7 @@ def save_export(
         module.signatures()[signature](**{k: tf.constant(v) for k, v in inputs.items()})
     module.track_variables()
     tf.io.gfile.makedirs(model_base)
-    from trainer.data import staging
+    from common import staging
 
     tmp = os.path.join(model_base, f".tmp-{version}-{staging.temp_token()}")
     try:

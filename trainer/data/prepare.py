@@ -19,7 +19,8 @@ from collections.abc import Iterator
 import numpy as np
 import tensorflow as tf
 
-from trainer.data import features, schema, splits, staging
+from common import staging
+from trainer.data import features, schema, splits
 from trainer.data.movielens import (
     ML100K_COUNTS,
     DataError,

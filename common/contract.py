@@ -1,0 +1,89 @@
+"""The serving boundary: every signature of an export, its inputs, outputs, dtypes and shapes.
+
+One definition, imported by the export (which builds ``tf.TensorSpec`` from it), the gRPC client,
+batch scoring and the server tests. Dtypes are TensorFlow's names (``"string"``, ``"int32"``,
+``"float32"``); a shape is a tuple whose ``None`` entries take any size (``B`` the batch, the
+same for every input of one request; ``H``, ``E``, ``M`` per request). TensorFlow-free.
+
+``serving_default`` (retrieve)
+    query features ``[B]`` + ``history`` ``[B, H]`` + ``k`` ``[B]`` + ``exclude_item_ids``
+    ``[B, E]`` + ``diversity`` ``[B]`` -> ``item_ids``, ``scores``, ``titles`` ``[B, K]``.
+``rank``
+    query features + ``history`` + ``candidate_item_ids`` ``[B, M]`` -> ``ratings`` ``[B, M]``.
+``query_embedding``
+    query features + ``history`` -> ``embeddings`` ``[B, D]`` (L2-normalised).
+``candidate_embedding``
+    candidate features ``[B]`` -> ``embeddings`` ``[B, D]``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+#: What a request says about the user (all string ``[B]``; ``""`` = unknown).
+QUERY_FEATURES = ("user_id", "user_age", "user_gender", "user_occupation", "query_text")
+#: The user's items (string ``[B, H]``, most recent first, ``""`` = padding, any ``H``).
+HISTORY = "history"
+#: What the catalog says about an item (all string ``[B]``).
+CANDIDATE_FEATURES = ("item_id", "item_title", "item_year", "item_genres", "item_text")
+
+RETRIEVE = "serving_default"
+RANK = "rank"
+QUERY_EMBEDDING = "query_embedding"
+CANDIDATE_EMBEDDING = "candidate_embedding"
+
+
+@dataclasses.dataclass(frozen=True)
+class Tensor:
+    """One input or output: dtype name and shape (``None`` = any size)."""
+
+    dtype: str
+    shape: tuple[int | None, ...]
+
+
+@dataclasses.dataclass(frozen=True)
+class Signature:
+    """Inputs and outputs of one signature, in the order the export's function takes them."""
+
+    inputs: dict[str, Tensor]
+    outputs: dict[str, Tensor]
+
+
+_BATCH_STRING = Tensor("string", (None,))
+_QUERY_INPUTS = {
+    **{name: _BATCH_STRING for name in QUERY_FEATURES},
+    HISTORY: Tensor("string", (None, None)),
+}
+
+SIGNATURES: dict[str, Signature] = {
+    RETRIEVE: Signature(
+        inputs={
+            **_QUERY_INPUTS,
+            "k": Tensor("int32", (None,)),
+            "exclude_item_ids": Tensor("string", (None, None)),
+            "diversity": Tensor("float32", (None,)),
+        },
+        outputs={
+            "item_ids": Tensor("string", (None, None)),
+            "scores": Tensor("float32", (None, None)),
+            "titles": Tensor("string", (None, None)),
+        },
+    ),
+    RANK: Signature(
+        inputs={**_QUERY_INPUTS, "candidate_item_ids": Tensor("string", (None, None))},
+        outputs={"ratings": Tensor("float32", (None, None))},
+    ),
+    QUERY_EMBEDDING: Signature(
+        inputs=dict(_QUERY_INPUTS),
+        outputs={"embeddings": Tensor("float32", (None, None))},
+    ),
+    CANDIDATE_EMBEDDING: Signature(
+        inputs={name: _BATCH_STRING for name in CANDIDATE_FEATURES},
+        outputs={"embeddings": Tensor("float32", (None, None))},
+    ),
+}
+
+#: Warm-up requests TF Serving replays before a version turns AVAILABLE.
+WARMUP_FILE = "tf_serving_warmup_requests"
+#: Where an export's index settings and recall check are written (under ``assets.extra``).
+RECALL_FILE = "recall_check.json"
