@@ -29,8 +29,8 @@ import tensorflow as tf  # noqa: E402
 import tensorflow_recommenders as tfrs  # noqa: E402
 from scann.scann_ops.py import scann_ops  # noqa: E402,F401  (registers the ops for loading)
 
-from trainer.export import SAVE_NAMESPACES, IndexConfig  # noqa: E402
 from trainer.metrics import format_table  # noqa: E402
+from trainer.serving_module import SAVE_NAMESPACES, IndexConfig  # noqa: E402
 
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 

@@ -66,7 +66,7 @@ def pct(values: list[float], q: float) -> float:
 def tiny_model_base(work: Path) -> Path:
     """A brute-force export of synthetic data (the tests' hash-tower recommender)."""
     sys.path.insert(0, str(REPO))
-    from tests.test_batch_score import build_fake_export
+    from tests.conftest import build_fake_export
     from trainer.data.prepare import prepare_synthetic
 
     data = work / "data"

@@ -153,7 +153,8 @@ def build_exports(config: BenchConfig, work: str) -> tuple[dict[str, str], dict]
     """The three exports (reused when present) and the in-process 1M search figures."""
     import tensorflow as tf
 
-    from trainer.export import IndexConfig, build_module, save_export
+    from trainer.export import build_module, save_export
+    from trainer.serving_module import IndexConfig
 
     paths = {
         "own": os.path.join(work, "own"),
@@ -203,7 +204,7 @@ def index_search(modules: dict, config: BenchConfig) -> dict:
                  "pool": scann.index_config.pool}  # fmt: skip
     answers = {}
     for kind, module in (("scann", scann), ("brute_force", brute)):
-        fn = tf.function(lambda q, m=module: m._pool(q))
+        fn = tf.function(lambda q, m=module: m.candidate_pool(q))
         fn(tf.constant(embeddings[:1]))
         latencies, ids = [], []
         for row in embeddings:
@@ -270,8 +271,8 @@ def summarize(latencies_s: list[float], wall_s: float, errors: int) -> dict[str,
 
 def floor(path: str, requests: list[dict], total: int) -> dict:
     """``serving_default`` run in process through the session loader, one call at a time."""
-    from serving.model_manager import LoaderOptions, load_servable
     from serving.predictor import call_signature
+    from serving.servable import LoaderOptions, load_servable
 
     servable = load_servable("bench", 1, path, LoaderOptions())
     sig = servable.signatures["serving_default"]
@@ -410,8 +411,15 @@ def run(config: BenchConfig) -> dict:
     rows: list[dict] = []
     quick_c = (min(config.concurrency), max(config.concurrency))
 
-    def measure(group: str, export: str, kind: str, batching: str | None, label: str,
-                threads: tuple[int, int] = (0, 0), levels: tuple[int, ...] = quick_c) -> None:
+    def measure(
+        group: str,
+        export: str,
+        kind: str,
+        batching: str | None,
+        label: str,
+        threads: tuple[int, int] = (0, 0),
+        levels: tuple[int, ...] = quick_c,
+    ) -> None:
         with tempfile.TemporaryDirectory() as tmp:
             proc, port = start_server(exports[export], batching, threads, tmp)
             try:

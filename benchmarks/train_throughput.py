@@ -3,8 +3,9 @@
 ``python benchmarks/train_throughput.py [--quick] [--preset minilm] [--data DIR --split p1]``
 
 For each text mode, sequence length and batch size it builds the model exactly as the trainer
-does (:func:`trainer.loop.build_for_training`, :func:`trainer.loop.make_train_step`), runs a
-few warm-up steps (tracing), then times steps on real batches:
+does (:func:`trainer.train_step.build_for_training`,
+:func:`trainer.train_step.make_train_step`), runs a few warm-up steps (tracing), then times
+steps on real batches:
 
 * ``cached``: frozen BERT, text vectors precomputed once (the CPU default); the one-off cost of
   encoding every catalog/profile text is reported as ``cache_seconds``.
@@ -45,7 +46,8 @@ def measure(args, mode: str, sequence_length: int, batch_size: int, data_dir: st
     from trainer import env as env_lib
     from trainer.config import TrainConfig
     from trainer.data import records
-    from trainer.loop import build_for_training, make_train_step, plan_data
+    from trainer.input_pipeline import plan_data
+    from trainer.train_step import build_for_training, make_train_step
 
     keras.backend.clear_session()
     config = TrainConfig()

@@ -87,3 +87,12 @@ SIGNATURES: dict[str, Signature] = {
 WARMUP_FILE = "tf_serving_warmup_requests"
 #: Where an export's index settings and recall check are written (under ``assets.extra``).
 RECALL_FILE = "recall_check.json"
+
+#: The retrieve signature's per-query controls and the rank signature's candidates: the input
+#: names beyond the query features, for code that fills them by name (clients, REST tests).
+K = "k"
+EXCLUDE_ITEM_IDS = "exclude_item_ids"
+DIVERSITY = "diversity"
+CANDIDATE_ITEM_IDS = "candidate_item_ids"
+assert {K, EXCLUDE_ITEM_IDS, DIVERSITY} <= set(SIGNATURES[RETRIEVE].inputs)
+assert CANDIDATE_ITEM_IDS in SIGNATURES[RANK].inputs

@@ -43,11 +43,13 @@ done
 curl -s "http://127.0.0.1:$REST_PORT/v1/models/movielens"; echo
 
 step "6/7 query over gRPC: two users, their history and top-10"
-user_flags=""
-for u in $USERS; do user_flags="$user_flags --user $u"; done
+# Their query rows (profile, train history, train items to exclude) come from the prepared data;
+# the client only reads JSON.
 # shellcheck disable=SC2086
-$PY -m serving.client --server "127.0.0.1:$PORT" --model movielens --data "$WORK/data" \
-  --split "$SPLIT" $user_flags --exclude-seen --k 10
+$PY -m trainer.queries --data "$WORK/data" --split "$SPLIT" --users $USERS \
+  --output "$WORK/users.json"
+$PY -m serving.client --server "127.0.0.1:$PORT" --model-name movielens \
+  --query-json "$WORK/users.json" --k 10
 
 step "7/7 a new user: no id, no history, only the titles they typed"
 cat > "$WORK/new_user.json" <<'JSON'
@@ -55,7 +57,7 @@ cat > "$WORK/new_user.json" <<'JSON'
  "query_text": "Liked: Star Wars (1977); Return of the Jedi (1983); Empire Strikes Back, The (1980).",
  "history": [""]}
 JSON
-$PY -m serving.client --server "127.0.0.1:$PORT" --model movielens --query-json "$WORK/new_user.json" \
+$PY -m serving.client --server "127.0.0.1:$PORT" --model-name movielens --query-json "$WORK/new_user.json" \
   --k 10 --exclude 50,181,172
 
 step "done: stopping the server"

@@ -8,14 +8,18 @@ Runs ``train_and_evaluate.ipynb`` (MovieLens-100K, MiniLM, one epoch: it writes
 is written to a temporary sibling and renamed over the committed one only when all its cells
 ran; a failing cell leaves the committed notebook as it was and exits 1. ``NB_*`` variables in
 the environment still override the parameters (see each notebook's first cell).
+
+:func:`execute` is also what tests/test_notebooks.py runs the notebooks with.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import sys
 import time
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 
 import nbclient
@@ -26,25 +30,64 @@ NOTEBOOKS = REPO / "notebooks"
 ORDER = ("train_and_evaluate.ipynb", "batch_scoring.ipynb")  # the second reads the first's run
 CELL_TIMEOUT_S = 3600
 
+sys.path.insert(0, str(REPO))  # `python scripts/run_notebooks.py` puts only scripts/ there
+from common import staging  # noqa: E402
 
-def run(name: str) -> float:
-    """Executes ``notebooks/<name>`` in place; returns the seconds it took."""
-    path = NOTEBOOKS / name
-    nb = nbformat.read(path, as_version=4)
-    start = time.time()
-    os.environ["PYTHONPATH"] = os.pathsep.join(
-        filter(None, [str(REPO), os.environ.get("PYTHONPATH")])
-    )
+
+@contextlib.contextmanager
+def _environment(env: Mapping[str, str]) -> Iterator[None]:
+    """``env`` and the repository on ``PYTHONPATH`` for the block; the old values after it."""
+    saved = {k: os.environ.get(k) for k in (*env, "PYTHONPATH")}
+    os.environ.update(env)
+    os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), saved["PYTHONPATH"]]))
+    try:
+        yield
+    finally:
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+
+
+def execute(
+    name: str,
+    env: Mapping[str, str] | None = None,
+    *,
+    timeout_s: int = CELL_TIMEOUT_S,
+    keep: Path | None = None,
+) -> nbformat.NotebookNode:
+    """Runs ``notebooks/<name>`` top to bottom; returns the executed notebook.
+
+    A fresh ``python3`` kernel of this interpreter (jupyter_client replaces the kernelspec's
+    ``python`` with ``sys.executable``) runs in ``notebooks/``; it inherits this process's
+    environment, here with ``env`` (the notebooks' ``NB_*`` parameters) and the repository on
+    ``PYTHONPATH``. A failing cell raises ``CellExecutionError`` naming the cell and traceback.
+    The committed notebook is not written; ``keep``, when given, receives the executed copy even
+    after a failing cell (to debug it).
+    """
+    nb = nbformat.read(NOTEBOOKS / name, as_version=4)
     client = nbclient.NotebookClient(
         nb,
-        timeout=CELL_TIMEOUT_S,
+        timeout=timeout_s,
         kernel_name="python3",
         resources={"metadata": {"path": str(NOTEBOOKS)}},
     )
-    client.execute()
-    tmp = path.with_name(f".tmp-{path.name}")
-    nbformat.write(nb, tmp)
-    os.replace(tmp, path)
+    try:
+        with _environment(env or {}):
+            client.execute()
+    finally:
+        if keep is not None:
+            nbformat.write(nb, keep)
+    return nb
+
+
+def run(name: str) -> float:
+    """Executes ``notebooks/<name>`` and saves it in place; returns the seconds it took."""
+    start = time.time()
+    nb = execute(name)
+    with staging.staged_file(str(NOTEBOOKS / name)) as tmp:
+        nbformat.write(nb, tmp)
     return time.time() - start
 
 

@@ -9,7 +9,9 @@ cast values to the declared dtypes. Deadlines on every call; retries with expone
 on UNAVAILABLE only (the server restarting or a version swap on a proxy), never on errors
 that would fail again.
 
-CLI: python -m serving.client --server HOST:PORT --model NAME --input user_id=42 ...
+CLI: python -m serving.client --server HOST:PORT --model-name NAME --input user_id=42 ...
+or --query-json FILE (one query object or a list; a row's ``exclude_item_ids`` is excluded from
+that row's top-k, as ``python -m trainer.queries`` writes them for users of prepared data).
 """
 
 from __future__ import annotations
@@ -24,8 +26,8 @@ from typing import Any, TypeVar
 import grpc
 import numpy as np
 
-RETRIEVE_SIGNATURE = "serving_default"
-RANK_SIGNATURE = "rank"
+from common import contract
+from common.cli import UsageError, run
 
 T = TypeVar("T")
 
@@ -88,7 +90,7 @@ class ServingClient:
     def predict(
         self,
         inputs: Mapping[str, Any],
-        signature_name: str = RETRIEVE_SIGNATURE,
+        signature_name: str = contract.RETRIEVE,
         version: int | None = None,
         version_label: str | None = None,
         output_filter: Sequence[str] = (),
@@ -161,7 +163,7 @@ class ServingClient:
         exclude_item_ids: Sequence[Sequence[str]] | None = None,
         diversity: float | Sequence[float] | None = None,
         *,
-        signature_name: str = RETRIEVE_SIGNATURE,
+        signature_name: str = contract.RETRIEVE,
         version: int | None = None,
         version_label: str | None = None,
     ) -> dict[str, Any]:
@@ -173,13 +175,13 @@ class ServingClient:
         columns = _to_columns(queries)
         batch = _batch_size(columns)
         ks = np.broadcast_to(np.asarray(k, dtype=np.int32), [batch])
-        extras: dict[str, Any] = {"k": ks}
+        extras: dict[str, Any] = {contract.K: ks}
         if exclude_item_ids is not None:
             if len(exclude_item_ids) != batch:
                 raise ValueError(f"exclude_item_ids has {len(exclude_item_ids)} rows, not {batch}")
-            extras["exclude_item_ids"] = _pad_strings(exclude_item_ids)
+            extras[contract.EXCLUDE_ITEM_IDS] = _pad_strings(exclude_item_ids)
         if diversity is not None:
-            extras["diversity"] = np.broadcast_to(np.asarray(diversity, np.float32), [batch])
+            extras[contract.DIVERSITY] = np.broadcast_to(np.asarray(diversity, np.float32), [batch])
         inputs = self.build_inputs(signature_name, columns, extras, batch)
         outputs = self.predict(inputs, signature_name, version, version_label)
         # Server-side batching may merge this request with one asking a larger k; the extra
@@ -195,7 +197,7 @@ class ServingClient:
         queries: Mapping[str, Any] | Sequence[Mapping[str, Any]],
         candidate_item_ids: Sequence[Sequence[str]],
         *,
-        signature_name: str = RANK_SIGNATURE,
+        signature_name: str = contract.RANK,
         version: int | None = None,
         version_label: str | None = None,
     ) -> np.ndarray:
@@ -204,11 +206,11 @@ class ServingClient:
         batch = _batch_size(columns)
         if len(candidate_item_ids) != batch:
             raise ValueError(f"candidate_item_ids has {len(candidate_item_ids)} rows, not {batch}")
-        extras = {"candidate_item_ids": _pad_strings(candidate_item_ids)}
+        extras = {contract.CANDIDATE_ITEM_IDS: _pad_strings(candidate_item_ids)}
         inputs = self.build_inputs(signature_name, columns, extras, batch)
         outputs = self.predict(inputs, signature_name, version, version_label)
-        if "ratings" in outputs:
-            return outputs["ratings"]
+        if _RATINGS in outputs:
+            return outputs[_RATINGS]
         floats = [v for v in outputs.values() if np.issubdtype(v.dtype, np.floating)]
         if len(floats) != 1:
             raise ValueError(f"cannot tell the score output among {sorted(outputs)}")
@@ -310,7 +312,8 @@ def _pad_strings(rows: Sequence[Sequence[Any]]) -> np.ndarray:
     return out
 
 
-_TOP_K_OUTPUTS = ("item_ids", "scores", "titles")
+_TOP_K_OUTPUTS = tuple(contract.SIGNATURES[contract.RETRIEVE].outputs)
+_RATINGS = next(iter(contract.SIGNATURES[contract.RANK].outputs))
 
 
 def _default_value(info: Mapping[str, Any], batch: int) -> Any:
@@ -376,8 +379,7 @@ def format_table(result: Mapping[str, Any], max_rows: int | None = None) -> str:
     return "\n".join(lines)
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    """CLI entry point: query a server and print a table."""
+def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m serving.client", description=__doc__.split("\n")[0])
     p.add_argument("--server", required=True, help="HOST:PORT of the gRPC endpoint")
     p.add_argument(
@@ -387,67 +389,69 @@ def main(argv: Sequence[str] | None = None) -> int:
         required=True,
         help="model name on the server (--model: the older spelling, still accepted)",
     )
-    p.add_argument("--signature", default=RETRIEVE_SIGNATURE)
+    p.add_argument("--signature", default=contract.RETRIEVE)
     p.add_argument("--input", action="append", default=[], help="name=value (repeatable)")
-    p.add_argument("--query-json", help="file with one query object or a list of them")
+    p.add_argument(
+        "--query-json",
+        help="file with one query object or a list of them; a row's exclude_item_ids (a list) "
+        "is excluded from its top-k (python -m trainer.queries writes such rows)",
+    )
     p.add_argument("--k", type=int, default=10)
-    p.add_argument("--exclude", default="", help="comma-separated item ids to exclude")
+    p.add_argument("--exclude", default="", help="comma-separated item ids to exclude (all rows)")
     p.add_argument("--diversity", type=float, default=None)
     p.add_argument("--candidates", default="", help="comma-separated ids (rank signature)")
     p.add_argument("--version", type=int, default=None)
     p.add_argument("--version-label", default=None)
     p.add_argument("--timeout", type=float, default=10.0)
-    p.add_argument("--data", help="prepared data dir: with --user, read that user's query from it")
-    p.add_argument("--split", default="p2", help="protocol whose train history builds the query")
-    p.add_argument("--user", action="append", default=[], help="user id from --data (repeatable)")
-    p.add_argument("--exclude-seen", action="store_true",
-                   help="with --user: exclude the user's training items")  # fmt: skip
-    args = p.parse_args(argv)
-    try:
-        if args.user:
-            if not args.data:
-                p.error("--user needs --data (a prepared data directory)")
-            queries, seen = _queries_from_data(args.data, args.split, args.user)
-            if args.exclude_seen and not args.exclude:
-                return _run(args, queries, seen)
-        elif args.query_json:
-            with open(args.query_json) as f:
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """CLI entry point: query a server and print a table."""
+    args = build_parser().parse_args(argv)
+
+    def body() -> int:
+        queries = _read_queries(args)
+        exclude_rows = _exclude_rows(queries, args.exclude)
+        return _run(args, queries, exclude_rows)
+
+    return run(body, expected=(OSError,))
+
+
+def _read_queries(args: argparse.Namespace) -> list[dict[str, Any]]:
+    if args.query_json:
+        with open(args.query_json) as f:
+            try:
                 loaded = json.load(f)
-            queries = loaded if isinstance(loaded, list) else [loaded]
-        else:
+            except json.JSONDecodeError as exc:
+                raise UsageError(f"{args.query_json}: not JSON ({exc})") from exc
+        queries = loaded if isinstance(loaded, list) else [loaded]
+    else:
+        try:
             queries = [_parse_cli_inputs(args.input)]
-        if not queries or not all(isinstance(q, dict) for q in queries):
-            p.error("queries must be JSON objects")
-    except (OSError, ValueError) as exc:
-        p.error(str(exc))
-    return _run(args, queries, None)
+        except ValueError as exc:
+            raise UsageError(str(exc)) from exc
+    if not queries or not all(isinstance(q, dict) for q in queries):
+        raise UsageError("queries must be JSON objects")
+    return queries
 
 
-def _queries_from_data(
-    data_dir: str, split: str, users: Sequence[str]
-) -> tuple[list[dict[str, Any]], list[list[str]]]:
-    """Each user's query features (profile + train history) and train items, from prepared data."""
-    import trainer  # noqa: F401  (sets TF_USE_LEGACY_KERAS before TensorFlow loads)
-    from trainer.data import records
-
-    table = records.load_users(data_dir, split)
-    row_of = {u: i for i, u in enumerate(table["user_id"])}
-    missing = [u for u in users if u not in row_of]
-    if missing:
-        raise ValueError(f"unknown user id(s) in {data_dir}/{split}: {', '.join(missing)}")
-    train = records.load_events(data_dir, split, "train")
-    seen: dict[str, list[str]] = {}
-    for user, item in zip(train["user_id"], train["item_id"], strict=True):
-        seen.setdefault(user, []).append(item)
-    fields = ("user_id", "user_age", "user_gender", "user_occupation", "query_text", "history")
-    queries = [{f: table[f][row_of[u]] for f in fields} for u in users]
-    for query in queries:
-        query["history"] = [h for h in query["history"] if h] or [""]
-        print(f"user {query['user_id']}: {query['query_text']}")
-    return queries, [seen.get(u, []) for u in users]
+def _exclude_rows(queries: list[dict[str, Any]], exclude: str) -> list[list[str]] | None:
+    """``--exclude`` for every row, else each row's own ``exclude_item_ids`` (taken out of it)."""
+    own = [q.pop(contract.EXCLUDE_ITEM_IDS, None) for q in queries]
+    if exclude:
+        return [exclude.split(",")] * len(queries)
+    if all(row is None for row in own):
+        return None
+    for row in own:
+        if row is not None and not isinstance(row, list):
+            raise UsageError(f"{contract.EXCLUDE_ITEM_IDS} must be a list of item ids, got {row!r}")
+    return [row or [] for row in own]
 
 
-def _run(args: argparse.Namespace, queries: list[dict[str, Any]], exclude_rows) -> int:
+def _run(
+    args: argparse.Namespace, queries: list[dict[str, Any]], exclude: list[list[str]] | None
+) -> int:
     with ServingClient(args.server, args.model, timeout_s=args.timeout) as client:
         try:
             if args.candidates:
@@ -460,7 +464,6 @@ def _run(args: argparse.Namespace, queries: list[dict[str, Any]], exclude_rows) 
                 order = np.argsort(-ratings, axis=1)
                 result = {k: np.take_along_axis(v, order, axis=1) for k, v in result.items()}
             else:
-                exclude = [args.exclude.split(",")] * len(queries) if args.exclude else exclude_rows
                 result = client.retrieve(
                     queries,
                     k=args.k,

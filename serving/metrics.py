@@ -11,6 +11,8 @@ import bisect
 import threading
 from collections.abc import Sequence
 
+from common.contract import RETRIEVE
+
 DEFAULT_PATH = "/monitoring/prometheus/metrics"
 REQUEST_COUNT = ":tensorflow:serving:request_count"
 REQUEST_LATENCY = ":tensorflow:serving:request_latency"
@@ -33,7 +35,7 @@ class Metrics:
     def observe(
         self, entrypoint: str, model: str, signature: str, status: str, seconds: float
     ) -> None:
-        key = (entrypoint, model, signature or "serving_default", status)
+        key = (entrypoint, model, signature or RETRIEVE, status)
         micros = seconds * 1e6
         index = bisect.bisect_left(self.buckets, micros)
         with self._lock:

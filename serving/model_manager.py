@@ -1,4 +1,4 @@
-"""Model versions: discovery under `<base_path>/<version>/`, loading, hot swap and status.
+"""Model versions: hot swap and status over what :mod:`serving.model_config` finds on disk.
 
 Mirrors TF Serving's FileSystemStoragePathSource + AspiredVersionsManager with the
 availability-preserving policy: a new version is loaded fully before the served set is swapped
@@ -6,12 +6,10 @@ availability-preserving policy: a new version is loaded fully before the served 
 unloaded. A request holds a reference to the `Servable` it resolved, so a version being unloaded
 finishes the requests already running on it.
 
-A version is loaded the way TF Serving loads it (the session-based SavedModel loader, run by
-the SignatureDefs' tensor names; :mod:`serving.session_runner`), and the PredictionLogs of its
-``assets.extra/tf_serving_warmup_requests`` are replayed before it turns AVAILABLE. Base paths
-are read through ``tf.io.gfile``, so ``gs://`` and the other TensorFlow file systems work.
-A version that fails to load goes to END with its error in GetModelStatus; its retries are
-scheduled for later polls instead of sleeping, so newer versions and other models keep loading.
+Versions load through :func:`serving.servable.load_servable` (TF Serving's session-based
+loader, then the warm-up replay). A version that fails to load goes to END with its error in
+GetModelStatus; its retries are scheduled for later polls instead of sleeping, so newer
+versions and other models keep loading.
 """
 
 from __future__ import annotations
@@ -19,18 +17,15 @@ from __future__ import annotations
 import dataclasses
 import logging
 import math
-import os
-import re
 import threading
 import time
-from collections.abc import Callable, Iterable, Mapping
-from typing import Any
+from collections.abc import Iterable
 
 from serving.errors import Code, ServingError, log_event
+from serving.model_config import ModelConfig, fingerprint_safe, has_saved_model, list_versions
+from serving.servable import Loader, LoaderOptions, Servable, load_servable
 
 logger = logging.getLogger("serving.model_manager")
-
-_VERSION_DIR = re.compile(r"^[0-9]+$")
 
 # ModelVersionStatus.State names (tensorflow_serving/apis/get_model_status.proto).
 STATE_START = "START"
@@ -40,75 +35,6 @@ STATE_UNLOADING = "UNLOADING"
 STATE_END = "END"
 
 
-@dataclasses.dataclass(frozen=True)
-class VersionPolicy:
-    """TF Serving's ServableVersionPolicy: latest{num_versions}, all, or specific{versions}."""
-
-    kind: str = "latest"
-    num_versions: int = 1
-    versions: tuple[int, ...] = ()
-
-    def select(self, on_disk: Iterable[int]) -> set[int]:
-        """Returns the versions this policy wants served out of those found on disk."""
-        available = sorted(set(on_disk), reverse=True)
-        if self.kind == "all":
-            return set(available)
-        if self.kind == "specific":
-            return set(available) & set(self.versions)
-        return set(available[: max(1, self.num_versions)])
-
-
-@dataclasses.dataclass(frozen=True)
-class ModelConfig:
-    """One model: name, base path, version policy and version labels (ModelConfig proto)."""
-
-    name: str
-    base_path: str
-    policy: VersionPolicy = dataclasses.field(default_factory=VersionPolicy)
-    version_labels: Mapping[str, int] = dataclasses.field(default_factory=dict)
-
-
-@dataclasses.dataclass(frozen=True)
-class LoaderOptions:
-    """How versions are loaded and retried (tensorflow_model_server flags of the same names)."""
-
-    saved_model_tags: tuple[str, ...] = ("serve",)
-    max_num_load_retries: int = 5
-    load_retry_interval_micros: int = 60_000_000
-    intra_op_parallelism: int = 0  # 0: TensorFlow's default
-    inter_op_parallelism: int = 0
-
-
-WARMUP_FILE = "tf_serving_warmup_requests"
-MAX_WARMUP_RECORDS = 1000  # TF Serving's limit
-
-
-@dataclasses.dataclass
-class SignatureInfo:
-    """A callable signature plus the input/output specs requests are validated against.
-
-    ``fn(arrays, output_filter)`` feeds numpy arrays by input alias and returns numpy outputs.
-    """
-
-    name: str
-    fn: Callable[..., Any]
-    inputs: dict[str, Any]  # name -> tf.TensorSpec
-    outputs: dict[str, Any]  # name -> tf.TensorSpec
-
-
-@dataclasses.dataclass
-class Servable:
-    """One loaded model version."""
-
-    name: str
-    version: int
-    path: str
-    signatures: dict[str, SignatureInfo]
-    signature_def_map: Any  # tensorflow_serving.apis.get_model_metadata_pb2.SignatureDefMap
-    handle: Any = None  # the SessionModel; its session lives as long as the Servable
-    warmup_requests: int = 0
-
-
 @dataclasses.dataclass
 class VersionState:
     """What GetModelStatus reports for one version."""
@@ -116,101 +42,6 @@ class VersionState:
     state: str
     error_code: Code = Code.OK
     error_message: str = ""
-
-
-Loader = Callable[[str, int, str, LoaderOptions], Servable]
-
-
-def parse_model_config_text(text: str) -> list[ModelConfig]:
-    """Parses a TF Serving `models.config` (ModelServerConfig text proto) into ModelConfigs."""
-    from google.protobuf import text_format
-    from tensorflow_serving.config import model_server_config_pb2
-
-    proto = model_server_config_pb2.ModelServerConfig()
-    try:
-        text_format.Parse(text, proto)
-    except text_format.ParseError as exc:
-        raise ValueError(f"invalid model config: {exc}") from exc
-    if proto.WhichOneof("config") != "model_config_list":
-        raise ValueError("model config must contain a model_config_list")
-    configs: list[ModelConfig] = []
-    seen: set[str] = set()
-    for cfg in proto.model_config_list.config:
-        if not cfg.name or not cfg.base_path:
-            raise ValueError("every model config needs a name and a base_path")
-        if cfg.name in seen:
-            raise ValueError(f"duplicate model name in config: {cfg.name}")
-        if cfg.model_platform not in ("", "tensorflow"):
-            raise ValueError(f"model {cfg.name}: unsupported model_platform {cfg.model_platform!r}")
-        seen.add(cfg.name)
-        configs.append(
-            ModelConfig(
-                name=cfg.name,
-                base_path=cfg.base_path,
-                policy=_policy_from_proto(cfg.model_version_policy),
-                version_labels=dict(cfg.version_labels),
-            )
-        )
-    return configs
-
-
-def _policy_from_proto(policy: Any) -> VersionPolicy:
-    choice = policy.WhichOneof("policy_choice")
-    if choice == "all":
-        return VersionPolicy(kind="all")
-    if choice == "specific":
-        versions = tuple(sorted(set(policy.specific.versions)))
-        if not versions:
-            raise ValueError("model_version_policy specific{} needs at least one version")
-        return VersionPolicy(kind="specific", versions=versions)
-    num = policy.latest.num_versions if choice == "latest" else 1
-    return VersionPolicy(kind="latest", num_versions=max(1, num))
-
-
-def list_versions(base_path: str) -> dict[int, str]:
-    """Returns {version: path} for the integer-named subdirectories of base_path.
-
-    Anything else (temp dirs such as `.tmp-3` or `3.tmp`, files) is ignored, so exporters can
-    write to a temp name and rename it into place. Any ``tf.io.gfile`` path works (``gs://``).
-    """
-    import tensorflow as tf
-
-    found: dict[int, str] = {}
-    try:
-        names = tf.io.gfile.listdir(base_path)
-    except tf.errors.OpError as exc:
-        raise OSError(f"cannot list {base_path}: {exc.message}") from exc
-    for name in names:
-        name = name.rstrip("/")
-        path = _join(base_path, name)
-        if _VERSION_DIR.match(name) and tf.io.gfile.isdir(path):
-            found[int(name)] = path
-    return found
-
-
-def _join(base: str, name: str) -> str:
-    return base.rstrip("/") + "/" + name if "://" in base else os.path.join(base, name)
-
-
-def _fingerprint(path: str) -> tuple[int, int]:
-    """Changes when a version folder is rewritten, so a failed version is retried then."""
-    import tensorflow as tf
-
-    for name in ("saved_model.pb", "saved_model.pbtxt"):
-        try:
-            st = tf.io.gfile.stat(_join(path, name))
-            return (st.mtime_nsec, st.length)
-        except tf.errors.NotFoundError:
-            continue
-    return (-1, -1)
-
-
-def _has_saved_model(path: str) -> bool:
-    import tensorflow as tf
-
-    return any(
-        tf.io.gfile.exists(_join(path, name)) for name in ("saved_model.pb", "saved_model.pbtxt")
-    )
 
 
 @dataclasses.dataclass
@@ -375,7 +206,7 @@ class ServableManager:
                 )
                 slot.warned_missing = True
             return
-        ready = {v: p for v, p in on_disk.items() if _has_saved_model(p)}
+        ready = {v: p for v, p in on_disk.items() if has_saved_model(p)}
         if not ready:
             if not slot.warned_missing:
                 log_event(
@@ -392,7 +223,7 @@ class ServableManager:
         loaded: dict[int, Servable] = dict(slot.served)
         # A failed version is skipped until its retry time or until its folder changes; the
         # policy then falls back to the next candidate, so the previous version keeps serving.
-        fingerprints = {v: _fingerprint_safe(p) for v, p in ready.items()}
+        fingerprints = {v: fingerprint_safe(p) for v, p in ready.items()}
         while True:
             now = time.monotonic()
             candidates = {
@@ -499,109 +330,3 @@ class ServableManager:
                         log_event(logger, logging.INFO, "unload", model=name, version=version)
                     slot.served = {}
             self._slots = slots  # copy-on-write: readers see the old or the new dict
-
-
-def _fingerprint_safe(path: str) -> tuple[int, int]:
-    try:
-        return _fingerprint(path)
-    except Exception:  # a listing race or a flaky remote file system: treat as unknown
-        return (-1, -1)
-
-
-def register_custom_ops() -> None:
-    """Registers TF Text's and ScaNN's ops (see :mod:`serving.session_runner`)."""
-    from serving.session_runner import register_custom_ops as register
-
-    register()
-
-
-def _tensor_spec(info: Any) -> Any:
-    import tensorflow as tf
-
-    dtype = tf.dtypes.as_dtype(info.dtype)
-    if info.tensor_shape.unknown_rank:
-        return tf.TensorSpec(None, dtype, name=info.name)
-    dims = [d.size if d.size >= 0 else None for d in info.tensor_shape.dim]
-    return tf.TensorSpec(dims, dtype, name=info.name)
-
-
-def load_servable(name: str, version: int, path: str, options: LoaderOptions) -> Servable:
-    """Loads one version through the session-based loader, then replays its warm-up file."""
-    from tensorflow_serving.apis import get_model_metadata_pb2
-
-    from serving.session_runner import SessionModel
-
-    model = SessionModel(
-        path,
-        options.saved_model_tags,
-        intra_op_parallelism=options.intra_op_parallelism,
-        inter_op_parallelism=options.inter_op_parallelism,
-    )
-    signatures: dict[str, SignatureInfo] = {}
-    sig_map = get_model_metadata_pb2.SignatureDefMap()
-    for sig_name, sig_def in model.signature_defs.items():
-        sig_map.signature_def[sig_name].CopyFrom(sig_def)
-        if sig_name.startswith("__"):
-            continue  # the loader's own ops (`__saved_model_init_op`): metadata only
-
-        def run(arrays: Mapping[str, Any], output_filter: Any = (), _name: str = sig_name) -> Any:
-            return model.run(_name, arrays, output_filter)
-
-        signatures[sig_name] = SignatureInfo(
-            name=sig_name,
-            fn=run,
-            inputs={k: _tensor_spec(v) for k, v in sig_def.inputs.items()},
-            outputs={k: _tensor_spec(v) for k, v in sig_def.outputs.items()},
-        )
-    servable = Servable(
-        name=name,
-        version=version,
-        path=path,
-        signatures=signatures,
-        signature_def_map=sig_map,
-        handle=model,
-    )
-    try:
-        servable.warmup_requests = replay_warmup(servable)
-    except BaseException:
-        model.close()
-        raise
-    return servable
-
-
-def replay_warmup(servable: Servable) -> int:
-    """Runs the PredictLogs of ``assets.extra/tf_serving_warmup_requests`` (at most 1,000).
-
-    As in TF Serving, a failing warm-up request fails the load, so a version that cannot
-    answer its own sample requests never turns AVAILABLE. Returns the number replayed.
-    """
-    import tensorflow as tf
-    from tensorflow_serving.apis import prediction_log_pb2
-
-    path = _join(_join(servable.path, "assets.extra"), WARMUP_FILE)
-    if not tf.io.gfile.exists(path):
-        return 0
-    count = 0
-    for raw in tf.data.TFRecordDataset(path).take(MAX_WARMUP_RECORDS):
-        log = prediction_log_pb2.PredictionLog.FromString(raw.numpy())
-        if log.WhichOneof("log_type") != "predict_log":
-            raise ValueError(
-                f"warm-up record {count}: only predict_log records are supported, got "
-                f"{log.WhichOneof('log_type')}"
-            )
-        request = log.predict_log.request
-        sig_name = request.model_spec.signature_name or "serving_default"
-        sig = servable.signatures.get(sig_name)
-        if sig is None:
-            raise ValueError(f"warm-up record {count}: no signature {sig_name!r}")
-        inputs = {k: tf.make_ndarray(v) for k, v in request.inputs.items()}
-        try:
-            sig.fn(inputs)
-        except Exception as exc:
-            first = str(getattr(exc, "message", exc)).strip().splitlines()[:1]
-            raise ValueError(
-                f"warm-up record {count} ({sig_name}) failed: {type(exc).__name__}: "
-                f"{first[0] if first else ''}"
-            ) from exc
-        count += 1
-    return count

@@ -12,12 +12,12 @@ from collections.abc import Iterable, Mapping, Sequence
 import numpy as np
 import tensorflow as tf
 
+from common.contract import RETRIEVE
 from serving.batching import Batcher, batch_key_and_size
 from serving.errors import Code, ServingError, from_exception
 from serving.metrics import Metrics
-from serving.model_manager import Servable, ServableManager, SignatureInfo
-
-DEFAULT_SIGNATURE = "serving_default"
+from serving.model_manager import ServableManager
+from serving.servable import Servable, SignatureInfo
 
 
 @dataclasses.dataclass
@@ -54,7 +54,7 @@ class Predictor:
     ) -> tuple[Servable, SignatureInfo]:
         """Finds the servable and the signature a request names."""
         servable = self.manager.get(model_name, version, version_label)
-        name = signature_name or DEFAULT_SIGNATURE
+        name = signature_name or RETRIEVE  # TF Serving's default key
         sig = servable.signatures.get(name)
         if sig is None:
             # TF Serving answers FAILED_PRECONDITION here (REST maps it to 400 like

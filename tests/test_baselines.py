@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from trainer import evaluate as ev
-from trainer import metrics
+from trainer import metrics, ranking
 from trainer.baselines import HELDOUT_USER_KEY, EaseScorer, PopularityScorer, fit_ease
 from trainer.data import records
 
@@ -120,10 +120,6 @@ def test_ease_scorer_mixed_batch_and_no_history_field():
     assert np.argmax(scores[1]) == 2  # the most popular item
 
 
-def test_popularity_is_still_importable_from_evaluate():
-    assert ev.PopularityScorer is PopularityScorer
-
-
 # ----------------------------------------------------------------------------- p4 harness
 
 
@@ -151,13 +147,13 @@ class SpyScorer:
 @pytest.mark.parametrize("part", ["valid", "test"])
 def test_p4_ranks_new_users_without_ids_and_removes_fold_in(tiny_data_dir, part):
     catalog = records.load_catalog(tiny_data_dir, "p4")
-    index = ev.index_of(catalog)
+    index = ranking.index_of(catalog)
     held = records.read_manifest(tiny_data_dir)["splits"]["p4"]["heldout_users"][part]
     task = ev.ranking_task(tiny_data_dir, "p4", catalog, part)
     assert list(task.queries[HELDOUT_USER_KEY]) == held
     assert set(task.queries["user_id"]) == {""}
-    foldin = ev.items_by_user(records.load_events(tiny_data_dir, "p4", "foldin"), index)
-    truth = ev.items_by_user(records.load_events(tiny_data_dir, "p4", part), index)
+    foldin = ranking.items_by_user(records.load_events(tiny_data_dir, "p4", "foldin"), index)
+    truth = ranking.items_by_user(records.load_events(tiny_data_dir, "p4", part), index)
     for n, user in enumerate(held):
         assert sorted(task.exclude[n]) == sorted(foldin[user]) and len(foldin[user])
         assert sorted(task.truth[n]) == sorted(truth[user]) and len(truth[user])
@@ -172,7 +168,7 @@ def test_p4_ranks_new_users_without_ids_and_removes_fold_in(tiny_data_dir, part)
     for n, user in enumerate(held):
         assert not set(pool[n].tolist()) & set(foldin[user])
     scores = np.random.default_rng(0).random((len(held), len(index)))
-    top = metrics.top_k_from_scores(scores, 100, [np.array(foldin[u]) for u in held])
+    top = ranking.top_k_from_scores(scores, 100, [np.array(foldin[u]) for u in held])
     expected = metrics.ranking_metrics(top, [np.array(truth[u]) for u in held], ks=(10, 20))
     assert result == pytest.approx(expected)
 
@@ -180,18 +176,18 @@ def test_p4_ranks_new_users_without_ids_and_removes_fold_in(tiny_data_dir, part)
 def test_p2_full_ranking_unchanged(tiny_data_dir):
     """p2 test: every user, train and valid items removed, test items relevant."""
     catalog = records.load_catalog(tiny_data_dir, "p2")
-    index = ev.index_of(catalog)
+    index = ranking.index_of(catalog)
     scorer = PopularityScorer(catalog["popularity"])
     result, _ = ev.evaluate_full_ranking(scorer, tiny_data_dir, "p2", catalog, "test")
     users = records.load_users(tiny_data_dir, "p2")["user_id"]
-    seen = ev.items_by_user(records.load_events(tiny_data_dir, "p2", "train"), index)
-    for u, items in ev.items_by_user(
+    seen = ranking.items_by_user(records.load_events(tiny_data_dir, "p2", "train"), index)
+    for u, items in ranking.items_by_user(
         records.load_events(tiny_data_dir, "p2", "valid"), index
     ).items():
         seen[u].extend(items)
-    truth = ev.items_by_user(records.load_events(tiny_data_dir, "p2", "test"), index)
+    truth = ranking.items_by_user(records.load_events(tiny_data_dir, "p2", "test"), index)
     scores = scorer.score({"user_id": users})
-    top = metrics.top_k_from_scores(scores, 100, [np.array(seen.get(u, [])) for u in users])
+    top = ranking.top_k_from_scores(scores, 100, [np.array(seen.get(u, [])) for u in users])
     expected = metrics.ranking_metrics(top, [np.array(truth.get(u, [])) for u in users])
     assert result == pytest.approx(expected)
 

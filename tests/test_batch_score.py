@@ -1,10 +1,9 @@
-"""Tests of batch scoring (trainer/batch_score.py): CLI, resume, validation, server path, analysis.
+"""Tests of batch scoring (scoring/): backends, CLI, resumable shards, server path, analysis.
 
-The model is a *fake export*: the real :class:`trainer.export.RecommenderModule` (so the
+The model is a *fake export*: the real :class:`trainer.serving_module.RecommenderModule` (so the
 signatures, exclusions, MMR and padding are the real contract) around hash-embedding towers
-instead of BERT, saved with :func:`trainer.export.save_export` and a brute-force index. It
-builds in a few seconds and needs no trained model. ``build_fake_export`` is reused by
-tests/test_notebooks.py.
+instead of BERT, saved with :func:`trainer.export.save_export` and a brute-force index
+(conftest's ``fake_export_base``). It builds in a few seconds and needs no trained model.
 """
 
 from __future__ import annotations
@@ -20,77 +19,15 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-import trainer  # noqa: F401  (TF_USE_LEGACY_KERAS before TensorFlow)
-from trainer import batch_score as bs
+from common import cli
+from scoring import ScoringError, analysis, backends, shards
+from scoring import batch_score as bs
+from scoring import cli as scoring_cli
+from tests.conftest import FAKE_DIM
 from trainer.data import records
 
 REPO = Path(__file__).resolve().parents[1]
 SPLIT = "p2"
-BUCKETS, DIM = 4096, 16
-
-
-def build_fake_export(
-    data_dir: str,
-    export_base: str,
-    split: str = SPLIT,
-    *,
-    model_name: str = "movielens",
-    version: int | None = None,
-    max_k: int = 20,
-) -> str:
-    """Saves a hash-embedding recommender with the export contract; returns the version dir.
-
-    Query embedding = normalised mean of the history items' embeddings + a little of the user
-    id's, so recommendations are near what the user watched (the notebook's explanations then
-    have something to find).
-    """
-    import tensorflow as tf
-
-    from trainer.export import IndexConfig, RecommenderModule, save_export
-
-    class HashTowers(tf.Module):
-        def __init__(self):
-            super().__init__()
-            rng = np.random.default_rng(0)
-            self.table = tf.Variable(rng.normal(size=(BUCKETS, DIM)).astype(np.float32))
-
-        def embed(self, ids: tf.Tensor) -> tf.Tensor:
-            return tf.gather(self.table, tf.strings.to_hash_bucket_fast(ids, BUCKETS))
-
-        def query(self, features: dict[str, tf.Tensor]) -> tf.Tensor:
-            history = features["history"]  # [B, H]
-            mask = tf.cast(history != "", tf.float32)[..., None]
-            mean = tf.reduce_sum(self.embed(history) * mask, 1) / tf.maximum(
-                tf.reduce_sum(mask, 1), 1.0
-            )
-            return tf.math.l2_normalize(mean + 0.3 * self.embed(features["user_id"]), -1)
-
-        def candidate(self, features: dict[str, tf.Tensor]) -> tf.Tensor:
-            return tf.math.l2_normalize(self.embed(features["item_id"]), -1)
-
-    towers = HashTowers()
-    catalog = records.load_catalog(data_dir, split)
-    users = records.load_users(data_dir, split)
-    item_embeddings = towers.candidate({"item_id": tf.constant(list(catalog["item_id"]))}).numpy()
-    module = RecommenderModule(
-        query_model=towers.query,
-        candidate_model=towers.candidate,
-        rating_fn=lambda q, c, u, i: 3.0 + tf.einsum("bd,bmd->bm", q, c),
-        catalog=catalog,
-        item_embeddings=item_embeddings,
-        index=IndexConfig(kind="brute_force", max_k=max_k).resolved(len(catalog["item_id"])),
-        history_length=users["history"].shape[1],
-    )
-    module.towers = towers  # tracked, so the table is saved with the module
-    return save_export(module, export_base, model_name, version, users, catalog)
-
-
-@pytest.fixture(scope="module")
-def fake_export(tiny_data_dir: str, tmp_path_factory: pytest.TempPathFactory) -> str:
-    """Model base ``<tmp>/movielens`` holding version 1 (the fake export)."""
-    base = tmp_path_factory.mktemp("export")
-    build_fake_export(tiny_data_dir, str(base))
-    return str(base / "movielens")
 
 
 @pytest.fixture(scope="module")
@@ -99,8 +36,8 @@ def users(tiny_data_dir: str) -> dict[str, np.ndarray]:
 
 
 @pytest.fixture(scope="module")
-def scorer(fake_export: str) -> bs.ExportScorer:
-    return bs.ExportScorer(fake_export)
+def scorer(fake_export_base: str) -> backends.ExportScorer:
+    return backends.ExportScorer(fake_export_base)
 
 
 def run_cli(*args: str) -> int:
@@ -110,32 +47,34 @@ def run_cli(*args: str) -> int:
 # --------------------------------------------------------------------------- export dirs
 
 
-def test_resolve_export_dir_picks_highest_numeric_version(fake_export: str, tmp_path: Path):
+def test_resolve_export_dir_picks_highest_numeric_version(fake_export_base: str, tmp_path: Path):
     base = tmp_path / "m"
     for name in ("2", "10", ".tmp-11-abc", "notes"):
         (base / name).mkdir(parents=True)
     for name in ("2", "10"):
         (base / name / "saved_model.pb").write_bytes(b"")
     (base / ".tmp-11-abc" / "saved_model.pb").write_bytes(b"")
-    assert bs.resolve_export_dir(str(base)) == str(base / "10")
-    assert bs.resolve_export_dir(str(base / "2")) == str(base / "2")
-    assert bs.resolve_export_dir(fake_export).endswith(os.path.join("movielens", "1"))
-    with pytest.raises(bs.ScoringError, match="no such directory"):
-        bs.resolve_export_dir(str(tmp_path / "missing"))
-    with pytest.raises(bs.ScoringError, match="neither a SavedModel"):
-        bs.resolve_export_dir(str(base / "notes"))
+    assert backends.resolve_export_dir(str(base)) == str(base / "10")
+    assert backends.resolve_export_dir(str(base / "2")) == str(base / "2")
+    assert backends.resolve_export_dir(fake_export_base).endswith(os.path.join("movielens", "1"))
+    with pytest.raises(ScoringError, match="no such directory"):
+        backends.resolve_export_dir(str(tmp_path / "missing"))
+    with pytest.raises(ScoringError, match="neither a SavedModel"):
+        backends.resolve_export_dir(str(base / "notes"))
 
 
 # --------------------------------------------------------------------------- library
 
 
-def test_score_users_matches_the_signature(scorer: bs.ExportScorer, users, tiny_data_dir: str):
+def test_score_users_matches_the_signature(
+    scorer: backends.ExportScorer, users, tiny_data_dir: str
+):
     """Batched tf.data scoring gives exactly what one direct call gives, per user and rank."""
     table = bs.score_users(scorer, users, 5, batch_size=7)
-    assert list(table.columns) == list(bs.COLUMNS)
+    assert list(table.columns) == list(shards.COLUMNS)
     assert len(table) == 5 * len(users["user_id"])
     direct = scorer.retrieve(
-        {n: users[n] for n in bs.QUERY_FEATURES},
+        {n: users[n] for n in backends.QUERY_INPUTS},
         5,
         np.full((len(users["user_id"]), 1), "", dtype=object),
         0.0,
@@ -150,7 +89,7 @@ def test_score_users_matches_the_signature(scorer: bs.ExportScorer, users, tiny_
     assert (np.diff(table["score"].to_numpy().reshape(-1, 5), axis=1) <= 1e-6).all()
 
 
-def test_exclude_seen_removes_train_items(scorer: bs.ExportScorer, users, tiny_data_dir: str):
+def test_exclude_seen_removes_train_items(scorer: backends.ExportScorer, users, tiny_data_dir: str):
     seen = bs.seen_items(tiny_data_dir, SPLIT)
     plain = bs.score_users(scorer, users, 10)
     table = bs.score_users(scorer, users, 10, seen=seen)
@@ -176,18 +115,18 @@ def test_exclusions_that_empty_the_pool_drop_padding_rows(scorer, users, tiny_da
 
 def test_k_above_export_max_k_is_a_clear_error(scorer, users):
     assert scorer.max_k == 20
-    with pytest.raises(bs.ScoringError, match="max_k = 20"):
+    with pytest.raises(ScoringError, match="max_k = 20"):
         bs.score_users(scorer, users, 21)
 
 
 # --------------------------------------------------------------------------- CLI and shards
 
 
-def test_cli_writes_shards_and_manifest(fake_export, tiny_data_dir, tmp_path, users, capsys):
+def test_cli_writes_shards_and_manifest(fake_export_base, tiny_data_dir, tmp_path, users, capsys):
     out = tmp_path / "scores"
     rc = run_cli(
         "--export",
-        fake_export,
+        fake_export_base,
         "--data",
         tiny_data_dir,
         "--split",
@@ -204,14 +143,14 @@ def test_cli_writes_shards_and_manifest(fake_export, tiny_data_dir, tmp_path, us
     )
     assert rc == 0, capsys.readouterr().err
     num_users = len(users["user_id"])
-    shards = sorted(p.name for p in out.glob("part-*.parquet"))
-    assert shards == [f"part-{i:05d}.parquet" for i in range(-(-num_users // 16))]
+    names = sorted(p.name for p in out.glob("part-*.parquet"))
+    assert names == [f"part-{i:05d}.parquet" for i in range(-(-num_users // 16))]
     manifest = json.loads((out / "_SUCCESS").read_text())
     assert manifest["num_users"] == num_users and manifest["num_rows"] == 4 * num_users
     assert manifest["settings"]["k"] == 4 and manifest["settings"]["exclude_seen"]
     assert manifest["settings"]["model"]["export"].endswith(os.path.join("movielens", "1"))
     assert manifest["skipped_shards"] == 0 and manifest["seconds_this_run"] >= 0
-    results = bs.read_results(str(out))
+    results = shards.read_results(str(out))
     assert sorted(set(results.user_id)) == sorted(users["user_id"])
     assert not [p for p in os.listdir(out) if p.startswith(".")], "temp files left behind"
 
@@ -219,7 +158,7 @@ def test_cli_writes_shards_and_manifest(fake_export, tiny_data_dir, tmp_path, us
 class FlakyScorer:
     """Wraps a scorer; raises KeyboardInterrupt on the n-th call (a killed job)."""
 
-    def __init__(self, inner: bs.ExportScorer, fail_at: int | None):
+    def __init__(self, inner: backends.ExportScorer, fail_at: int | None):
         self.inner, self.fail_at, self.calls = inner, fail_at, 0
         self.max_k = inner.max_k
 
@@ -248,12 +187,12 @@ def test_resume_keeps_whole_shards_and_gives_the_same_result(
         batch_size=5,
         progress=False,
     )
-    reference = bs.write_shards(
+    reference = bs.score_to_shards(
         scorer, users, bs.ScoreConfig(**{**vars(config), "output": str(tmp_path / "ref")})
     )
     flaky = FlakyScorer(scorer, fail_at=6)  # 2 batches per shard: dies inside shard 2
     with pytest.raises(KeyboardInterrupt):
-        bs.write_shards(flaky, users, config)
+        bs.score_to_shards(flaky, users, config)
     out = Path(config.output)
     assert sorted(p.name for p in out.glob("part-*")) == [
         "part-00000.parquet",
@@ -261,31 +200,40 @@ def test_resume_keeps_whole_shards_and_gives_the_same_result(
     ]
     assert not (out / "_SUCCESS").exists()
     # A temp file a killed writer could leave behind is cleaned up on resume.
-    (out / ".tmp-part-part-00002.parquet.dead").write_bytes(b"partial")
+    (out / ".tmp-0000dead-part-00002.parquet").write_bytes(b"partial")
     again = FlakyScorer(scorer, fail_at=None)
-    manifest = bs.write_shards(again, users, config)
+    manifest = bs.score_to_shards(again, users, config)
     assert manifest["skipped_shards"] == 2
     assert again.calls == 2 * (reference["num_shards"] - 2)
     assert manifest["num_rows"] == reference["num_rows"]
     assert not [p for p in os.listdir(out) if p.startswith(".")]
-    got, want = bs.read_results(config.output), bs.read_results(str(tmp_path / "ref"))
+    got, want = shards.read_results(config.output), shards.read_results(str(tmp_path / "ref"))
     assert got.equals(want)
     # A finished run is not redone.
     done = FlakyScorer(scorer, fail_at=1)
-    assert bs.write_shards(done, users, config) == manifest and done.calls == 0
+    assert bs.score_to_shards(done, users, config) == manifest and done.calls == 0
 
 
 def test_other_settings_refuse_to_resume_unless_overwrite(
-    fake_export, tiny_data_dir, tmp_path, capsys
+    fake_export_base, tiny_data_dir, tmp_path, capsys
 ):
     out = tmp_path / "o"
-    common = ["--export", fake_export, "--data", tiny_data_dir, "--split", SPLIT, "--output", out]
+    common = [
+        "--export",
+        fake_export_base,
+        "--data",
+        tiny_data_dir,
+        "--split",
+        SPLIT,
+        "--output",
+        out,
+    ]
     assert run_cli(*common, "-k", 3) == 0
     assert run_cli(*common, "-k", 4) == 2
     err = capsys.readouterr().err
     assert "other settings" in err and "k" in err and "Traceback" not in err
     assert run_cli(*common, "-k", 4, "--overwrite") == 0
-    assert bs.read_results(str(out))["rank"].max() == 4
+    assert shards.read_results(str(out))["rank"].max() == 4
     # --overwrite with unchanged settings keeps the finished run.
     before = (out / "part-00000.parquet").stat().st_mtime_ns
     assert run_cli(*common, "-k", 4, "--overwrite") == 0
@@ -314,11 +262,11 @@ def test_flag_errors_exit_2(args, message, tmp_path, capsys):
     assert message in capsys.readouterr().err
 
 
-def test_runtime_errors_exit_2_without_traceback(fake_export, tiny_data_dir, tmp_path, capsys):
+def test_runtime_errors_exit_2_without_traceback(fake_export_base, tiny_data_dir, tmp_path, capsys):
     out = str(tmp_path / "o")
     cases = [
         (
-            ["--export", fake_export, "--data", str(tmp_path / "nodata"), "--split", SPLIT],
+            ["--export", fake_export_base, "--data", str(tmp_path / "nodata"), "--split", SPLIT],
             "not a prepared data directory",
         ),
         (
@@ -326,13 +274,13 @@ def test_runtime_errors_exit_2_without_traceback(fake_export, tiny_data_dir, tmp
             "no such directory",
         ),
         (
-            ["--export", fake_export, "--data", tiny_data_dir, "--split", SPLIT, "-k", "50"],
+            ["--export", fake_export_base, "--data", tiny_data_dir, "--split", SPLIT, "-k", "50"],
             "max_k = 20",
         ),
         (
             [
                 "--export",
-                fake_export,
+                fake_export_base,
                 "--data",
                 tiny_data_dir,
                 "--split",
@@ -366,15 +314,41 @@ def test_runtime_errors_exit_2_without_traceback(fake_export, tiny_data_dir, tmp
         assert message in err and "Traceback" not in err, (args, err)
 
 
-def test_module_entry_point(fake_export, tiny_data_dir, tmp_path):
-    """``python -m trainer.batch_score`` as a user runs it (progress bar on stderr)."""
+@pytest.mark.parametrize(
+    ("orig_argv", "module"),
+    [
+        (["python", "-m", "scoring.batch_score", "--help"], "scoring.batch_score"),
+        (["python", "-X", "importtime", "-mscoring.beam", "-h"], "scoring.beam"),
+        (["/venv/bin/bt-batch-score", "--help"], "scoring.batch_score"),
+    ],
+)
+def test_early_help_finds_the_scoring_module_being_run(orig_argv, module):
+    found, args = cli.module_run(orig_argv, scoring_cli.SCRIPTS)
+    assert found == module and found in scoring_cli.PARSERS and args[-1] in ("-h", "--help")
+
+
+def test_scoring_console_scripts_are_declared():
+    import configparser
+
+    config = configparser.ConfigParser()
+    config.read(REPO / "setup.cfg")
+    scripts = dict(
+        line.split(" = ")
+        for line in config["options.entry_points"]["console_scripts"].strip().splitlines()
+    )
+    for name, module in scoring_cli.SCRIPTS.items():
+        assert scripts[name] == f"{module}:main", name
+
+
+def test_module_entry_point(fake_export_base, tiny_data_dir, tmp_path):
+    """``python -m scoring.batch_score`` as a user runs it (progress bar on stderr)."""
     out = tmp_path / "cli"
     cmd = [
         sys.executable,
         "-m",
-        "trainer.batch_score",
+        "scoring.batch_score",
         "--export",
-        fake_export,
+        fake_export_base,
         "--data",
         tiny_data_dir,
         "--split",
@@ -399,19 +373,24 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def test_server_scorer_matches_export_scorer(fake_export, scorer, users, tiny_data_dir, tmp_path):
-    from serving.model_manager import ModelConfig
-    from serving.server import ModelServer, ServerConfig
+def test_server_scorer_matches_export_scorer(
+    fake_export_base, scorer, users, tiny_data_dir, tmp_path
+):
+    from serving.flags import ServerConfig
+    from serving.model_config import ModelConfig
+    from serving.server import ModelServer
 
     server = ModelServer(
         ServerConfig(
-            models=[ModelConfig("movielens", fake_export)], port=0, file_system_poll_wait_seconds=0
+            models=[ModelConfig("movielens", fake_export_base)],
+            port=0,
+            file_system_poll_wait_seconds=0,
         )
     )
     server.start()
     try:
         target = f"127.0.0.1:{server.grpc_port}"
-        remote = bs.ServerScorer(target, "movielens")
+        remote = backends.ServerScorer(target, "movielens")
         assert remote.describe()["versions"] == [1]
         seen = bs.seen_items(tiny_data_dir, SPLIT)
         got = bs.score_users(remote, users, 6, seen=seen, diversity=0.3, batch_size=16)
@@ -426,8 +405,8 @@ def test_server_scorer_matches_export_scorer(fake_export, scorer, users, tiny_da
             scorer.candidate_embeddings(catalog),
             rtol=1e-5,
         )
-        with pytest.raises(bs.ScoringError, match="NOT_FOUND"):
-            bs.ServerScorer(target, "other-model")
+        with pytest.raises(ScoringError, match="NOT_FOUND"):
+            backends.ServerScorer(target, "other-model")
         remote.close()
         # The CLI through the server.
         out = tmp_path / "srv"
@@ -449,7 +428,9 @@ def test_server_scorer_matches_export_scorer(fake_export, scorer, users, tiny_da
             )
             == 0
         )
-        assert bs.read_results(str(out))[["user_id", "item_id"]].equals(got[["user_id", "item_id"]])
+        assert shards.read_results(str(out))[["user_id", "item_id"]].equals(
+            got[["user_id", "item_id"]]
+        )
     finally:
         server.stop(grace_s=0)
 
@@ -463,12 +444,14 @@ def test_evaluate_results_matches_ranking_metrics(scorer, users, tiny_data_dir):
     catalog = records.load_catalog(tiny_data_dir, SPLIT)
     table = bs.score_users(scorer, users, 10, seen=bs.seen_items(tiny_data_dir, SPLIT))
     emb = scorer.candidate_embeddings(catalog)
-    assert emb.shape == (len(catalog["item_id"]), DIM)
-    result = bs.evaluate_results(table, tiny_data_dir, SPLIT, catalog=catalog, item_embeddings=emb)
+    assert emb.shape == (len(catalog["item_id"]), FAKE_DIM)
+    result = analysis.evaluate_results(
+        table, tiny_data_dir, SPLIT, catalog=catalog, item_embeddings=emb
+    )
     index = {item: i for i, item in enumerate(catalog["item_id"])}
     ids = list(users["user_id"])
     top = np.array([[index[i] for i in table[table.user_id == u].item_id] for u in ids])
-    truth = bs.truth_lists(tiny_data_dir, SPLIT, ids, catalog)
+    truth = analysis.truth_lists(tiny_data_dir, SPLIT, ids, catalog)
     want = metrics.ranking_metrics(top, truth, ks=(10,))
     assert result["recall@10"] == pytest.approx(want["recall@10"])
     assert result["num_users"] == want["num_users"] > 0
@@ -478,14 +461,14 @@ def test_evaluate_results_matches_ranking_metrics(scorer, users, tiny_data_dir):
 def test_lorenz_genre_mix_and_explain(scorer, users, tiny_data_dir):
     catalog = records.load_catalog(tiny_data_dir, SPLIT)
     table = bs.score_users(scorer, users, 5)
-    x, y = bs.lorenz_curve(table, len(catalog["item_id"]))
+    x, y = analysis.lorenz_curve(table, len(catalog["item_id"]))
     assert x[0] == y[0] == 0 and y[-1] == pytest.approx(1) and (np.diff(y) >= 0).all()
     assert (y <= x + 1e-12).all()  # below the diagonal: least-exposed items first
-    mix = bs.genre_mix(table.item_id, catalog)
+    mix = analysis.genre_mix(table.item_id, catalog)
     assert sum(mix.values()) == pytest.approx(1) and all(v > 0 for v in mix.values())
-    assert bs.genre_mix([], catalog) == {}
+    assert analysis.genre_mix([], catalog) == {}
     emb = scorer.candidate_embeddings(catalog)
-    rows = bs.explain(table, users, catalog, emb, list(users["user_id"][:2]), top=2)
+    rows = analysis.explain(table, users, catalog, emb, list(users["user_id"][:2]), top=2)
     assert len(rows) == 4
     for row in rows:
         cosines = [c for _, c in row["because"]]
@@ -493,15 +476,15 @@ def test_lorenz_genre_mix_and_explain(scorer, users, tiny_data_dir):
 
 
 def test_diversity_tradeoff_raises_diversity(scorer, users, tiny_data_dir):
-    rows = bs.diversity_tradeoff(scorer, users, tiny_data_dir, SPLIT, lambdas=(0.0, 0.9), k=5)
+    rows = analysis.diversity_tradeoff(scorer, users, tiny_data_dir, SPLIT, lambdas=(0.0, 0.9), k=5)
     assert [r["lambda"] for r in rows] == [0.0, 0.9]
     assert rows[1]["intra_list_diversity@5"] > rows[0]["intra_list_diversity@5"]
     assert all(0 <= r["recall@5"] <= 1 for r in rows)
 
 
 def test_read_results_errors(tmp_path):
-    with pytest.raises(bs.ScoringError, match="no such directory"):
-        bs.read_results(str(tmp_path / "missing"))
-    with pytest.raises(bs.ScoringError, match="no part-"):
-        bs.read_results(str(tmp_path))
+    with pytest.raises(ScoringError, match="no such directory"):
+        shards.read_results(str(tmp_path / "missing"))
+    with pytest.raises(ScoringError, match="no part-"):
+        shards.read_results(str(tmp_path))
     shutil.rmtree(tmp_path)

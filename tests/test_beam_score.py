@@ -1,6 +1,6 @@
-"""Tests of the Beam batch scorer (trainer/beam_score.py) on the local runner.
+"""Tests of the Beam batch scorer (scoring/beam/) on the local runner.
 
-The reference is :mod:`trainer.batch_score` (the one-machine scorer) on the same fake export
+The reference is :mod:`scoring.batch_score` (the one-machine scorer) on the same fake export
 (``fake_export_base`` in conftest: the real export module and signatures around hash-embedding
 towers): the Beam pipeline must give every user the same top-k, in the same order, with the
 same scores.
@@ -17,8 +17,10 @@ import pytest
 
 pytest.importorskip("apache_beam")
 
-from trainer import batch_score as bs  # noqa: E402
-from trainer import beam_score  # noqa: E402
+from common import contract  # noqa: E402
+from scoring import backends, shards  # noqa: E402
+from scoring import batch_score as bs  # noqa: E402
+from scoring import beam as beam_score  # noqa: E402
 from trainer.data import records  # noqa: E402
 
 SPLIT = "p2"
@@ -31,8 +33,8 @@ def users(tiny_data_dir: str) -> dict[str, np.ndarray]:
 
 
 @pytest.fixture(scope="module")
-def scorer(fake_export_base: str) -> bs.ExportScorer:
-    return bs.ExportScorer(fake_export_base)
+def scorer(fake_export_base: str) -> backends.ExportScorer:
+    return backends.ExportScorer(fake_export_base)
 
 
 def top_lists(frame) -> dict[str, list[tuple[int, str]]]:
@@ -42,7 +44,7 @@ def top_lists(frame) -> dict[str, list[tuple[int, str]]]:
 
 
 def assert_same_results(beam, reference) -> None:
-    assert list(beam.columns) == list(bs.COLUMNS)
+    assert list(beam.columns) == list(shards.COLUMNS)
     assert top_lists(beam) == top_lists(reference)
     merged = beam.merge(reference, on=["user_id", "rank"], suffixes=("_beam", "_ref"))
     assert len(merged) == len(reference)
@@ -60,20 +62,21 @@ def test_tfrecord_input_matches_batch_score(
     assert beam_score.main(argv) == 0
     seen = bs.seen_items(tiny_data_dir, SPLIT)
     reference = bs.score_users(scorer, users, K, seen=seen, batch_size=64)
-    beam = bs.read_results(str(out))
+    beam = shards.read_results(str(out))
     assert_same_results(beam, reference)
     assert set(beam["user_id"]) == set(users["user_id"])
     # Seen items really were excluded (the comparison alone would pass if both ignored them).
     for user, group in beam.groupby("user_id"):
         assert not set(group["item_id"]) & set(seen.get(user, []))
 
-    manifest = json.loads((out / bs.SUCCESS_FILE).read_text())
+    manifest = json.loads((out / shards.SUCCESS_FILE).read_text())
     assert manifest["num_users"] == len(users["user_id"])
     assert manifest["num_rows"] == len(beam)
     assert manifest["shards"] == ["part-00000.parquet", "part-00001.parquet"]
     assert manifest["settings"]["export"].endswith(os.path.join("movielens", "1"))
     # Only the published shards and the manifest; Beam's and this tool's temp folders are gone.
-    assert sorted(p.name for p in out.iterdir()) == sorted([*manifest["shards"], bs.SUCCESS_FILE])
+    published = [*manifest["shards"], shards.SUCCESS_FILE]
+    assert sorted(p.name for p in out.iterdir()) == sorted(published)
 
     # A second run into the same folder must not mix into it.
     assert beam_score.main(argv) == 2
@@ -89,7 +92,7 @@ def test_parquet_input_with_exclusions_matches_batch_score(
     # Histories as variable-length lists (padding stripped), exclusions for two users.
     history = [[h for h in row if h] for row in users["history"]]
     exclude = {ids[0]: list(history[0][:3]), ids[1]: ["no-such-item"]}
-    table = {n: pa.array([str(v) for v in users[n]]) for n in bs.QUERY_FEATURES if n != "history"}
+    table = {n: pa.array([str(v) for v in users[n]]) for n in contract.QUERY_FEATURES}
     table["history"] = pa.array(history, pa.list_(pa.string()))
     table["exclude_item_ids"] = pa.array([exclude.get(u, []) for u in ids], pa.list_(pa.string()))
     half = len(ids) // 2
@@ -104,13 +107,13 @@ def test_parquet_input_with_exclusions_matches_batch_score(
             "--input-path", str(src / "*.parquet"), "--output", str(out), "-k", str(K)]  # fmt: skip
     assert beam_score.main(argv) == 0
     reference = bs.score_users(scorer, users, K, seen=exclude, batch_size=64)
-    beam = bs.read_results(str(out))
+    beam = shards.read_results(str(out))
     assert_same_results(beam, reference)
     assert not set(beam[beam["user_id"] == ids[0]]["item_id"]) & set(exclude[ids[0]])
 
     # --overwrite replaces the earlier run's shards (no stale shard left).
     assert beam_score.main([*argv, "--overwrite", "-k", "3"]) == 0
-    assert (bs.read_results(str(out))["rank"] <= 3).all()
+    assert (shards.read_results(str(out))["rank"] <= 3).all()
     capsys.readouterr()
 
     # A row without a required column fails on the worker: one error line, nothing published.
@@ -119,7 +122,7 @@ def test_parquet_input_with_exclusions_matches_batch_score(
     assert beam_score.main([*argv[:-4], "--output", str(bad_out)]) == 1
     err = capsys.readouterr().err
     assert err.startswith("error: the pipeline failed:") and "query_text" in err
-    assert not list(bad_out.glob("part-*")) and not (bad_out / bs.SUCCESS_FILE).exists()
+    assert not list(bad_out.glob("part-*")) and not (bad_out / shards.SUCCESS_FILE).exists()
 
 
 @pytest.mark.parametrize(

@@ -386,3 +386,45 @@ def test_cli_prints_table_and_rejects_bad_flags(tmp_path):
     )
     assert bad.returncode == 2 and "--cold-fraction must be in (0, 1)" in bad.stderr
     assert "Traceback" not in bad.stderr
+
+
+# ----------------------------------------------------------------------------- ML-100K cache
+
+
+def _fake_wheel(cache: str, contents: dict[str, bytes]) -> None:
+    import zipfile
+
+    from trainer.data import movielens
+
+    with zipfile.ZipFile(os.path.join(cache, movielens.RECBOLE_WHEEL), "w") as archive:
+        for ext, data in contents.items():
+            archive.writestr(movielens.RECBOLE_ML100K.format(ext), data)
+
+
+def test_ml100k_is_extracted_through_a_staged_folder(tmp_path, monkeypatch):
+    """The cached copy appears whole (replacing a damaged one) or not at all."""
+    import hashlib
+
+    from trainer.data import movielens
+
+    contents = {ext: f"{ext} rows\n".encode() for ext in movielens.ML100K_SHA256}
+    sums = {ext: hashlib.sha256(data).hexdigest() for ext, data in contents.items()}
+    monkeypatch.setattr(movielens, "ML100K_SHA256", sums)
+    cache = str(tmp_path)
+    damaged = tmp_path / "ml-100k"
+    damaged.mkdir()
+    (damaged / "ml-100k.inter").write_bytes(b"truncated")
+    _fake_wheel(cache, contents)
+    target = movielens.fetch_ml100k(cache)
+    assert target == str(damaged)
+    assert {p.name: p.read_bytes() for p in damaged.iterdir()} == {
+        f"ml-100k.{ext}": data for ext, data in contents.items()
+    }
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ml-100k", movielens.RECBOLE_WHEEL]
+
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    _fake_wheel(str(bad), {**contents, "item": b"not the item file"})
+    with pytest.raises(DataError, match="sha256"):
+        movielens.fetch_ml100k(str(bad))
+    assert [p.name for p in bad.iterdir()] == [movielens.RECBOLE_WHEEL]  # nothing half-written

@@ -545,103 +545,114 @@ def test_models_config_parses_with_tf_serving_proto() -> None:
 
 
 def test_models_config_accepted_by_local_server() -> None:
-    from serving.model_manager import parse_model_config_text
+    from serving.model_config import parse_model_config_text
 
     (config,) = parse_model_config_text((CONFIGS / "models.config").read_text())
     assert (config.name, config.base_path) == ("movielens", "/models/movielens")
 
 
-# TF Serving 2.20's BatchingParameters (tensorflow_serving/servables/tensorflow/
-# session_bundle_config.proto), fields 1-7: (name, number, label, type, message type). The
-# tensorflow-serving-api wheel ships tensorflow_serving.config and .apis but not this proto, so
-# the test states the upstream fields itself and checks serving.batching's rebuilt message
-# against them (instead of parsing the config with that rebuilt message alone).
-_UPSTREAM_BATCHING_FIELDS = (
-    ("max_batch_size", 1, "optional", "message", "google.protobuf.Int64Value"),
-    ("batch_timeout_micros", 2, "optional", "message", "google.protobuf.Int64Value"),
-    ("max_enqueued_batches", 3, "optional", "message", "google.protobuf.Int64Value"),
-    ("num_batch_threads", 4, "optional", "message", "google.protobuf.Int64Value"),
-    ("thread_pool_name", 5, "optional", "message", "google.protobuf.StringValue"),
-    ("allowed_batch_sizes", 6, "repeated", "int64", None),
-    ("pad_variable_length_inputs", 7, "optional", "bool", None),
-)
+# TF Serving 2.20's BatchingParameters as TF Serving documents it
+# (tensorflow_serving/servables/tensorflow/session_bundle_config.proto; the batching guide,
+# tensorflow_serving/batching/README.md): name -> (field number, kind). "int64"/"string" fields
+# are google.protobuf wrappers, written `name { value: V }` in a text file; "repeated int64" and
+# "bool" are plain, written `name: V`. The tensorflow-serving-api wheel ships
+# tensorflow_serving.config and .apis but not this proto, so the schema is stated here as data
+# and nothing below builds a descriptor: serving.batching's own rebuilt message is checked
+# against this list, and batching.config is read by the small reader below, not by that message.
+TF_SERVING_BATCHING_FIELDS = {
+    "max_batch_size": (1, "int64"),
+    "batch_timeout_micros": (2, "int64"),
+    "max_enqueued_batches": (3, "int64"),
+    "num_batch_threads": (4, "int64"),
+    "thread_pool_name": (5, "string"),
+    "allowed_batch_sizes": (6, "repeated int64"),
+    "pad_variable_length_inputs": (7, "bool"),
+}
+_WRAPPERS = {"int64": "google.protobuf.Int64Value", "string": "google.protobuf.StringValue"}
 
 
-def _batching_parameters_class() -> type:
-    """TF Serving's own message when importable, else one built here from the upstream fields."""
-    try:
-        from tensorflow_serving.servables.tensorflow import session_bundle_config_pb2
-    except ImportError:
-        pass
-    else:
-        return session_bundle_config_pb2.BatchingParameters
-    from google.protobuf import descriptor_pb2, descriptor_pool, message_factory, wrappers_pb2
+def read_batching_text(text: str) -> dict[str, Any]:
+    """Reads a BatchingParameters text file by TF Serving's documented schema alone.
 
-    pool = descriptor_pool.DescriptorPool()
-    wrappers = descriptor_pb2.FileDescriptorProto()
-    wrappers_pb2.DESCRIPTOR.CopyToProto(wrappers)
-    pool.Add(wrappers)
-    fdp = descriptor_pb2.FieldDescriptorProto
-    message = descriptor_pb2.DescriptorProto(name="BatchingParameters")
-    for name, number, label, kind, type_name in _UPSTREAM_BATCHING_FIELDS:
-        message.field.add(
-            name=name,
-            number=number,
-            label=fdp.LABEL_REPEATED if label == "repeated" else fdp.LABEL_OPTIONAL,
-            type={"message": fdp.TYPE_MESSAGE, "int64": fdp.TYPE_INT64, "bool": fdp.TYPE_BOOL}[
-                kind
-            ],
-            type_name=f".{type_name}" if type_name else None,
-        )
-    pool.Add(
-        descriptor_pb2.FileDescriptorProto(
-            name="test_deploy/batching_parameters.proto",
-            package="tensorflow.serving",
-            syntax="proto3",
-            dependency=["google/protobuf/wrappers.proto"],
-            message_type=[message],
-        )
+    Returns ``{field: value}`` (a list for the repeated field); fails on any field the schema
+    lacks, a field written in the wrong form (a wrapper as ``name: V`` or a scalar as
+    ``name { value: V }``) or anything else in the file.
+    """
+    entry = re.compile(
+        r"\s*(?:(?P<wrapped>\w+)\s*\{\s*value\s*:\s*(?P<inner>[^\s}]+)\s*\}"
+        r"|(?P<plain>\w+)\s*:\s*(?P<value>[^\s{}]+))"
     )
-    descriptor = pool.FindMessageTypeByName("tensorflow.serving.BatchingParameters")
-    return message_factory.GetMessageClass(descriptor)
-
-
-def _fields(message_class: type) -> set[tuple[str, int, bool, int, str | None]]:
-    return {
-        (
-            f.name,
-            f.number,
-            f.label == f.LABEL_REPEATED,
-            f.type,
-            f.message_type.full_name if f.message_type else None,
-        )
-        for f in message_class.DESCRIPTOR.fields
-    }
+    body = "\n".join(line.split("#", 1)[0] for line in text.splitlines())
+    values: dict[str, Any] = {}
+    pos = 0
+    while body[pos:].strip():
+        match = entry.match(body, pos)
+        assert match, f"not a BatchingParameters entry: {body[pos:].strip()[:60]!r}"
+        pos = match.end()
+        name = match["wrapped"] or match["plain"]
+        assert name in TF_SERVING_BATCHING_FIELDS, f"{name}: not a BatchingParameters field"
+        kind = TF_SERVING_BATCHING_FIELDS[name][1]
+        assert (match["wrapped"] is not None) == (kind in _WRAPPERS), f"{name}: wrong form"
+        raw = match["inner"] if match["wrapped"] else match["value"]
+        if kind == "bool":
+            assert raw in ("true", "false"), f"{name}: {raw!r} is not a bool"
+            values[name] = raw == "true"
+        elif kind == "string":
+            values[name] = json.loads(raw)
+        elif kind == "repeated int64":
+            values.setdefault(name, []).append(int(raw))
+        else:
+            assert name not in values, f"{name} given twice"
+            values[name] = int(raw)
+    return values
 
 
 def test_local_batching_message_matches_tf_serving_fields() -> None:
     from serving.batching import _batching_parameters_class as rebuilt
 
-    upstream = _fields(_batching_parameters_class())
-    assert {f[0] for f in upstream} >= {f[0] for f in _UPSTREAM_BATCHING_FIELDS}
-    assert _fields(rebuilt()) <= upstream
+    fields = {f.name: f for f in rebuilt().DESCRIPTOR.fields}
+    assert set(fields) == set(TF_SERVING_BATCHING_FIELDS)
+    for name, (number, kind) in TF_SERVING_BATCHING_FIELDS.items():
+        field = fields[name]
+        assert field.number == number, name
+        assert (field.label == field.LABEL_REPEATED) == kind.startswith("repeated"), name
+        if kind in _WRAPPERS:
+            assert field.message_type.full_name == _WRAPPERS[kind], name
+        else:
+            want = field.TYPE_BOOL if kind == "bool" else field.TYPE_INT64
+            assert field.message_type is None and field.type == want, name
 
 
-def test_batching_config_parses_with_tf_serving_proto() -> None:
-    from google.protobuf import text_format
+def test_batching_reader_refuses_what_tf_serving_refuses() -> None:
+    assert read_batching_text("max_batch_size { value: 8 }  # c\nallowed_batch_sizes: 4\n") == {
+        "max_batch_size": 8,
+        "allowed_batch_sizes": [4],
+    }
+    for bad in (
+        "max_batch_size: 8",  # a wrapper written as a scalar
+        "pad_variable_length_inputs { value: false }",
+        "max_batch_sise { value: 8 }",
+        "max_batch_size { value: 8 } }",
+    ):
+        with pytest.raises(AssertionError):
+            read_batching_text(bad)
 
+
+def test_batching_config_follows_tf_serving_schema() -> None:
     text = (CONFIGS / "batching.config").read_text()
-    params = text_format.Parse(text, _batching_parameters_class()())
-    assert params.max_batch_size.value == 64
-    assert params.HasField("batch_timeout_micros") and params.batch_timeout_micros.value == 0
-    assert params.num_batch_threads.value == 4
-    assert params.max_enqueued_batches.value == 100
-    assert params.pad_variable_length_inputs is False
+    assert read_batching_text(text) == {
+        "max_batch_size": 64,
+        "batch_timeout_micros": 0,
+        "num_batch_threads": 4,
+        "max_enqueued_batches": 100,
+        "pad_variable_length_inputs": False,
+    }
 
     from serving.batching import parse_batching_parameters
 
     options = parse_batching_parameters(text)
-    assert (options.max_batch_size, options.num_batch_threads) == (64, 4)
+    for name, value in read_batching_text(text).items():
+        assert getattr(options, name) == value, name
 
 
 # --------------------------------------------------------------------------------------------
@@ -1080,7 +1091,7 @@ def test_push_script_copies_next_version(
 def test_local_server_takes_the_entrypoint_flags(fake_server_entrypoint: Path) -> None:
     """The images' flags, spelled for tensorflow_model_server, work unchanged with the local
     server, and the batching they turn on uses batching.config."""
-    from serving.server import config_from_args
+    from serving.flags import config_from_args
 
     args = [a for a in _run_entrypoint(fake_server_entrypoint) if a != "--extra=1"]
     config = config_from_args(args)

@@ -1,4 +1,5 @@
-"""Export: reload in a fresh process, both index variants, warm-up, atomicity, bad input."""
+"""Export: reload in a fresh process, both index variants, warm-up, atomicity, bad input, and
+the saved SignatureDefs against the serving contract."""
 
 from __future__ import annotations
 
@@ -11,19 +12,14 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
+from common import contract
+from common.contract import RECALL_FILE, WARMUP_FILE
 from tests.conftest import REPO
 from trainer.data import records
-from trainer.export import (
-    RECALL_FILE,
-    WARMUP_FILE,
-    ExportError,
-    IndexConfig,
-    build_module,
-    export,
-    save_export,
-)
+from trainer.export import build_module, export, save_export
+from trainer.serving_module import ExportError, IndexConfig
 
-QUERY_KEYS = ("user_id", "user_age", "user_gender", "user_occupation", "query_text", "history")
+QUERY_KEYS = (*contract.QUERY_FEATURES, contract.HISTORY)
 
 
 def _queries(data_dir: str, n: int = 3) -> dict[str, tf.Tensor]:
@@ -327,6 +323,32 @@ def test_every_signature_runs_through_the_session_loader(
             model.run("serving_default", short_k)
 
 
+@pytest.mark.parametrize("variant", ["scann", "brute_force"])
+def test_signature_defs_are_the_contract(variant, tiny_export, brute_force_export):
+    """What TF Serving reads (the MetaGraph's SignatureDefs) is common.contract.SIGNATURES:
+    the same signatures, input and output names, dtypes and shapes (a contract ``None`` is a
+    dimension of any size: ``-1`` for inputs, any size or ``-1`` for outputs; ranks equal)."""
+    from serving.session_runner import SessionModel
+
+    with SessionModel(tiny_export if variant == "scann" else brute_force_export) as model:
+        saved = {n: s for n, s in model.signature_defs.items() if not n.startswith("__")}
+    assert set(saved) == set(contract.SIGNATURES)
+    for name, want in contract.SIGNATURES.items():
+        for side in ("inputs", "outputs"):
+            tensors, expected = getattr(saved[name], side), getattr(want, side)
+            assert set(tensors) == set(expected), (name, side)
+            for key, spec in expected.items():
+                info = tensors[key]
+                assert tf.dtypes.as_dtype(info.dtype).name == spec.dtype, (name, key)
+                dims = [d.size for d in info.tensor_shape.dim]
+                assert len(dims) == len(spec.shape), (name, key, dims)
+                for got, size in zip(dims, spec.shape, strict=True):
+                    if size is not None:
+                        assert got == size, (name, key, dims)
+                    elif side == "inputs":
+                        assert got == -1, (name, key, dims)
+
+
 def test_every_input_has_a_batch_dimension(tiny_export):
     from serving.session_runner import SessionModel
 
@@ -389,7 +411,8 @@ def test_known_texts_skip_bert_and_answer_as_live_bert(
     misses of a batch through the tokenizer and BERT; through TF Serving's loader it gives
     exactly what running BERT on every text gives (same ids, vectors within 1e-5)."""
     from serving.session_runner import SessionModel
-    from trainer.model import ModelScorer, load_trained
+    from trainer.inference import ModelScorer
+    from trainer.model_dir import load_trained
 
     model, config = load_trained(tiny_model_dir)
     assert config.model.freeze_bert and model.uses_titles and model.profile_cache is not None
@@ -426,7 +449,7 @@ def test_known_texts_skip_bert_and_answer_as_live_bert(
 def test_a_fine_tuned_export_serves_its_own_final_vectors(tiny_model_dir, tiny_data_dir):
     """serve_from_caches recomputes stale tables with the encoders as they are, so cached
     answers equal BERT's on every text (the history's item table is a table in both)."""
-    from trainer.model import load_trained
+    from trainer.model_dir import load_trained
 
     model, _ = load_trained(tiny_model_dir)
     model.set_text_mode("live")

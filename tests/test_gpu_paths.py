@@ -25,7 +25,7 @@ import keras  # noqa: E402
 
 from tests.conftest import REPO  # noqa: E402
 from trainer import env as env_lib  # noqa: E402
-from trainer import loop  # noqa: E402
+from trainer import input_pipeline, train_step  # noqa: E402
 from trainer.config import TrainConfig  # noqa: E402
 
 #: |bf16 loss - fp32 loss| / fp32 loss allowed on one batch: bfloat16 keeps 8 bits of mantissa
@@ -62,8 +62,8 @@ def without_dropout(model: keras.Model) -> None:
 
 def build(config: TrainConfig, strategy, precision: str = "float32", steps: int = 10):
     """``(plan, model, optimizers, var_lists)`` as the loop builds them, dropout off."""
-    plan = loop.plan_data(config)
-    model, optimizers, var_lists = loop.build_for_training(
+    plan = input_pipeline.plan_data(config)
+    model, optimizers, var_lists = train_step.build_for_training(
         config, plan.assets, strategy, steps, precision
     )
     without_dropout(model)
@@ -78,7 +78,7 @@ def copy_weights(source: keras.Model, target: keras.Model) -> None:
 
 
 def first_batches(plan, config: TrainConfig, steps: int) -> list[dict]:
-    return list(loop.train_dataset(plan, config, 0, 0, steps).take(steps))
+    return list(input_pipeline.train_dataset(plan, config, 0, 0, steps).take(steps))
 
 
 def run_steps(step, batches) -> list[dict[str, float]]:
@@ -114,10 +114,10 @@ def test_mixed_bfloat16_gives_the_float32_loss(tiny_data_dir, float32_policy):
     # The TFRS task gets float32 (its constants are float32), whatever BERT computed in.
     assert q.dtype == c.dtype == rating.dtype == tf.float32
 
-    step = loop.make_train_step(mixed, config, strategy, opts, var_lists, precision)
+    step = train_step.make_train_step(mixed, config, strategy, opts, var_lists, precision)
     got = run_steps(step, [batch])[0]
     keras.mixed_precision.set_global_policy("float32")
-    step = loop.make_train_step(reference, config, strategy, ref_opts, ref_vars, "float32")
+    step = train_step.make_train_step(reference, config, strategy, ref_opts, ref_vars, "float32")
     ref = run_steps(step, [batch])[0]
     assert got["loss"] != ref["loss"]  # bfloat16 really ran
     assert abs(got["loss"] - ref["loss"]) <= BF16_LOSS_RTOL * abs(ref["loss"]), (got, ref)
@@ -135,7 +135,7 @@ def _sgd_step(model, config: TrainConfig, var_lists, batch) -> tuple[dict, list[
     optimizers = [keras.optimizers.SGD(learning_rate=1.0) for _ in var_lists]
     for opt, variables in zip(optimizers, var_lists, strict=True):
         opt.build(variables)
-    step = loop.make_train_step(model, config, strategy, optimizers, var_lists, "float32")
+    step = train_step.make_train_step(model, config, strategy, optimizers, var_lists, "float32")
     variables = [v for group in var_lists for v in group]
     before = [np.array(v) for v in variables]
     out = run_steps(step, [batch])[0]
@@ -221,8 +221,8 @@ def two_replica_run(data_dir: str, out_path: str) -> None:
         for v, value in zip(model.weights, start, strict=True):
             v.assign(value)
         optimizers = _sgd(strategy, var_lists, clipnorm)
-        step = loop.make_train_step(model, cfg, strategy, optimizers, var_lists, "float32")
-        dataset = loop.train_dataset(plan, cfg, 0, 0, TWO_REPLICA_STEPS).take(steps)
+        step = train_step.make_train_step(model, cfg, strategy, optimizers, var_lists, "float32")
+        dataset = input_pipeline.train_dataset(plan, cfg, 0, 0, TWO_REPLICA_STEPS).take(steps)
         outputs = run_steps(step, strategy.experimental_distribute_dataset(dataset))
         return outputs, [np.array(model.weights[i]) for i in trainable]
 
@@ -296,6 +296,7 @@ def test_fine_tuning_runs_end_to_end_and_refreshes_the_text_caches(
 ):
     from trainer import model as M
     from trainer import task
+    from trainer.model_dir import load_trained
 
     refreshed = []  # the catalog's text table after each refresh
     refresh = M.TwoTowerModel.refresh_text_caches
@@ -321,7 +322,7 @@ def test_fine_tuning_runs_end_to_end_and_refreshes_the_text_caches(
     later = refreshed[1:]
     assert all(np.abs(later[i + 1] - later[i]).max() > 1e-3 for i in range(len(later) - 1))
 
-    model, config = M.load_trained(model_dir)
+    model, config = load_trained(model_dir)
     assert config.model.freeze_bert is False and config.model.cache_text is False
     cache = model.item_text_cache
     saved = np.asarray(cache.vectors)[1:]

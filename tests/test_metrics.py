@@ -1,4 +1,5 @@
-"""trainer.metrics against hand-computed tiny cases (NumPy only, except the mmr_rerank_tf test)."""
+"""trainer.ranking and trainer.metrics against hand-computed tiny cases (NumPy only, except the
+mmr_rerank_tf test)."""
 
 from __future__ import annotations
 
@@ -7,7 +8,7 @@ import math
 import numpy as np
 import pytest
 
-from trainer import metrics
+from trainer import metrics, ranking
 
 # --------------------------------------------------------------------------- top_k_from_scores
 
@@ -15,7 +16,7 @@ from trainer import metrics
 def test_top_k_sorts_descending_and_breaks_ties_by_lower_index():
     scores = np.array([[0.1, 0.9, 0.5, 0.9, 0.5],
                        [1.0, 1.0, 1.0, 1.0, 1.0]])  # fmt: skip
-    top = metrics.top_k_from_scores(scores, 3)
+    top = ranking.top_k_from_scores(scores, 3)
     assert top.dtype == np.int64
     np.testing.assert_array_equal(top, [[1, 3, 2], [0, 1, 2]])
 
@@ -23,18 +24,18 @@ def test_top_k_sorts_descending_and_breaks_ties_by_lower_index():
 def test_top_k_tie_straddling_the_cut_keeps_lowest_indices():
     # items 2, 4, 6 tie for the 2nd place; only item 2 fits in k=2
     scores = np.array([[0.0, 5.0, 3.0, 0.0, 3.0, 1.0, 3.0]])
-    np.testing.assert_array_equal(metrics.top_k_from_scores(scores, 2), [[1, 2]])
-    np.testing.assert_array_equal(metrics.top_k_from_scores(scores, 4), [[1, 2, 4, 6]])
+    np.testing.assert_array_equal(ranking.top_k_from_scores(scores, 2), [[1, 2]])
+    np.testing.assert_array_equal(ranking.top_k_from_scores(scores, 4), [[1, 2, 4, 6]])
 
 
 def test_top_k_excludes_training_items_as_list_mask_and_sparse():
     scores = np.array([[5.0, 4.0, 3.0, 2.0], [1.0, 2.0, 3.0, 4.0]])
     expected = [[1, 3], [3, 1]]
     as_list = [np.array([0, 2]), np.array([2, 0])]
-    np.testing.assert_array_equal(metrics.top_k_from_scores(scores, 2, as_list), expected)
+    np.testing.assert_array_equal(ranking.top_k_from_scores(scores, 2, as_list), expected)
     mask = np.zeros((2, 4), dtype=bool)
     mask[0, [0, 2]] = mask[1, [0, 2]] = True
-    np.testing.assert_array_equal(metrics.top_k_from_scores(scores, 2, mask), expected)
+    np.testing.assert_array_equal(ranking.top_k_from_scores(scores, 2, mask), expected)
     np.testing.assert_array_equal(scores[0], [5.0, 4.0, 3.0, 2.0])  # input not modified
 
 
@@ -42,35 +43,35 @@ def test_top_k_excludes_with_a_scipy_sparse_mask():
     sparse = pytest.importorskip("scipy.sparse")
     scores = np.array([[5.0, 4.0, 3.0, 2.0], [1.0, 2.0, 3.0, 4.0]])
     mask = sparse.csr_matrix(([1, 1, 1], ([0, 0, 1], [0, 2, 3])), shape=(2, 4))
-    np.testing.assert_array_equal(metrics.top_k_from_scores(scores, 2, mask), [[1, 3], [2, 1]])
+    np.testing.assert_array_equal(ranking.top_k_from_scores(scores, 2, mask), [[1, 3], [2, 1]])
 
 
 def test_top_k_pads_with_minus_one_when_too_few_remain():
     scores = np.array([[1.0, 2.0, 3.0], [3.0, -np.inf, 1.0]])
-    top = metrics.top_k_from_scores(scores, 3, [np.array([0, 1]), np.array([], dtype=np.int64)])
+    top = ranking.top_k_from_scores(scores, 3, [np.array([0, 1]), np.array([], dtype=np.int64)])
     np.testing.assert_array_equal(top, [[2, -1, -1], [0, 2, -1]])
 
 
 def test_top_k_larger_than_catalog():
     scores = np.array([[0.2, 0.3], [0.3, 0.3]])
-    top = metrics.top_k_from_scores(scores, 10)
+    top = ranking.top_k_from_scores(scores, 10)
     np.testing.assert_array_equal(top, [[1, 0], [0, 1]])
 
 
 def test_top_k_rejects_nan_and_bad_k():
     with pytest.raises(ValueError, match="NaN"):
-        metrics.top_k_from_scores(np.array([[np.nan, 1.0]]), 1)
+        ranking.top_k_from_scores(np.array([[np.nan, 1.0]]), 1)
     with pytest.raises(ValueError):
-        metrics.top_k_from_scores(np.ones((1, 2)), 0)
+        ranking.top_k_from_scores(np.ones((1, 2)), 0)
     with pytest.raises(ValueError):
-        metrics.top_k_from_scores(np.ones((2, 2)), 1, [np.array([0])])  # 1 list for 2 rows
+        ranking.top_k_from_scores(np.ones((2, 2)), 1, [np.array([0])])  # 1 list for 2 rows
 
 
 def test_top_k_matches_full_stable_sort_on_random_ties():
     rng = np.random.default_rng(0)
     scores = rng.integers(0, 5, size=(50, 40)).astype(np.float32)  # many ties
     exclude = [rng.choice(40, size=rng.integers(0, 38), replace=False) for _ in range(50)]
-    top = metrics.top_k_from_scores(scores, 7, exclude)
+    top = ranking.top_k_from_scores(scores, 7, exclude)
     for row, ex in zip(range(50), exclude, strict=True):
         s = scores[row].astype(np.float64)
         s[ex] = -np.inf
@@ -84,11 +85,19 @@ def test_top_k_chunked_matches_dense():
     c = rng.normal(size=(57, 4))
     c[10] = c[3]  # an exact tie: item 3 must come before item 10
     exclude = [rng.choice(57, size=5, replace=False) for _ in range(23)]
-    dense = metrics.top_k_from_scores(q @ c.T, 12, exclude)
-    chunked = metrics.top_k_chunked(q, c, 12, exclude, query_block=5, candidate_block=8)
+    dense = ranking.top_k_from_scores(q @ c.T, 12, exclude)
+    chunked = ranking.top_k_chunked(q, c, 12, exclude, query_block=5, candidate_block=8)
     np.testing.assert_array_equal(chunked, dense)
-    np.testing.assert_array_equal(metrics.top_k_chunked(q, c[:4], 6, candidate_block=3),
-                                  metrics.top_k_from_scores(q @ c[:4].T, 6))  # fmt: skip
+    np.testing.assert_array_equal(ranking.top_k_chunked(q, c[:4], 6, candidate_block=3),
+                                  ranking.top_k_from_scores(q @ c[:4].T, 6))  # fmt: skip
+
+
+def test_index_of_and_items_by_user():
+    index = ranking.index_of({"item_id": np.array(["a", "b", "c"], dtype=object)})
+    assert index == {"a": 0, "b": 1, "c": 2}
+    events = {"user_id": np.array(["u", "v", "u"]), "item_id": np.array(["c", "a", "b"])}
+    groups = ranking.items_by_user(events, index)
+    assert groups == {"u": [2, 1], "v": [0]} and groups["nobody"] == []
 
 
 # --------------------------------------------------------------------------- ranking_metrics
@@ -146,7 +155,7 @@ def test_ranking_metrics_padding_short_lists_and_duplicate_truth():
 
 def test_ranking_metrics_with_top_k_exclusion_end_to_end():
     scores = np.array([[0.9, 0.8, 0.7, 0.1]])
-    top = metrics.top_k_from_scores(scores, 2, [np.array([0])])  # item 0 was a training item
+    top = ranking.top_k_from_scores(scores, 2, [np.array([0])])  # item 0 was a training item
     np.testing.assert_array_equal(top, [[1, 2]])
     r = metrics.ranking_metrics(top, [np.array([2])], ks=(1, 2))
     assert (r["hit@1"], r["hit@2"], r["mrr@2"]) == (0.0, 1.0, 0.5)
@@ -246,9 +255,9 @@ def _near_duplicate_case():
 
 def test_mmr_lambda_zero_is_plain_top_k():
     candidates, relevance, emb = _near_duplicate_case()
-    np.testing.assert_array_equal(metrics.mmr_rerank(candidates, relevance, emb, 2, 0.0), [[0, 1]])
+    np.testing.assert_array_equal(ranking.mmr_rerank(candidates, relevance, emb, 2, 0.0), [[0, 1]])
     # unsorted candidates: still by relevance
-    picked = metrics.mmr_rerank(np.array([[2, 0, 1]]), np.array([[0.6, 1.0, 0.95]]), emb, 3, 0.0)
+    picked = ranking.mmr_rerank(np.array([[2, 0, 1]]), np.array([[0.6, 1.0, 0.95]]), emb, 3, 0.0)
     np.testing.assert_array_equal(picked, [[0, 1, 2]])
 
 
@@ -257,9 +266,9 @@ def test_mmr_diversity_picks_the_dissimilar_item_second():
     for lam in (0.3, 0.6, 0.9):
         # second pick: item 1 scores (1-l)*0.95 - l*~1.0, item 2 scores (1-l)*0.6 - 0
         np.testing.assert_array_equal(
-            metrics.mmr_rerank(candidates, relevance, emb, 3, lam), [[0, 2, 1]]
+            ranking.mmr_rerank(candidates, relevance, emb, 3, lam), [[0, 2, 1]]
         )
-    np.testing.assert_array_equal(metrics.mmr_rerank(candidates, relevance, emb, 3, 0.1),
+    np.testing.assert_array_equal(ranking.mmr_rerank(candidates, relevance, emb, 3, 0.1),
                                   [[0, 1, 2]])  # fmt: skip
 
 
@@ -267,17 +276,17 @@ def test_mmr_padding_exclusions_and_k_beyond_candidates():
     emb = np.eye(4)
     candidates = np.array([[3, -1, 1, 2]])
     relevance = np.array([[0.5, 9.0, -np.inf, 0.1]])
-    picked = metrics.mmr_rerank(candidates, relevance, emb, 5, 0.5)
+    picked = ranking.mmr_rerank(candidates, relevance, emb, 5, 0.5)
     # -1 never picked, -inf (excluded) after every finite candidate, then -1 padding
     np.testing.assert_array_equal(picked, [[3, 2, 1, -1, -1]])
 
 
 def test_mmr_ties_go_to_the_earlier_candidate():
     emb = np.eye(3)
-    picked = metrics.mmr_rerank(np.array([[2, 0, 1]]), np.array([[1.0, 1.0, 1.0]]), emb, 3, 0.5)
+    picked = ranking.mmr_rerank(np.array([[2, 0, 1]]), np.array([[1.0, 1.0, 1.0]]), emb, 3, 0.5)
     np.testing.assert_array_equal(picked, [[2, 0, 1]])
     with pytest.raises(ValueError):
-        metrics.mmr_rerank(np.array([[0]]), np.array([[1.0]]), emb, 1, 1.5)
+        ranking.mmr_rerank(np.array([[0]]), np.array([[1.0]]), emb, 1, 1.5)
 
 
 def test_mmr_rerank_tf_agrees_with_numpy():
@@ -292,17 +301,17 @@ def test_mmr_rerank_tf_agrees_with_numpy():
     relevance[2, [1, 4]] = -np.inf  # excluded
     relevance[3] = 0.25  # all tied
 
-    fn = tf.function(lambda c, r, lam: metrics.mmr_rerank_tf(c, r, emb, 18, lam),
+    fn = tf.function(lambda c, r, lam: ranking.mmr_rerank_tf(c, r, emb, 18, lam),
                      input_signature=[tf.TensorSpec([None, None], tf.int64),
                                       tf.TensorSpec([None, None], tf.float32),
                                       tf.TensorSpec([], tf.float32)])  # fmt: skip
     for lam in (0.0, 0.3, 0.7, 1.0):
-        expected = metrics.mmr_rerank(candidates, relevance, emb, 18, lam)
+        expected = ranking.mmr_rerank(candidates, relevance, emb, 18, lam)
         got = fn(tf.constant(candidates, tf.int64), tf.constant(relevance), tf.constant(lam))
         assert got.dtype == tf.int64
         np.testing.assert_array_equal(got.numpy(), expected, err_msg=f"lambda={lam}")
     c, r, e = _near_duplicate_case()
-    np.testing.assert_array_equal(metrics.mmr_rerank_tf(c, r, e, 2, 0.6).numpy(), [[0, 2]])
+    np.testing.assert_array_equal(ranking.mmr_rerank_tf(c, r, e, 2, 0.6).numpy(), [[0, 2]])
 
 
 # --------------------------------------------------------------------------- format_table

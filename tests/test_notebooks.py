@@ -1,14 +1,14 @@
 """Executes every notebook top to bottom on tiny artifacts, so they never rot.
 
-Notebooks are run with ``nbclient`` in a ``python3`` kernel started from this interpreter (the
-venv: jupyter_client replaces the kernelspec's ``python`` with ``sys.executable``), with their
-parameters set through ``NB_*`` environment variables, which the kernel inherits.
+Notebooks are run by ``scripts/run_notebooks.py``'s :func:`execute` (``nbclient``, a ``python3``
+kernel of this interpreter), with their parameters set through ``NB_*`` environment variables,
+which the kernel inherits.
 
 * ``train_and_evaluate.ipynb`` prepares synthetic data, trains a tiny-BERT model, evaluates it
   beside the popularity and EASE baselines (with the plots) and exports it (with its model card).
-* ``batch_scoring.ipynb`` runs on the fake export of tests/test_batch_score.py (the real export
-  contract around hash embeddings), and again on conftest's ``tiny_export`` (a trained tiny-BERT
-  model with a ScaNN index).
+* ``batch_scoring.ipynb`` runs on conftest's fake export (the real export contract around hash
+  embeddings), and again on conftest's ``tiny_export`` (a trained tiny-BERT model with a ScaNN
+  index).
 
 Both are marked ``slow`` but stay in the default run (about a minute on 2 cores).
 
@@ -21,20 +21,20 @@ from __future__ import annotations
 
 import importlib.util
 import json
-import os
 from pathlib import Path
 
 import pytest
 
-REPO = Path(__file__).resolve().parents[1]
-NOTEBOOKS = REPO / "notebooks"
 CELL_TIMEOUT_S = 600
 
 pytestmark = pytest.mark.slow
 
 nbformat = pytest.importorskip("nbformat")
-nbclient = pytest.importorskip("nbclient")
+pytest.importorskip("nbclient")
 pytest.importorskip("ipykernel")
+
+from scripts import run_notebooks  # noqa: E402  (needs nbclient)
+from scripts.run_notebooks import NOTEBOOKS  # noqa: E402
 
 
 def execute(name: str, env: dict[str, str], tmp_path: Path) -> nbformat.NotebookNode:
@@ -43,26 +43,7 @@ def execute(name: str, env: dict[str, str], tmp_path: Path) -> nbformat.Notebook
     The executed copy is written to ``tmp_path`` (for debugging); the committed notebook is
     never touched. A failing cell raises ``CellExecutionError`` naming the cell and traceback.
     """
-    nb = nbformat.read(NOTEBOOKS / name, as_version=4)
-    saved = {k: os.environ.get(k) for k in env}
-    os.environ.update(env)  # the kernel process inherits the test process's environment
-    os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), saved.get("PYTHONPATH")]))
-    try:
-        client = nbclient.NotebookClient(
-            nb,
-            timeout=CELL_TIMEOUT_S,
-            kernel_name="python3",
-            resources={"metadata": {"path": str(NOTEBOOKS)}},
-        )
-        client.execute()
-    finally:
-        for key, value in saved.items():
-            if value is None:
-                os.environ.pop(key, None)
-            else:
-                os.environ[key] = value
-        nbformat.write(nb, tmp_path / name)
-    return nb
+    return run_notebooks.execute(name, env, timeout_s=CELL_TIMEOUT_S, keep=tmp_path / name)
 
 
 def outputs_text(nb: nbformat.NotebookNode) -> str:
@@ -138,7 +119,9 @@ def test_train_and_evaluate_notebook(tmp_path: Path):
 
 
 @pytest.mark.parametrize("model", ["fake_export", "trained_export"])
-def test_batch_scoring_notebook(model: str, tiny_data_dir: str, tmp_path: Path, request):
+def test_batch_scoring_notebook(
+    model: str, tiny_data_dir: str, fake_export_factory, tmp_path: Path, request
+):
     """On the fake export always (isolates the notebook), and on the trained one once it exists."""
     if model == "trained_export":
         reason = _trainer_available()
@@ -147,10 +130,8 @@ def test_batch_scoring_notebook(model: str, tiny_data_dir: str, tmp_path: Path, 
         # conftest's session fixture: a tiny-BERT model trained on tiny_data_dir and exported.
         data_dir, export = tiny_data_dir, request.getfixturevalue("tiny_export")
     else:
-        from tests.test_batch_score import build_fake_export
-
         data_dir = tiny_data_dir
-        build_fake_export(data_dir, str(tmp_path / "export"))
+        fake_export_factory(str(tmp_path / "export"))
         export = str(tmp_path / "export" / "movielens")
     out = tmp_path / "scores"
     env = {

@@ -1,8 +1,12 @@
 """Tests of the local TF Serving-compatible server (serving/server.py) and client.
 
-A tiny two-signature SavedModel mimicking the export contract is built here with plain TF ops,
-exported as versions 1 and 2, and served by `python -m serving.server` in a subprocess on
-127.0.0.1. Servers are module-scoped: each one costs a TensorFlow import (~5 s).
+The models served are real exports: the export code's own RecommenderModule with hash-embedding
+towers (``fake_export_factory`` in conftest.py), saved by ``save_export`` with its warm-up file,
+as versions 1 and 2 (different embedding tables, so different answers), served by
+`python -m serving.server` in a subprocess on 127.0.0.1. Expected answers come from the same
+versions run through the session loader TF Serving uses (:mod:`serving.session_runner`); which
+version answered is what the response's ``model_spec.version`` says. Servers are module-scoped:
+each one costs a TensorFlow import (~5 s).
 """
 
 from __future__ import annotations
@@ -10,6 +14,7 @@ from __future__ import annotations
 import base64
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -18,7 +23,7 @@ import threading
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -32,9 +37,11 @@ from tensorflow_serving.apis import (
     get_model_status_pb2,
     model_service_pb2_grpc,
     predict_pb2,
+    prediction_log_pb2,
     prediction_service_pb2_grpc,
 )
 
+from common import contract
 from serving.batching import (
     Batcher,
     BatchingOptions,
@@ -44,122 +51,17 @@ from serving.batching import (
 from serving.client import ServingClient, format_table
 from serving.client import main as client_main
 from serving.errors import Code, ServingError
-from serving.model_manager import VersionPolicy, list_versions, parse_model_config_text
+from serving.model_config import VersionPolicy, list_versions, parse_model_config_text
+from serving.session_runner import SessionModel
 
 REPO = Path(__file__).resolve().parents[1]
-N_ITEMS, DIM = 20, 8
-ITEM_IDS = [f"item_{i}" for i in range(N_ITEMS)]
-TITLES = [f"Title {i}" for i in range(N_ITEMS)]
-QUERY_NAMES = ("user_id", "user_age", "user_gender", "user_occupation", "query_text")
 MAX_MESSAGE_BYTES = 1 << 20
 MAX_ROWS = 64
+MAX_K = 20  # the fake export's default
 REST_THREADS = 2
 STARTUP_TIMEOUT_S = 120
 
-_QUERY_SPECS = [tf.TensorSpec([None], tf.string, name=n) for n in QUERY_NAMES]
-_HISTORY_SPEC = tf.TensorSpec([None, None], tf.string, name="history")
-
-
-class TinyRecommender(tf.Module):
-    """Mimics the export contract: `serving_default` (retrieve) and `rank` signatures.
-
-    Scores carry an offset of 100 * version so every answer tells which version produced it.
-    """
-
-    def __init__(self, version: int) -> None:
-        super().__init__()
-        rng = np.random.default_rng(0)
-        self.item_emb = tf.constant(rng.normal(size=(N_ITEMS, DIM)).astype(np.float32))
-        self.user_emb = tf.constant(rng.normal(size=(64, DIM)).astype(np.float32))
-        self.offset = tf.constant(100.0 * version)
-        self.ids = tf.constant(ITEM_IDS)
-        self.titles = tf.constant(TITLES)
-
-    def _query(self, user_id: tf.Tensor, query_text: tf.Tensor) -> tf.Tensor:
-        user = tf.gather(self.user_emb, tf.strings.to_hash_bucket_fast(user_id, 64))
-        text = tf.gather(self.user_emb, tf.strings.to_hash_bucket_fast(query_text, 64))
-        return user + 0.5 * text
-
-    @tf.function(
-        input_signature=[
-            *_QUERY_SPECS,
-            _HISTORY_SPEC,
-            tf.TensorSpec([None], tf.int32, name="k"),
-            tf.TensorSpec([None, None], tf.string, name="exclude_item_ids"),
-            tf.TensorSpec([None], tf.float32, name="diversity"),
-        ]
-    )
-    def retrieve(
-        self,
-        user_id,
-        user_age,
-        user_gender,
-        user_occupation,
-        query_text,
-        history,
-        k,
-        exclude_item_ids,
-        diversity,
-    ):
-        # The "signature forbids an empty batch" case: the assertion raises InvalidArgument.
-        tf.debugging.assert_positive(tf.shape(user_id)[0], message="empty batch")
-        scores = tf.matmul(self._query(user_id, query_text), self.item_emb, transpose_b=True)
-        excluded = tf.reduce_any(
-            tf.equal(exclude_item_ids[:, :, None], self.ids[None, None, :]), axis=1
-        )
-        penalty = diversity[:, None] * 0.01 * tf.range(N_ITEMS, dtype=tf.float32)[None, :]
-        scores = tf.where(excluded, -1e9, scores + self.offset) - penalty
-        # Per-query k as in the export: [B, max(k)], rows padded past their own k.
-        top = tf.math.top_k(scores, tf.reduce_max(k))
-        keep = tf.range(tf.reduce_max(k))[None, :] < k[:, None]
-        return {
-            "item_ids": tf.where(keep, tf.gather(self.ids, top.indices), ""),
-            "scores": tf.where(keep, top.values, -np.inf),
-            "titles": tf.where(keep, tf.gather(self.titles, top.indices), ""),
-        }
-
-    @tf.function(
-        input_signature=[
-            *_QUERY_SPECS,
-            _HISTORY_SPEC,
-            tf.TensorSpec([None, None], tf.string, name="candidate_item_ids"),
-        ]
-    )
-    def rank(
-        self,
-        user_id,
-        user_age,
-        user_gender,
-        user_occupation,
-        query_text,
-        history,
-        candidate_item_ids,
-    ):
-        match = tf.cast(
-            tf.equal(candidate_item_ids[:, :, None], self.ids[None, None, :]), "float32"
-        )
-        item = tf.einsum("bmn,nd->bmd", match, self.item_emb)
-        query = self._query(user_id, query_text)
-        return {"ratings": tf.einsum("bd,bmd->bm", query, item) + self.offset}
-
-
-MODELS = {v: TinyRecommender(v) for v in (1, 2, 3)}
-
-
-def export_version(base: Path, version: int) -> None:
-    """Writes to a temp name and renames into place, as exporters should, with the exporter's
-    warm-up file (one request per signature)."""
-    from trainer.export import WARMUP_FILE, write_warmup
-
-    model = MODELS[version]
-    tmp = base / f".tmp-{version}"
-    tf.saved_model.save(
-        model, str(tmp), signatures={"serving_default": model.retrieve, "rank": model.rank}
-    )
-    (tmp / "assets.extra").mkdir()
-    requests = {"serving_default": make_query(2), "rank": rank_query(2)}
-    write_warmup(str(tmp / "assets.extra" / WARMUP_FILE), requests, "recs")
-    os.rename(tmp, base / str(version))
+Expected = Callable[[int, str, dict[str, np.ndarray]], dict[str, np.ndarray]]
 
 
 def make_query(batch: int, seed: int = 0, k: int = 5, history: int = 2) -> dict[str, np.ndarray]:
@@ -170,25 +72,19 @@ def make_query(batch: int, seed: int = 0, k: int = 5, history: int = 2) -> dict[
         "user_gender": np.array([b"F"] * batch, dtype=object),
         "user_occupation": np.array([b"engineer"] * batch, dtype=object),
         "query_text": np.array([f"query {seed % 7}".encode()] * batch, dtype=object),
-        "history": np.array([[b"item_1", b""][:history]] * batch, dtype=object).reshape(
-            batch, history
-        ),
+        "history": np.array([[b"1", b""][:history]] * batch, dtype=object).reshape(batch, history),
     }
     q["k"] = np.full([batch], k, dtype=np.int32)
-    q["exclude_item_ids"] = np.array([[b"item_3", b""]] * batch, dtype=object).reshape(batch, 2)
+    q["exclude_item_ids"] = np.array([[b"3", b""]] * batch, dtype=object).reshape(batch, 2)
     q["diversity"] = np.full([batch], 0.5, dtype=np.float32)
     return q
 
 
 def rank_query(batch: int, seed: int = 0) -> dict[str, np.ndarray]:
-    q = {k: v for k, v in make_query(batch, seed).items() if k in (*QUERY_NAMES, "history")}
-    q["candidate_item_ids"] = np.array([[b"item_2", b"item_5", b"item_9"]] * batch, dtype=object)
+    rank_inputs = contract.SIGNATURES[contract.RANK].inputs
+    q = {k: v for k, v in make_query(batch, seed).items() if k in rank_inputs}
+    q["candidate_item_ids"] = np.array([[b"2", b"5", b"9"]] * batch, dtype=object)
     return q
-
-
-def expected(version: int, signature: str, inputs: dict[str, Any]) -> dict[str, np.ndarray]:
-    fn = MODELS[version].retrieve if signature == "serving_default" else MODELS[version].rank
-    return {k: v.numpy() for k, v in fn(**inputs).items()}
 
 
 def assert_outputs_match(got: dict[str, np.ndarray], want: dict[str, np.ndarray]) -> None:
@@ -281,13 +177,39 @@ class ServerProcess:
             raise
 
 
+def copy_version(source: str | Path, base: Path, version: int) -> None:
+    """Copies an export version to a temp name and renames it into place, as exporters do."""
+    tmp = base / f".tmp-{version}"
+    shutil.copytree(source, tmp)
+    os.rename(tmp, base / str(version))
+
+
 @pytest.fixture(scope="module")
-def base_path(tmp_path_factory: pytest.TempPathFactory) -> Path:
+def base_path(
+    fake_export_base: str, fake_export_factory: Any, tmp_path_factory: pytest.TempPathFactory
+) -> Path:
+    """``<tmp>/recs`` with versions 1 (the session's fake export, seed 0) and 2 (seed 2)."""
     base = tmp_path_factory.mktemp("models") / "recs"
     base.mkdir()
-    export_version(base, 1)
-    export_version(base, 2)
+    copy_version(os.path.join(fake_export_base, "1"), base, 1)
+    fake_export_factory(str(base.parent), model_name="recs", version=2, seed=2)
     return base
+
+
+@pytest.fixture(scope="module")
+def expected(base_path: Path) -> Iterator[Expected]:
+    """``expected(version, signature, inputs)``: that version's outputs through the session
+    loader TF Serving uses (each version loaded once, on first use)."""
+    models: dict[int, SessionModel] = {}
+
+    def run(version: int, signature: str, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        if version not in models:
+            models[version] = SessionModel(str(base_path / str(version)))
+        return models[version].run(signature, inputs)
+
+    yield run
+    for model in models.values():
+        model.close()
 
 
 @pytest.fixture(scope="module")
@@ -364,7 +286,7 @@ def http(method: str, url: str, body: Any = None, raw: bytes | None = None) -> t
 # -- gRPC ---------------------------------------------------------------------------------------
 
 
-def test_grpc_retrieve_and_rank(stub: Any) -> None:
+def test_grpc_retrieve_and_rank(stub: Any, expected: Expected) -> None:
     inputs = make_query(3, seed=1)
     response = stub.Predict(to_request(inputs), timeout=30)
     version = response.model_spec.version.value
@@ -372,14 +294,14 @@ def test_grpc_retrieve_and_rank(stub: Any) -> None:
     assert response.model_spec.signature_name == "serving_default"
     assert version in (2, 3)
     got = from_response(response)
-    assert_outputs_match(got, expected(version, "serving_default", inputs))
+    assert_outputs_match(got, expected(version, contract.RETRIEVE, inputs))
     assert got["item_ids"].shape == (3, 5)
-    assert b"item_3" not in got["item_ids"]  # excluded
+    assert b"3" not in got["item_ids"]  # excluded
 
     rank_inputs = rank_query(2)
     response = stub.Predict(to_request(rank_inputs, signature_name="rank"), timeout=30)
     assert response.model_spec.signature_name == "rank"
-    want = expected(response.model_spec.version.value, "rank", rank_inputs)
+    want = expected(response.model_spec.version.value, contract.RANK, rank_inputs)
     assert_outputs_match(from_response(response), want)
 
     request = to_request(inputs)
@@ -387,12 +309,12 @@ def test_grpc_retrieve_and_rank(stub: Any) -> None:
     assert sorted(stub.Predict(request, timeout=30).outputs) == ["scores"]
 
 
-def test_grpc_versions_and_labels(stub: Any) -> None:
+def test_grpc_versions_and_labels(stub: Any, expected: Expected) -> None:
     inputs = make_query(2, seed=2)
     for spec, version in (({"version": 1}, 1), ({"version_label": "canary"}, 2), ({}, 2)):
         response = stub.Predict(to_request(inputs, "recs_pinned", **spec), timeout=30)
         assert response.model_spec.version.value == version
-        assert_outputs_match(from_response(response), expected(version, "serving_default", inputs))
+        assert_outputs_match(from_response(response), expected(version, contract.RETRIEVE, inputs))
 
 
 def test_grpc_metadata_and_status(stub: Any, model_stub: Any) -> None:
@@ -405,11 +327,15 @@ def test_grpc_metadata_and_status(stub: Any, model_stub: Any) -> None:
     sig_map = get_model_metadata_pb2.SignatureDefMap()
     assert response.metadata["signature_def"].Unpack(sig_map)
     retrieve = sig_map.signature_def["serving_default"]
-    assert set(retrieve.inputs) == {*QUERY_NAMES, "history", "k", "exclude_item_ids", "diversity"}
+    contract_retrieve = contract.SIGNATURES[contract.RETRIEVE]
+    assert set(retrieve.inputs) == set(contract_retrieve.inputs)
     assert retrieve.inputs["k"].dtype == tf.int32.as_datatype_enum
     assert len(retrieve.inputs["history"].tensor_shape.dim) == 2
-    assert set(retrieve.outputs) == {"item_ids", "scores", "titles"}
+    assert (
+        set(retrieve.outputs) == set(contract_retrieve.outputs) == {"item_ids", "scores", "titles"}
+    )
     assert set(sig_map.signature_def["rank"].outputs) == {"ratings"}
+    assert set(sig_map.signature_def) >= set(contract.SIGNATURES)
     assert retrieve.method_name == "tensorflow/serving/predict"
 
     status_request = get_model_status_pb2.GetModelStatusRequest()
@@ -425,13 +351,13 @@ def test_grpc_metadata_and_status(stub: Any, model_stub: Any) -> None:
 # -- REST ---------------------------------------------------------------------------------------
 
 
-def test_rest_columnar_and_row_formats(server: ServerProcess) -> None:
+def test_rest_columnar_and_row_formats(server: ServerProcess, expected: Expected) -> None:
     inputs = make_query(2, seed=3)
     code, body = http(
         "POST", f"{server.rest}/v1/models/recs_pinned:predict", {"inputs": to_json(inputs)}
     )
     assert code == 200, body
-    want = expected(2, "serving_default", inputs)
+    want = expected(2, contract.RETRIEVE, inputs)
     assert body["outputs"]["item_ids"] == want["item_ids"].astype(str).tolist()
     assert body["outputs"]["titles"] == want["titles"].astype(str).tolist()
     np.testing.assert_allclose(body["outputs"]["scores"], want["scores"], rtol=1e-6)
@@ -442,7 +368,7 @@ def test_rest_columnar_and_row_formats(server: ServerProcess) -> None:
         "POST", f"{server.rest}/v1/models/recs_pinned/versions/1:predict", {"instances": rows}
     )
     assert code == 200, body
-    want = expected(1, "serving_default", inputs)
+    want = expected(1, contract.RETRIEVE, inputs)
     assert [p["item_ids"] for p in body["predictions"]] == want["item_ids"].astype(str).tolist()
     np.testing.assert_allclose([p["scores"] for p in body["predictions"]], want["scores"], 1e-6)
 
@@ -455,7 +381,9 @@ def test_rest_columnar_and_row_formats(server: ServerProcess) -> None:
         {"signature_name": "rank", "inputs": rank_inputs},
     )
     assert code == 200, body
-    np.testing.assert_allclose(body["outputs"], expected(1, "rank", rank_query(1))["ratings"], 1e-6)
+    np.testing.assert_allclose(
+        body["outputs"], expected(1, contract.RANK, rank_query(1))["ratings"], 1e-6
+    )
 
 
 def test_rest_status_and_metadata(server: ServerProcess) -> None:
@@ -508,7 +436,7 @@ def _bad_cases() -> list[tuple[str, Any, grpc.StatusCode]]:
     cases.append(("missing input", to_request(missing), grpc.StatusCode.INVALID_ARGUMENT))
     wrong_dtype = dict(good, k=np.array([5, 5], dtype=np.int64))
     cases.append(("wrong dtype", to_request(wrong_dtype), grpc.StatusCode.INVALID_ARGUMENT))
-    wrong_shape = dict(good, history=np.array([b"item_1", b"item_2"], dtype=object))
+    wrong_shape = dict(good, history=np.array([b"1", b"2"], dtype=object))
     cases.append(("wrong rank", to_request(wrong_shape), grpc.StatusCode.INVALID_ARGUMENT))
     empty = make_query(0)
     empty["history"] = np.zeros((0, 2), dtype=object)
@@ -599,7 +527,7 @@ def test_request_rows_are_bounded(server: ServerProcess, stub: Any) -> None:
     assert stub.Predict(to_request(make_query(MAX_ROWS)), timeout=30).outputs
 
 
-def test_half_sent_requests_do_not_starve_rest(server: ServerProcess) -> None:
+def test_half_sent_requests_do_not_starve_rest(server: ServerProcess, expected: Expected) -> None:
     """Many more stalled connections than REST workers; good requests still get answers."""
     host, port = "127.0.0.1", int(server.rest.rsplit(":", 1)[1])
     stalled = []
@@ -620,7 +548,7 @@ def test_half_sent_requests_do_not_starve_rest(server: ServerProcess) -> None:
                 "POST", f"{server.rest}/v1/models/recs_pinned:predict", {"inputs": to_json(inputs)}
             )
             assert code == 200, body
-            want = expected(2, "serving_default", inputs)
+            want = expected(2, contract.RETRIEVE, inputs)
             assert body["outputs"]["item_ids"] == want["item_ids"].astype(str).tolist()
     finally:
         for sock in stalled:
@@ -643,13 +571,14 @@ def test_prometheus_metrics(server: ServerProcess, stub: Any) -> None:
 
 def test_versions_replay_their_warmup_file(server: ServerProcess) -> None:
     loads = [e for e in server.events if e.get("event") == "load" and e.get("model") == "recs"]
-    assert loads and all(e["warmup_requests"] == 2 for e in loads)
+    # The exporter's warm-up file: one request per signature of the contract.
+    assert loads and all(e["warmup_requests"] == len(contract.SIGNATURES) for e in loads)
 
 
 # -- load -----------------------------------------------------------------------------------------
 
 
-def test_concurrent_clients(server: ServerProcess) -> None:
+def test_concurrent_clients(server: ServerProcess, expected: Expected) -> None:
     failures: list[str] = []
     checked = [0]
     lock = threading.Lock()
@@ -662,7 +591,7 @@ def test_concurrent_clients(server: ServerProcess) -> None:
                 try:
                     response = stub.Predict(to_request(inputs, "recs_pinned"), timeout=60)
                     assert_outputs_match(
-                        from_response(response), expected(2, "serving_default", inputs)
+                        from_response(response), expected(2, contract.RETRIEVE, inputs)
                     )
                     with lock:
                         checked[0] += 1
@@ -681,10 +610,12 @@ def test_concurrent_clients(server: ServerProcess) -> None:
 # -- client ---------------------------------------------------------------------------------------
 
 
-def test_client_api_and_cli(server: ServerProcess, capsys: pytest.CaptureFixture[str]) -> None:
+def test_client_api_and_cli(
+    server: ServerProcess, expected: Expected, capsys: pytest.CaptureFixture[str]
+) -> None:
     with ServingClient(server.target, "recs_pinned", timeout_s=30) as client:
         meta = client.metadata()
-        assert set(meta) == {"serving_default", "rank"}
+        assert set(meta) == set(contract.SIGNATURES)
         assert meta["serving_default"]["inputs"]["history"] == {
             "dtype": "DT_STRING",
             "shape": [-1, -1],
@@ -693,10 +624,10 @@ def test_client_api_and_cli(server: ServerProcess, capsys: pytest.CaptureFixture
         assert [s["version"] for s in client.status()] == [2, 1]
 
         queries = [
-            {"user_id": "user_9_0", "user_age": 25, "query_text": "query 2", "history": ["item_1"]},
+            {"user_id": "user_9_0", "user_age": 25, "query_text": "query 2", "history": ["1"]},
             {"user_id": "user_9_1", "user_age": 31, "query_text": "query 2"},
         ]
-        result = client.retrieve(queries, k=4, exclude_item_ids=[["item_3"], []], diversity=0.5)
+        result = client.retrieve(queries, k=4, exclude_item_ids=[["3"], []], diversity=0.5)
         # The client fills defaults for inputs the queries lack (gender, occupation, history).
         inputs = {
             "user_id": np.array([b"user_9_0", b"user_9_1"], dtype=object),
@@ -704,28 +635,69 @@ def test_client_api_and_cli(server: ServerProcess, capsys: pytest.CaptureFixture
             "user_gender": np.array([b"", b""], dtype=object),
             "user_occupation": np.array([b"", b""], dtype=object),
             "query_text": np.array([b"query 2", b"query 2"], dtype=object),
-            "history": np.array([[b"item_1"], [b""]], dtype=object),
+            "history": np.array([[b"1"], [b""]], dtype=object),
             "k": np.array([4, 4], np.int32),
-            "exclude_item_ids": np.array([[b"item_3"], [b""]], dtype=object),
+            "exclude_item_ids": np.array([[b"3"], [b""]], dtype=object),
             "diversity": np.array([0.5, 0.5], np.float32),
         }
-        want = expected(2, "serving_default", inputs)
+        want = expected(2, contract.RETRIEVE, inputs)
         assert result["item_ids"].tolist() == want["item_ids"].astype(str).tolist()
         np.testing.assert_allclose(result["scores"], want["scores"], rtol=1e-5)
-        assert "item_3" not in result["item_ids"][0]
+        assert "3" not in result["item_ids"][0]
 
-        ratings = client.rank(queries, [["item_2", "item_5"], ["item_9", "item_0"]])
+        ratings = client.rank(queries, [["2", "5"], ["9", "10"]])
         assert ratings.shape == (2, 2)
         raw = client.predict(inputs, version=1)
-        assert_outputs_match(raw, expected(1, "serving_default", inputs))
+        assert_outputs_match(raw, expected(1, contract.RETRIEVE, inputs))
         assert "rank" in format_table(result)
 
     assert client_main(
         ["--server", server.target, "--model", "recs_pinned", "--k", "3",
-         "--input", "user_id=user_1", "--input", "history=item_1,item_2"]
+         "--input", "user_id=user_1", "--input", "history=1,2"]
     ) == 0  # fmt: skip
     out = capsys.readouterr().out
-    assert "item_id" in out and "Title" in out and len(out.strip().splitlines()) == 4
+    lines = out.strip().splitlines()
+    assert "item_id" in lines[0] and "title" in lines[0] and len(lines) == 4
+    assert all(line.split()[1].isdigit() and len(line.split()) > 3 for line in lines[1:])
+
+
+def test_query_rows_from_data_exclude_each_users_train_items(
+    server: ServerProcess, tiny_data_dir: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`python -m trainer.queries` writes named users' query rows from prepared data (profile,
+    train history, train items); `serving.client --query-json` keeps each row's exclusions."""
+    from trainer import queries
+
+    rows_file = tmp_path / "users.json"
+    argv = ["--data", tiny_data_dir, "--split", "p2", "--users", "1", "5"]
+    assert queries.main([*argv, "--output", str(rows_file)]) == 0
+    rows = json.loads(rows_file.read_text())
+    printed = capsys.readouterr().out.strip().splitlines()
+    assert printed == [f"user {row['user_id']}: {row['query_text']}" for row in rows]
+    assert [row["user_id"] for row in rows] == ["1", "5"]
+    for row in rows:
+        assert set(row) == {*contract.QUERY_FEATURES, contract.HISTORY, contract.EXCLUDE_ITEM_IDS}
+        assert row[contract.EXCLUDE_ITEM_IDS] and set(row[contract.HISTORY]) <= set(
+            row[contract.EXCLUDE_ITEM_IDS]
+        )
+    assert queries.main([*argv[:4], "--users", "nobody", "--output", str(rows_file)]) == 2
+    assert "unknown user id(s)" in capsys.readouterr().err
+
+    k = MAX_K
+    client_argv = ["--server", server.target, "--model-name", "recs_pinned",
+                   "--query-json", str(rows_file), "--k", str(k)]  # fmt: skip
+    assert client_main(client_argv) == 0
+    out = capsys.readouterr().out.strip().splitlines()
+    blocks = [i for i, line in enumerate(out) if line.startswith("query ")]
+    assert len(blocks) == len(rows)
+    for row, start in zip(rows, blocks, strict=True):
+        shown = [line.split()[1] for line in out[start + 2 : start + 2 + k]]
+        assert len(shown) == k and not set(shown) & set(row[contract.EXCLUDE_ITEM_IDS])
+    # --exclude replaces the rows' own exclusions.
+    assert client_main([*client_argv, "--exclude", "1"]) == 0
+    out = capsys.readouterr().out.strip().splitlines()
+    shown = {line.split()[1] for line in out if line[:4].strip().isdigit()}
+    assert "1" not in shown and shown & {i for row in rows for i in row[contract.EXCLUDE_ITEM_IDS]}
 
 
 # -- lifecycle ----------------------------------------------------------------------------------
@@ -740,12 +712,16 @@ def _wait_for(predicate: Any, timeout_s: float, what: str) -> None:
     raise AssertionError(f"timed out waiting for {what}")
 
 
-def test_hot_swap_without_failures(server: ServerProcess, base_path: Path) -> None:
+def test_hot_swap_without_failures(
+    server: ServerProcess, base_path: Path, stub: Any, expected: Expected
+) -> None:
     results: list[tuple[int, bool]] = []
     errors: list[str] = []
     stop = threading.Event()
     inputs = make_query(2, seed=5)
-    want = {v: expected(v, "serving_default", inputs) for v in (2, 3)}
+    # Version 3 is a copy of version 1, whose answers differ from version 2's.
+    want = {2: expected(2, contract.RETRIEVE, inputs), 3: expected(1, contract.RETRIEVE, inputs)}
+    assert not np.array_equal(want[2]["item_ids"], want[3]["item_ids"])
 
     def query_loop() -> None:
         with grpc.insecure_channel(server.target) as channel:
@@ -763,7 +739,7 @@ def test_hot_swap_without_failures(server: ServerProcess, base_path: Path) -> No
     thread.start()
     try:
         _wait_for(lambda: len(results) >= 5, 30, "first answers")
-        export_version(base_path, 3)
+        copy_version(base_path / "1", base_path, 3)
         _wait_for(lambda: results and results[-1][0] == 3, 60, "version 3 to serve")
         time.sleep(0.3)
     finally:
@@ -791,7 +767,9 @@ def test_hot_swap_without_failures(server: ServerProcess, base_path: Path) -> No
         status = {s["version"]: s for s in client.status()}
         assert status[4]["error_code"] != 0 and status[4]["error_message"]
         assert status[3]["state"] == "AVAILABLE" and 5 not in status
-        assert client.predict(inputs)["scores"][0, 0] > 300  # still version 3
+        response = stub.Predict(to_request(inputs), timeout=30)
+        assert response.model_spec.version.value == 3  # still version 3
+        assert_outputs_match(from_response(response), want[3])
     assert any(e.get("event") == "load_failure" and e.get("version") == 4 for e in server.events)
     assert any(e.get("event") == "unload" and e.get("version") == 2 for e in server.events)
 
@@ -827,7 +805,7 @@ def batching_server(base_path: Path, server: ServerProcess) -> Iterator[ServerPr
     proc.terminate()
 
 
-def test_batching_gives_same_answers(batching_server: ServerProcess) -> None:
+def test_batching_gives_same_answers(batching_server: ServerProcess, expected: Expected) -> None:
     failures: list[str] = []
 
     def worker(worker_id: int) -> None:
@@ -839,7 +817,7 @@ def test_batching_gives_same_answers(batching_server: ServerProcess) -> None:
                     response = stub.Predict(to_request(inputs), timeout=60)
                     version = response.model_spec.version.value
                     assert_outputs_match(
-                        from_response(response), expected(version, "serving_default", inputs)
+                        from_response(response), expected(version, contract.RETRIEVE, inputs)
                     )
                 except Exception as exc:
                     failures.append(repr(exc))
@@ -863,7 +841,9 @@ def test_batching_refuses_what_tf_serving_batching_refuses(batching_server: Serv
     assert info.value.details() == "Batching Run() input tensors must have equal 0th-dimension size"
 
 
-def test_sigterm_finishes_in_flight_requests(batching_server: ServerProcess) -> None:
+def test_sigterm_finishes_in_flight_requests(
+    batching_server: ServerProcess, expected: Expected
+) -> None:
     # Three 1-row requests sit in the batch queue (max 4 rows, 1 s timeout) when SIGTERM lands.
     done: list[tuple[float, Any]] = []
 
@@ -875,7 +855,7 @@ def test_sigterm_finishes_in_flight_requests(batching_server: ServerProcess) -> 
                 response = stub.Predict(to_request(inputs), timeout=60)
                 version = response.model_spec.version.value
                 assert_outputs_match(
-                    from_response(response), expected(version, "serving_default", inputs)
+                    from_response(response), expected(version, contract.RETRIEVE, inputs)
                 )
                 done.append((time.monotonic(), None))
             except Exception as exc:
@@ -989,7 +969,7 @@ def test_tensor_converters_match_tensorflows() -> None:
     import tensorflow as tf
     from tensorflow.core.framework import tensor_pb2
 
-    from serving.server import array_to_tensor, tensor_to_array
+    from serving.tensors import array_to_tensor, tensor_to_array
 
     cases = [
         np.array([b"a", b"bc"], object), np.array([[b"1"] * 5] * 2, object),
@@ -1055,7 +1035,9 @@ def test_flag_validation() -> None:
 def test_corrupt_version_fails_fast_and_newer_versions_load(tmp_path: Path) -> None:
     """A failing version is END with its error; its retries wait for later polls (no sleep
     under the poll lock), so a newer version loads in the same poll."""
-    from serving.model_manager import LoaderOptions, ModelConfig, Servable, ServableManager
+    from serving.model_config import ModelConfig
+    from serving.model_manager import ServableManager
+    from serving.servable import LoaderOptions, Servable
 
     for version in (1, 2, 3):
         (tmp_path / str(version)).mkdir()
@@ -1104,7 +1086,9 @@ def test_version_listing_through_gfile() -> None:
 
 def test_model_config_reload_adds_and_removes_models(tmp_path: Path) -> None:
     """What --model_config_file_poll_wait_seconds applies: a re-read config's models."""
-    from serving.model_manager import ModelConfig, Servable, ServableManager
+    from serving.model_config import ModelConfig
+    from serving.model_manager import ServableManager
+    from serving.servable import Servable
 
     for name in ("a", "b"):
         (tmp_path / name / "1").mkdir(parents=True)
@@ -1148,14 +1132,11 @@ def test_rest_api_timeout_answers_504() -> None:
         rest.stop(5)
 
 
-def test_real_export_through_the_batching_server(tiny_data_dir: str, tmp_path: Path) -> None:
+def test_real_export_through_the_batching_server(fake_export_base: str, tmp_path: Path) -> None:
     """The export code's own SavedModel (brute force, hash towers): every signature's warm-up
     request answers over gRPC as the session loader answers it, and requests with different
     per-query k, batched together when they arrive together, each get their own top-k."""
-    from serving.session_runner import SessionModel
-    from tests.test_batch_score import build_fake_export
-
-    path = build_fake_export(tiny_data_dir, str(tmp_path / "export"), max_k=10)
+    path = os.path.join(fake_export_base, "1")
     params = tmp_path / "batching.config"
     params.write_text("max_batch_size { value: 8 }\nbatch_timeout_micros { value: 500000 }\n")
     proc = ServerProcess(
@@ -1165,10 +1146,8 @@ def test_real_export_through_the_batching_server(tiny_data_dir: str, tmp_path: P
     )  # fmt: skip
     try:
         load = next(e for e in proc.events if e.get("event") == "load")
-        assert load["warmup_requests"] == 4
-        from tensorflow_serving.apis import prediction_log_pb2
-
-        warmup = os.path.join(path, "assets.extra", "tf_serving_warmup_requests")
+        assert load["warmup_requests"] == len(contract.SIGNATURES)
+        warmup = os.path.join(path, "assets.extra", contract.WARMUP_FILE)
         requests = [
             prediction_log_pb2.PredictionLog.FromString(raw.numpy()).predict_log.request
             for raw in tf.data.TFRecordDataset(warmup)
@@ -1180,7 +1159,7 @@ def test_real_export_through_the_batching_server(tiny_data_dir: str, tmp_path: P
                 inputs = {k: tf.make_ndarray(v) for k, v in request.inputs.items()}
                 assert_outputs_match(from_response(stub.Predict(request, timeout=60)),
                                      model.run(name, inputs))  # fmt: skip
-            retrieve = next(r for r in requests if r.model_spec.signature_name == "serving_default")
+            retrieve = next(r for r in requests if r.model_spec.signature_name == contract.RETRIEVE)
             base = {k: tf.make_ndarray(v) for k, v in retrieve.inputs.items()}
             answers: dict[int, dict[str, np.ndarray]] = {}
 
@@ -1197,7 +1176,7 @@ def test_real_export_through_the_batching_server(tiny_data_dir: str, tmp_path: P
                 t.join(60)
             for k, got in answers.items():
                 want = model.run(
-                    "serving_default", dict(base, k=np.full([len(base["k"])], k, np.int32))
+                    contract.RETRIEVE, dict(base, k=np.full([len(base["k"])], k, np.int32))
                 )
                 assert got["item_ids"].shape[1] >= k
                 assert_outputs_match(

@@ -18,7 +18,8 @@ import pytest
 
 from tests.conftest import REPO
 from trainer import task
-from trainer.config import ConfigError, TrainConfig, parse_args
+from trainer.config import ConfigError, TrainConfig
+from trainer.flags import parse_args
 
 # Deterministic kernels, so a resumed run can be compared with an uninterrupted one exactly.
 ENV = {
@@ -55,7 +56,7 @@ def _train_cmd(data_dir: str, model_dir: str, *extra: str) -> list[str]:
 
 
 def _weights(model_dir: str) -> list[np.ndarray]:
-    from trainer.model import load_trained
+    from trainer.model_dir import load_trained
 
     model, _ = load_trained(model_dir)
     return [np.asarray(w) for w in model.weights]
@@ -346,6 +347,46 @@ def test_two_workers_end_with_identical_weights(tiny_data_dir, tmp_path):
     assert not [d for d in os.listdir(model_dir + "-checkpoints") if d.startswith("workertemp")]
 
 
+def _old_warmup_decay(step, peak, total_steps, warmup_steps, decay, min_ratio):
+    """The loop's schedule before Keras's decays replaced it, typed out (float32, as it ran)."""
+    f = np.float32
+    total_steps, warmup_steps = max(total_steps, 1), max(warmup_steps, 0)
+    step = f(step)
+    if step < warmup_steps:
+        return f(peak) * (step + f(1.0)) / f(max(warmup_steps, 1))
+    span = float(max(total_steps - warmup_steps, 1))
+    progress = np.clip((step - f(warmup_steps)) / f(span), f(0.0), f(1.0))
+    if decay == "cosine":
+        factor = f(0.5) * (f(1.0) + np.cos(f(np.pi) * progress))
+    elif decay == "linear":
+        factor = f(1.0) - progress
+    else:
+        factor = f(1.0)
+    return f(peak) * (f(min_ratio) + f(1.0 - min_ratio) * factor)
+
+
+@pytest.mark.parametrize("decay", ["cosine", "linear", "constant"])
+@pytest.mark.parametrize(
+    "total,warmup,min_ratio", [(1000, 50, 0.05), (10, 0, 0.0), (7, 3, 0.2), (5, 5, 0.1)]
+)
+def test_learning_rate_schedule_keeps_the_old_values(decay, total, warmup, min_ratio):
+    """Warm-up from peak / W at step 0, then Keras's cosine / linear decay to peak * min_ratio
+    at the last step, constant after it: the values of the hand-written schedule it replaced."""
+    import tensorflow as tf
+
+    from trainer.train_step import learning_rate_schedule
+
+    schedule = learning_rate_schedule(1e-2, total, warmup, decay, min_ratio)
+    steps = np.arange(total + 20)
+    got = np.array([float(schedule(tf.constant(s, tf.int64))) for s in steps])
+    want = np.array([_old_warmup_decay(s, 1e-2, total, warmup, decay, min_ratio) for s in steps])
+    np.testing.assert_allclose(got, want, rtol=1e-6, atol=0)  # float32: a few ulp (np.cos)
+    assert got[0] == pytest.approx(1e-2 / warmup if warmup else 1e-2)
+    assert got[-1] == pytest.approx(1e-2 * (1.0 if decay == "constant" else min_ratio))
+    restored = type(schedule).from_config(schedule.get_config())
+    assert float(restored(tf.constant(total // 2))) == float(schedule(tf.constant(total // 2)))
+
+
 # ----------------------------------------------------------------------------- environment
 
 
@@ -373,6 +414,13 @@ def test_cluster_roles_from_tf_config_and_vertex_cluster_spec():
         env.cluster_info({"TF_CONFIG": "{"})
     with pytest.raises(ConfigError, match="out of range"):
         env.cluster_info(tf_config({"type": "worker", "index": 5}))
+    evaluator = {"cluster": {**workers, "evaluator": ["e:1"]}, "task": {"type": "evaluator"}}
+    with pytest.raises(ConfigError, match="not supported"):
+        env.cluster_info({"TF_CONFIG": json.dumps(evaluator)})
+    bad_cluster = {"TF_CONFIG": json.dumps({"cluster": {"worker": 3}, "task": {"type": "worker"}})}
+    with pytest.raises(ConfigError, match="not a cluster"):
+        env.cluster_info(bad_cluster)
+    assert "TF_CONFIG" not in os.environ or os.environ["TF_CONFIG"] != bad_cluster["TF_CONFIG"]
 
 
 def test_output_dirs_follow_vertex_and_keep_workers_apart():
@@ -407,7 +455,8 @@ def test_best_epoch_checkpoint_restores_every_weight(tiny_data_dir, tmp_path):
 
     from trainer import loop
     from trainer.data import records
-    from trainer.model import ModelAssets, build_model
+    from trainer.features import ModelAssets
+    from trainer.model import build_model
 
     config = TrainConfig()
     config.model.preset = "tiny"

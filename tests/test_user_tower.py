@@ -9,10 +9,13 @@ import trainer  # noqa: F401  (TF_USE_LEGACY_KERAS before TensorFlow)
 
 tf = pytest.importorskip("tensorflow")
 
-from trainer import loop, train_queries  # noqa: E402
-from trainer import model as M  # noqa: E402
+from trainer import train_queries  # noqa: E402
 from trainer.config import TrainConfig  # noqa: E402
 from trainer.data import records  # noqa: E402
+from trainer.features import cached_or_encoded, dummy_features, liked_titles  # noqa: E402
+from trainer.input_pipeline import plan_data, train_dataset  # noqa: E402
+from trainer.losses import full_softmax  # noqa: E402
+from trainer.model import build_model  # noqa: E402
 
 
 def _config(
@@ -40,7 +43,7 @@ def test_liked_titles_parses_prepared_and_free_text():
             "",
         ]
     )
-    got = [[t.decode() for t in row] for row in M.liked_titles(texts, 3).numpy()]
+    got = [[t.decode() for t in row] for row in liked_titles(texts, 3).numpy()]
     assert got == [
         ["Fargo (1996)", "Heat (1995)", ""],
         ["", "", ""],
@@ -48,17 +51,17 @@ def test_liked_titles_parses_prepared_and_free_text():
         ["", "", ""],
     ]
     many = tf.constant(["Liked: " + "; ".join(f"T{i}" for i in range(9)) + "."])
-    assert [t.decode() for t in M.liked_titles(many, 4).numpy()[0]] == ["T0", "T1", "T2", "T3"]
+    assert [t.decode() for t in liked_titles(many, 4).numpy()[0]] == ["T0", "T1", "T2", "T3"]
 
 
 def test_no_training_query_contains_its_own_target(tiny_data_dir):
     config = _config(tiny_data_dir)
-    plan = loop.plan_data(config)
+    plan = plan_data(config)
     assert plan.users is not None  # p2 trains on whole-history queries
     full = dict(zip(plan.users["user_id"], plan.users["history"], strict=True))
     steps = plan.train_examples // config.optim.batch_size
     seen_any = 0
-    for batch in loop.train_dataset(plan, config, epoch=0, skip_steps=0, steps_per_epoch=steps):
+    for batch in train_dataset(plan, config, epoch=0, skip_steps=0, steps_per_epoch=steps):
         history = batch["history"].numpy().astype(str)
         items = batch["item_id"].numpy().astype(str)
         users = batch["user_id"].numpy().astype(str)
@@ -72,11 +75,11 @@ def test_no_training_query_contains_its_own_target(tiny_data_dir):
 
 def test_history_dropout_is_fresh_each_epoch_and_fixed_by_the_seed(tiny_data_dir):
     config = _config(tiny_data_dir)
-    plan = loop.plan_data(config)
+    plan = plan_data(config)
     steps = 2
 
     def first(epoch: int) -> np.ndarray:
-        ds = loop.train_dataset(plan, config, epoch=epoch, skip_steps=0, steps_per_epoch=steps)
+        ds = train_dataset(plan, config, epoch=epoch, skip_steps=0, steps_per_epoch=steps)
         return next(iter(ds))["history"].numpy()
 
     np.testing.assert_array_equal(first(0), first(0))
@@ -86,8 +89,8 @@ def test_history_dropout_is_fresh_each_epoch_and_fixed_by_the_seed(tiny_data_dir
 @pytest.fixture(scope="module")
 def tower_model(tiny_data_dir):
     config = _config(tiny_data_dir)
-    plan = loop.plan_data(config)
-    return M.build_model(config.model, plan.assets, seed=3), plan
+    plan = plan_data(config)
+    return build_model(config.model, plan.assets, seed=3), plan
 
 
 def test_history_and_query_text_move_the_ranking_without_a_user_id(tower_model):
@@ -122,7 +125,7 @@ def test_cached_or_encoded_matches_the_live_encoder(tower_model):
     model, plan = tower_model
     cache, encoder = model.title_cache, model.candidate_encoder
     texts = tf.constant([plan.assets.item_titles[0], "a title nobody has", "", "Star Wars"])
-    mixed = M.cached_or_encoded(cache, encoder, texts).numpy()
+    mixed = cached_or_encoded(cache, encoder, texts).numpy()
     live = encoder.encode_strings(texts).numpy()
     np.testing.assert_allclose(mixed[[0, 1, 3]], live[[0, 1, 3]], atol=1e-5)
     np.testing.assert_array_equal(mixed[2], 0.0)
@@ -131,9 +134,9 @@ def test_cached_or_encoded_matches_the_live_encoder(tower_model):
 @pytest.mark.parametrize("negatives", ["full", "mixed", "in_batch"])
 def test_every_negative_sampler_gives_a_finite_loss_and_gradients(tiny_data_dir, negatives):
     config = _config(tiny_data_dir, negatives=negatives, sampled_negatives=16)
-    plan = loop.plan_data(config)
-    model = M.build_model(config.model, plan.assets, seed=0)
-    ds = loop.train_dataset(plan, config, epoch=0, skip_steps=0, steps_per_epoch=1)
+    plan = plan_data(config)
+    model = build_model(config.model, plan.assets, seed=0)
+    ds = train_dataset(plan, config, epoch=0, skip_steps=0, steps_per_epoch=1)
     batch = next(iter(ds))
 
     @tf.function(autograph=True)
@@ -151,11 +154,11 @@ def test_every_negative_sampler_gives_a_finite_loss_and_gradients(tiny_data_dir,
 
 def test_full_softmax_leaves_the_users_history_out(tiny_data_dir):
     config = _config(tiny_data_dir, temperature=1.0)
-    plan = loop.plan_data(config)
-    model = M.build_model(config.model, plan.assets, seed=0)
+    plan = plan_data(config)
+    model = build_model(config.model, plan.assets, seed=0)
     catalog = records.load_catalog(tiny_data_dir, "p2")
     ids = list(catalog["item_id"])
-    features = M.dummy_features(plan.assets, batch=1)
+    features = dummy_features(plan.assets, batch=1)
     target = features["item_id"].numpy()[0].decode()
     others = [i for i in ids if i != target][:5]
     features["history"] = tf.constant([others])
@@ -163,8 +166,10 @@ def test_full_softmax_leaves_the_users_history_out(tiny_data_dir):
     query_inputs = model.preprocess_query(features)
     candidate_inputs = model.preprocess_candidate(features)
     query = model.query_tower(query_inputs)
-    loss, _ = model._full_softmax(query, query_inputs, candidate_inputs, tf.ones([1]), False)
-    items, _ = model._catalog_embeddings(False)
+    items, scores = model.catalog_logits(query, False)
+    loss, _ = full_softmax(
+        scores, candidate_inputs["row"], tf.ones([1]), query_inputs["history_rows"]
+    )
     logits = (query @ tf.transpose(items)).numpy()[0]
     keep = np.asarray(catalog["popularity"]) > 0  # untrained items are no negatives
     keep[[ids.index(i) for i in others]] = False
@@ -253,7 +258,7 @@ def _user_batches(plan, config, seed: int = 0):
 def test_user_batches_never_put_a_target_in_its_own_query(tiny_data_dir):
     config = _config(tiny_data_dir, train_queries="users")
     config.data.train_history_items = 4  # a cap, so the uncapped `seen` set matters too
-    plan = loop.plan_data(config)
+    plan = plan_data(config)
     full = dict(zip(plan.users["user_id"], plan.users["history"], strict=True))
     title_of = dict(zip(plan.catalog["item_id"], plan.catalog["item_title"], strict=True))
     targets_seen = 0
@@ -266,7 +271,7 @@ def test_user_batches_never_put_a_target_in_its_own_query(tiny_data_dir):
             history, seen, targets = ({i for i in row if i} for row in (history, seen, targets))
             assert targets and not targets & seen and not targets & history
             assert history <= seen and seen | targets == {i for i in full[user] if i}
-            typed = M.liked_titles(tf.constant([text]), 20).numpy().astype(str)[0]
+            typed = liked_titles(tf.constant([text]), 20).numpy().astype(str)[0]
             assert not {title_of[t] for t in targets} & set(typed)
             targets_seen += len(targets)
     assert targets_seen > 0
@@ -274,7 +279,7 @@ def test_user_batches_never_put_a_target_in_its_own_query(tiny_data_dir):
 
 def test_user_batches_are_fresh_each_step_and_fixed_by_the_seed(tiny_data_dir):
     config = _config(tiny_data_dir, train_queries="users")
-    plan = loop.plan_data(config)
+    plan = plan_data(config)
 
     def targets(seed: int) -> list[np.ndarray]:
         return [b["targets"].numpy() for b in _user_batches(plan, config, seed)]
@@ -287,7 +292,7 @@ def test_user_batches_are_fresh_each_step_and_fixed_by_the_seed(tiny_data_dir):
 
 def test_user_batches_never_read_p4_heldout_users(tiny_data_dir):
     config = _config(tiny_data_dir, split="p4", train_queries="users")
-    plan = loop.plan_data(config)
+    plan = plan_data(config)
     heldout = set(records.read_manifest(tiny_data_dir)["splits"]["p4"]["heldout_users"])
     assert heldout
     trained = set()
@@ -299,8 +304,8 @@ def test_user_batches_never_read_p4_heldout_users(tiny_data_dir):
 def test_user_losses_are_the_multinomial_likelihood_of_the_targets(tiny_data_dir):
     config = _config(tiny_data_dir, train_queries="users", temperature=1.0, dropout=0.0)
     config.model.id_dropout = config.model.history_id_dropout = 0.0
-    plan = loop.plan_data(config)
-    model = M.build_model(config.model, plan.assets, seed=0)
+    plan = plan_data(config)
+    model = build_model(config.model, plan.assets, seed=0)
     batch = next(iter(_user_batches(plan, config)))
     loss, sums = model.compute_user_losses(batch, global_batch_size=1)
     ids = list(plan.catalog["item_id"])

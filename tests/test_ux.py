@@ -13,9 +13,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from trainer import cli, metrics, model_card, plots
-from trainer.config import TrainConfig, build_parser, field_docs
+from common import cli as common_cli
 from common import staging
+from trainer import cli, metrics, model_card, plots
+from trainer.config import TrainConfig
+from trainer.flags import apply_overrides, build_parser, field_docs
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -47,7 +49,8 @@ def _imports_tensorflow(args: list[str]) -> tuple[int, bool, str]:
         ["-m", "trainer.evaluate", "--help"],
         ["-m", "trainer.data", "prepare", "--help"],
         ["-m", "trainer.export", "--help"],
-        ["-m", "trainer.batch_score", "--help"],
+        ["-m", "scoring.batch_score", "--help"],
+        ["-m", "scoring.beam", "--help"],
         ["-m", "trainer.plots", "--help"],
     ],
     ids=lambda a: " ".join(a[1:]),
@@ -92,18 +95,15 @@ def test_field_docs_come_from_the_config_comments():
 def test_train_flags_still_parse_after_the_help_change():
     args = vars(build_parser().parse_args(["--tower-layers", "64,32", "--no-freeze-bert"]))
     config = TrainConfig()
-    from trainer.config import apply_overrides
-
     apply_overrides(config, args, source="flags")
     assert config.model.tower_layers == (64, 32) and config.model.freeze_bert is False
 
 
 def test_tf_free_parsers_keep_the_modules_defaults():
-    from trainer import batch_score
     from trainer.data import __main__ as data_main
     from trainer.data import schema
     from trainer.data.prepare import PrepareConfig
-    from trainer.export import IndexConfig
+    from trainer.serving_module import IndexConfig
 
     index = IndexConfig()
     assert {
@@ -111,7 +111,6 @@ def test_tf_free_parsers_keep_the_modules_defaults():
         "max_k": index.max_k,
         "min_recall": index.min_recall,
     } == cli.INDEX_DEFAULTS
-    assert cli.RETRIEVE_SIGNATURE == batch_score.RETRIEVE_SIGNATURE
     assert tuple(schema.PROTOCOLS) == cli.PROTOCOLS
     prepare_defaults = PrepareConfig(output="x")
     for name, value in data_main.DEFAULTS.items():
@@ -123,24 +122,25 @@ def test_tf_free_parsers_keep_the_modules_defaults():
     [
         (["python", "-m", "trainer.export", "--help"], ("trainer.export", ["--help"])),
         (["python", "-X", "importtime", "-mtrainer.export", "-h"], ("trainer.export", ["-h"])),
-        (["/venv/bin/bt-batch-score", "--help"], ("trainer.batch_score", ["--help"])),
+        (["/venv/bin/bt-export", "--help"], ("trainer.export", ["--help"])),
         (["python", "script.py", "-m", "trainer.export"], (None, [])),
         (["python", "-c", "import trainer", "--help"], (None, [])),
     ],
 )
 def test_early_help_finds_the_module_being_run(orig_argv, expected):
-    assert cli._module_run(orig_argv) == expected
+    assert common_cli.module_run(orig_argv, cli.SCRIPTS) == expected
 
 
 def test_model_name_spelling_is_shared(capsys):
     """--model-name everywhere; serving.client's older --model still accepted (an alias)."""
+    from scoring import cli as scoring_cli
     from serving import client
 
     with pytest.raises(SystemExit) as exc:
         client.main(["--help"])
     assert exc.value.code == 0
     assert "--model-name MODEL, --model MODEL" in capsys.readouterr().out
-    ns = cli.batch_score_parser().parse_args(
+    ns = scoring_cli.batch_score_parser().parse_args(
         ["--data", "d", "--split", "p2", "--output", "o", "--model", "m"]
     )
     assert ns.model_name == "m"
@@ -343,7 +343,7 @@ def test_ranking_curves_agree_with_the_metrics_module():
     top = np.stack([rng.permutation(300)[:100] for _ in range(40)])
     top[3, 50:] = -1  # a short list
     truth = [rng.choice(300, size=int(rng.integers(0, 15)), replace=False) for _ in range(40)]
-    curves = plots.ranking_curves(top, truth)
+    curves = metrics.ranking_curves(top, truth)
     expected = metrics.ranking_metrics(top, truth, ks=(1, 10, 20, 100))
     for k in (1, 10, 20, 100):
         assert curves["recall"][k - 1] == pytest.approx(expected[f"recall@{k}"], abs=1e-9)
@@ -525,6 +525,7 @@ def test_p1_report_carries_an_accuracy_curve(tiny_data_dir, tmp_path):
 
 
 def _parsers() -> dict[str, argparse.ArgumentParser]:
+    from scoring import cli as scoring_cli
     from trainer import evaluate
     from trainer.data import __main__ as data_main
 
@@ -536,7 +537,7 @@ def _parsers() -> dict[str, argparse.ArgumentParser]:
         "trainer.evaluate": evaluate.build_parser(),
         "trainer.data prepare": prepare,
         "trainer.export": cli.export_parser(),
-        "trainer.batch_score": cli.batch_score_parser(),
+        "scoring.batch_score": scoring_cli.batch_score_parser(),
         "trainer.plots": plots.build_parser(),
     }
 

@@ -2,7 +2,9 @@
 
 Reads what managed trainers set:
 
-* ``TF_CONFIG`` (Kubeflow TFJob, Vertex AI, hand-made): ``{"cluster": {...}, "task": {...}}``.
+* ``TF_CONFIG`` (Kubeflow TFJob, Vertex AI, hand-made): ``{"cluster": {...}, "task": {...}}``,
+  read by TensorFlow's own ``TFConfigClusterResolver`` (what ``MultiWorkerMirroredStrategy``
+  reads), after a check that gives a bad one a clear error.
 * ``CLUSTER_SPEC`` (Vertex AI custom jobs): worker pools ``workerpool0..3``; turned into a
   ``TF_CONFIG`` (pool 0 = chief, 1 = worker, 2 = ps, 3 = evaluator) when ``TF_CONFIG`` is absent.
 * ``AIP_MODEL_DIR``, ``AIP_CHECKPOINT_DIR``, ``AIP_TENSORBOARD_LOG_DIR`` (Vertex AI): defaults for
@@ -15,11 +17,12 @@ TensorFlow's multi-worker guide, and restore from the chief's directory.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import logging
 import os
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 
 from trainer.config import ConfigError, RuntimeConfig
 
@@ -87,18 +90,16 @@ def cluster_info(environ: Mapping[str, str] | None = None) -> ClusterInfo:
     """Reads ``TF_CONFIG`` (or ``CLUSTER_SPEC``); validates roles; sets ``TF_CONFIG`` for TF."""
     environ = os.environ if environ is None else environ
     if environ.get("TF_CONFIG"):
-        tf_config = _parse_json("TF_CONFIG", environ["TF_CONFIG"])
+        text = environ["TF_CONFIG"]
+        _parse_json("TF_CONFIG", text)
     elif environ.get("CLUSTER_SPEC"):
-        tf_config = tf_config_from_cluster_spec(
-            _parse_json("CLUSTER_SPEC", environ["CLUSTER_SPEC"])
-        )
+        spec = tf_config_from_cluster_spec(_parse_json("CLUSTER_SPEC", environ["CLUSTER_SPEC"]))
+        text = json.dumps(spec)
         if environ is os.environ:
-            os.environ["TF_CONFIG"] = json.dumps(tf_config)
+            os.environ["TF_CONFIG"] = text
     else:
         return ClusterInfo({}, None, 0)
-    cluster = tf_config.get("cluster", {})
-    task = tf_config.get("task", {})
-    task_type, task_id = task.get("type"), int(task.get("index", 0))
+    cluster, task_type, task_id = _resolve(text)
     if cluster and task_type not in cluster:
         raise ConfigError(f"$TF_CONFIG: task type {task_type!r} is not in the cluster")
     if cluster and not 0 <= task_id < len(cluster[task_type]):
@@ -108,7 +109,38 @@ def cluster_info(environ: Mapping[str, str] | None = None) -> ClusterInfo:
             f"$TF_CONFIG: task type {task_type!r} is not supported; this trainer is synchronous "
             "data-parallel (chief + workers)"
         )
-    return ClusterInfo({k: list(v) for k, v in cluster.items()}, task_type, task_id)
+    return ClusterInfo(cluster, task_type, task_id)
+
+
+def _resolve(tf_config: str) -> tuple[dict[str, list[str]], str | None, int]:
+    """``(cluster, task type, task index)`` of a ``TF_CONFIG`` text, as TensorFlow reads it."""
+    import tensorflow as tf
+
+    resolver = tf.distribute.cluster_resolver.TFConfigClusterResolver()
+    try:
+        with _tf_config_set(tf_config):  # the resolver reads the process environment only
+            cluster = resolver.cluster_spec().as_dict()
+            task_type, task_id = resolver.task_type, resolver.task_id
+    except (TypeError, ValueError, KeyError) as e:
+        raise ConfigError(f"$TF_CONFIG: not a cluster TensorFlow can read ({e})") from None
+    addresses = {
+        job: list(a.values()) if isinstance(a, dict) else list(a) for job, a in cluster.items()
+    }
+    return addresses, task_type, 0 if task_id is None else task_id
+
+
+@contextlib.contextmanager
+def _tf_config_set(text: str) -> Iterator[None]:
+    """``$TF_CONFIG`` = ``text`` for the block (the value before it afterwards)."""
+    previous = os.environ.get("TF_CONFIG")
+    os.environ["TF_CONFIG"] = text
+    try:
+        yield
+    finally:
+        if previous is None:
+            del os.environ["TF_CONFIG"]
+        else:
+            os.environ["TF_CONFIG"] = previous
 
 
 @dataclasses.dataclass

@@ -30,16 +30,15 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import os
 import sys
 import time
-from collections import defaultdict
 from typing import Protocol
 
 import numpy as np
 
-from trainer import lazy_import, metrics, plots
+from common import cli, staging
+from trainer import lazy_import, metrics, plots, ranking
 from trainer.baselines import (
     HELDOUT_USER_KEY,
     EaseScorer,
@@ -50,6 +49,7 @@ from trainer.baselines import (
 )
 from trainer.config import ConfigError
 from trainer.data.movielens import DataError
+from trainer.ranking import index_of, items_by_user
 
 # TensorFlow loads on first use, so that --help and bad flags answer at once.
 records = lazy_import("trainer.data.records")
@@ -61,17 +61,13 @@ MMR_POOL = 100
 #: EASE's L2 weights tried on the valid part (Steck reports 200-1000 on ML-20M-sized data).
 EASE_L2_GRID = (10.0, 30.0, 100.0, 300.0, 1000.0, 3000.0)
 
-__all__ = [  # the baselines are re-exported from trainer.baselines for older imports
+__all__ = [
     "EASE_L2_GRID",
-    "EaseScorer",
-    "PopularityScorer",
     "RankingTask",
     "Scorer",
     "evaluate",
     "evaluate_full_ranking",
     "evaluate_p1",
-    "index_of",
-    "items_by_user",
     "main",
     "make_ease",
     "ranking_task",
@@ -106,25 +102,12 @@ def _batched_scores(scorer: Scorer, queries: dict[str, np.ndarray], batch: int =
         yield start, scorer.score({k: v[start : start + batch] for k, v in queries.items()})
 
 
-def index_of(catalog: dict[str, np.ndarray]) -> dict[str, int]:
-    """Item id -> catalog row."""
-    return {item: i for i, item in enumerate(catalog["item_id"])}
-
-
-def items_by_user(events: dict[str, np.ndarray], index: dict[str, int]) -> dict[str, list[int]]:
-    """User id -> catalog rows of the user's items in ``events`` (a missing user: none)."""
-    groups: dict[str, list[int]] = defaultdict(list)
-    for user, item in zip(events["user_id"], events["item_id"], strict=True):
-        groups[user].append(index[item])
-    return groups
-
-
 def evaluate_p1(scorer: Scorer, data_dir: str, catalog: dict[str, np.ndarray]) -> dict:
     """TFRS protocol: factorized top-k accuracy of each test rating, and the ranking RMSE."""
     test = records.load_events(data_dir, "p1", "test")
     index = index_of(catalog)
     truth = np.array([index[i] for i in test["item_id"]])
-    curve_ks = range(1, plots.CURVE_MAX_K + 1)  # K_ACCURACY's cut-offs are among them
+    curve_ks = range(1, metrics.CURVE_MAX_K + 1)  # K_ACCURACY's cut-offs are among them
     hits = {k: 0 for k in curve_ks}
     for start, scores in _batched_scores(scorer, test):
         part = metrics.factorized_top_k_accuracy(
@@ -149,7 +132,7 @@ def _user_topk(
     top = []
     for start, scores in _batched_scores(scorer, queries):
         rows = None if exclude is None else exclude[start : start + len(scores)]
-        top.append(metrics.top_k_from_scores(scores, k, rows))
+        top.append(ranking.top_k_from_scores(scores, k, rows))
     return np.concatenate(top) if top else np.zeros([0, k], np.int64)
 
 
@@ -274,7 +257,7 @@ def mmr_tradeoff(
     )
     rows = []
     for lam in MMR_LAMBDAS:
-        top10 = metrics.mmr_rerank(pool, relevance, embeddings, 10, lam)
+        top10 = ranking.mmr_rerank(pool, relevance, embeddings, 10, lam)
         ranked = metrics.ranking_metrics(top10, task.truth, ks=(10,))
         rows.append(
             {
@@ -310,7 +293,7 @@ def evaluate(
     else:
         task = ranking_task(data_dir, split, catalog, part)
         result, pool = evaluate_full_ranking(scorer, data_dir, split, catalog, part, task)
-    curves = result.pop("curves", None) or plots.ranking_curves(pool, task.truth)
+    curves = result.pop("curves", None) or metrics.ranking_curves(pool, task.truth)
     result.update(beyond_accuracy(scorer, pool[:, :10], catalog))
     out = {"scorer": scorer.name, "split": split, "part": part, "metrics": result}
     out["curves"] = curves  # recall/NDCG (p1: top-k accuracy) at k = 1..100, for the plots
@@ -337,7 +320,7 @@ def _p1_valid_task(
     import tensorflow as tf
 
     from trainer.config import DataConfig
-    from trainer.loop import holdout_mask  # the very slice the loop validates on
+    from trainer.input_pipeline import holdout_mask  # the very slice the loop validates on
 
     keys = {k: tf.constant(train[k]) for k in ("user_id", "item_id", "timestamp")}
     mask = holdout_mask(keys, DataConfig().valid_fraction).numpy()
@@ -489,28 +472,18 @@ def load_scorer(args: argparse.Namespace) -> Scorer:
         raise ConfigError(
             f"--model-dir {args.model_dir} is not a trained model dir (no config.json)"
         )
-    from trainer.model import ModelScorer  # TensorFlow model code only when needed
+    from trainer.inference import ModelScorer  # TensorFlow model code only when needed
 
     return ModelScorer.from_model_dir(args.model_dir, records.load_catalog(args.data, args.split))
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    try:
-        records.part_files(args.data, args.split, args.part)
-        report = evaluate(
-            load_scorer(args), args.data, args.split, mmr=not args.no_mmr, part=args.part
-        )
-    except (DataError, ConfigError, FileNotFoundError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+def run(args: argparse.Namespace) -> None:
+    """Evaluates, prints the report and writes it (and its plots, the card) under ``--output``."""
+    records.part_files(args.data, args.split, args.part)
+    report = evaluate(load_scorer(args), args.data, args.split, mmr=not args.no_mmr, part=args.part)
     print(format_report(report))
     if args.output:
-        os.makedirs(os.path.dirname(os.path.abspath(args.output)), exist_ok=True)
-        tmp = args.output + ".tmp"
-        with open(tmp, "w") as f:
-            json.dump(report, f, indent=2)
-        os.replace(tmp, args.output)
+        staging.write_json(args.output, report)
         model_dir = None if args.baseline else args.model_dir
         for path in plots.write_report_plots(report, args.output, model_dir):
             print(f"wrote {path}")
@@ -518,7 +491,12 @@ def main(argv: list[str] | None = None) -> int:
             from trainer import model_card
 
             print(f"wrote {model_card.refresh_model_dir_card(model_dir, args.output)}")
-    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    # DataError and ConfigError are usage errors; a missing data file is the user's to fix too.
+    return cli.run(lambda: run(args), expected=(FileNotFoundError,))
 
 
 if __name__ == "__main__":

@@ -6,30 +6,11 @@
 The export is written to ``<export-base>/<model-name>/.tmp-<version>-<random>`` and renamed to
 ``<export-base>/<model-name>/<version>`` when complete (TF Serving ignores folders whose name is
 not a number, so it never sees a partial version). An existing version is never overwritten.
+Beside the SavedModel, ``assets.extra/`` holds TF Serving's warm-up requests (one per
+signature), the index settings and recall check (``recall_check.json``) and the model card.
 
-Signatures. Every input has a leading batch dimension ``B`` (the same in one request), so TF
-Serving's ``--enable_batching`` can merge requests (it refuses rank-0 inputs); every input check
-runs before any op reads the checked values.
-
-``serving_default`` (retrieve)
-    inputs: ``user_id, user_age, user_gender, user_occupation, query_text`` string ``[B]``;
-    ``history`` string ``[B, H]`` (item ids, most recent first, ``""`` = padding, any ``H``);
-    ``k`` int32 ``[B]`` (per query, 1..max_k); ``exclude_item_ids`` string ``[B, E]`` (``E`` may
-    be 0; unknown ids are ignored); ``diversity`` float32 ``[B]`` (per query MMR λ in [0, 1],
-    0 = plain top-k).
-    outputs: ``item_ids`` string ``[B, K]``, ``scores`` float32 ``[B, K]``, ``titles`` string
-    ``[B, K]`` with ``K = max(k)`` over the batch: row ``i`` holds its ``k[i]`` items, then
-    padding (id ``""``, score ``-inf``). With server-side batching ``K`` is the largest ``k`` of
-    the merged batch, so clients read the first ``k`` columns of their rows. When exclusions
-    leave fewer than ``k`` items in the index's candidate pool, the tail is padded the same way.
-``rank``
-    the query inputs and ``candidate_item_ids`` string ``[B, M]``; output ``ratings`` float32
-    ``[B, M]`` from the ranking head. An unknown candidate id is an INVALID_ARGUMENT error.
-``query_embedding``
-    the query inputs; output ``embeddings`` float32 ``[B, D]`` (L2-normalised).
-``candidate_embedding``
-    ``item_id, item_title, item_year, item_genres, item_text`` string ``[B]``; output
-    ``embeddings`` float32 ``[B, D]``. New, never-rated items are embedded from their text.
+The signatures are those of :data:`common.contract.SIGNATURES`, served by
+:class:`trainer.serving_module.RecommenderModule`.
 
 Known texts skip BERT. Every text the model has encoded (catalog item texts, profile
 sentences, the titles a query text may name) is looked up in an in-graph table; a batch sends
@@ -37,18 +18,12 @@ only its misses through the tokenizer and BERT (packed to its longest text) and 
 back in order, so a frozen BERT's export answers exactly as running BERT on every text would,
 and a fine-tuned one's tables are recomputed with its final weights at export. The set
 encoder's per-catalog-row tables are stored filled, and a batch without diversity skips MMR.
-
-Every signature loads and runs through TF Serving's session-based loader as well as through
-``tf.saved_model.load`` (:meth:`RecommenderModule.track_variables`; checked by
-tests/test_export.py with :mod:`serving.session_runner`).
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
-import math
 import os
 import re
 import sys
@@ -59,382 +34,13 @@ import numpy as np
 import tensorflow as tf
 
 import trainer  # noqa: F401  (TF_USE_LEGACY_KERAS before TFRS)
-from trainer import metrics
-from trainer.data import schema
+from common import cli, contract, staging
+from common.contract import RECALL_FILE, WARMUP_FILE
 from trainer.data.movielens import DataError
+from trainer.serving_module import SAVE_NAMESPACES, ExportError, IndexConfig, RecommenderModule
 
-SAVE_NAMESPACES = ["Scann", "TFText"]
-RECALL_FILE = "recall_check.json"
-WARMUP_FILE = "tf_serving_warmup_requests"
-QUERY_INPUTS = ("user_id", "user_age", "user_gender", "user_occupation", "query_text")
-
-
-class ExportError(ValueError):
-    """The export cannot be written as asked."""
-
-
-@dataclasses.dataclass
-class IndexConfig:
-    """Nearest-neighbour index; ScaNN parameters default to values derived from the catalog."""
-
-    kind: str = "scann"  # "scann" or "brute_force"
-    max_k: int = 100
-    pool: int = 0  # candidates fetched before exclusions and MMR; 0 = 2 * max_k
-    num_leaves: int = 0  # 0 = about sqrt(N)
-    num_leaves_to_search: int = 0  # 0 = about num_leaves / 16 (at least 8)
-    num_reordering_candidates: int = 0  # 0 = max(4 * pool, 256)
-    min_recall: float = 0.95
-    recall_queries: int = 500
-    # When num_leaves_to_search was derived (not given): double it until the recall check
-    # passes, instead of failing. How spread the trained embeddings are decides what is enough.
-    auto_tune: bool = True
-
-    def resolved(self, num_items: int) -> IndexConfig:
-        if self.kind not in ("scann", "brute_force"):
-            raise ExportError(f"--index must be scann or brute_force, got {self.kind!r}")
-        if self.max_k < 1:
-            raise ExportError(f"--max-k must be at least 1, got {self.max_k}")
-        if not 0.0 <= self.min_recall <= 1.0:
-            raise ExportError(f"--min-recall must be in [0, 1], got {self.min_recall}")
-        max_k = min(self.max_k, num_items)
-        pool = min(self.pool or 2 * max_k, num_items)
-        leaves = self.num_leaves or max(1, min(num_items // 2, round(math.sqrt(num_items))))
-        search = self.num_leaves_to_search or max(min(leaves, 8), math.ceil(leaves / 16))
-        reorder = self.num_reordering_candidates or min(num_items, max(4 * pool, 256))
-        if pool < max_k:
-            raise ExportError(f"--pool ({pool}) must be at least max_k ({max_k})")
-        return dataclasses.replace(
-            self,
-            max_k=max_k,
-            pool=pool,
-            num_leaves=leaves,
-            num_leaves_to_search=min(search, leaves),
-            num_reordering_candidates=max(reorder, pool),
-            auto_tune=self.auto_tune and not self.num_leaves_to_search,
-        )
-
-
-def _string_spec(*shape: int | None) -> tf.TensorSpec:
-    return tf.TensorSpec(list(shape), tf.string)
-
-
-class RecommenderModule(tf.Module):
-    """What TF Serving loads: query tower, candidate tower, ranking head, index and catalog.
-
-    Args:
-      query_model: raw query features (``QUERY_INPUTS`` ``[B]`` + ``history`` ``[B, H]``) ->
-        L2-normalised embeddings ``[B, D]``, tokenization in its graph.
-      candidate_model: raw candidate features ``[B]`` -> embeddings ``[B, D]``.
-      rating_fn: ``(query [B, D], candidates [B, M, D], user_ids [B], item_ids [B, M]) ->
-        ratings [B, M]`` (ids as raw strings).
-      catalog: the catalog table (``item_id``, ``item_title`` and the other candidate fields).
-      item_embeddings: ``[N, D]`` embeddings of the catalog, in catalog order.
-    """
-
-    def __init__(
-        self,
-        query_model: Callable[[dict[str, tf.Tensor]], tf.Tensor],
-        candidate_model: Callable[[dict[str, tf.Tensor]], tf.Tensor],
-        rating_fn: Callable[[tf.Tensor, tf.Tensor, tf.Tensor, tf.Tensor], tf.Tensor],
-        catalog: dict[str, np.ndarray],
-        item_embeddings: np.ndarray,
-        index: IndexConfig,
-        history_length: int,
-    ):
-        super().__init__()
-        self.query_model = query_model
-        self.candidate_model = candidate_model
-        self.rating_fn = rating_fn
-        self.history_length = history_length
-        self.index_config = index
-        ids = [str(i) for i in catalog["item_id"]]
-        self.item_ids = tf.Variable(ids, trainable=False, name="item_ids")
-        self.titles = tf.Variable(
-            [str(t) for t in catalog["item_title"]], trainable=False, name="item_titles"
-        )
-        self.embeddings = tf.Variable(
-            item_embeddings.astype(np.float32), trainable=False, name="item_embeddings"
-        )
-        self.id_to_index = tf.lookup.StaticHashTable(
-            tf.lookup.KeyValueTensorInitializer(
-                tf.constant(ids), tf.range(len(ids), dtype=tf.int64)
-            ),
-            default_value=-1,
-        )
-        self.scann = None
-        if index.kind == "scann":
-            self.build_index(index)
-
-    def build_index(self, index: IndexConfig) -> None:
-        """(Re)builds the ScaNN index over the catalog embeddings with ``index``'s parameters.
-
-        Call it before the signatures are traced: a traced signature keeps the index it saw.
-        """
-        import tensorflow_recommenders as tfrs
-
-        self.index_config = index
-        self.scann = tfrs.layers.factorized_top_k.ScaNN(
-            k=index.pool,
-            num_leaves=index.num_leaves,
-            num_leaves_to_search=index.num_leaves_to_search,
-            num_reordering_candidates=index.num_reordering_candidates,
-            parallelize_batch_searches=True,
-        )
-        count = int(self.embeddings.shape[0])
-        self.scann.index(self.embeddings.read_value(), tf.range(count, dtype=tf.int32))
-
-    # ------------------------------------------------------------------ graph pieces
-
-    @staticmethod
-    def _guarded(checks: list[tf.Operation], tensors: dict[str, tf.Tensor]) -> dict:
-        """Copies of ``tensors`` that exist only after every check passed.
-
-        Everything downstream reads the copies, so no op can consume an input before the
-        checks on it ran (without this, graph execution order is free and e.g. a gather on an
-        unchecked index could fail first with a raw message, or on a GPU return zeros).
-        """
-        with tf.control_dependencies(checks):
-            return {name: tf.identity(value) for name, value in tensors.items()}
-
-    def _query_checks(self, features: dict[str, tf.Tensor]) -> list[tf.Operation]:
-        batch = tf.shape(features["query_text"])[0]
-        checks = [
-            tf.debugging.assert_greater(batch, 0, message="empty batch: send at least one query")
-        ]
-        for name in (*QUERY_INPUTS[:-1], "history"):
-            checks.append(
-                tf.debugging.assert_equal(
-                    tf.shape(features[name])[0],
-                    batch,
-                    message=f"input {name} must have the same batch size as query_text",
-                )
-            )
-        return checks
-
-    def _query(self, features: dict[str, tf.Tensor]) -> tf.Tensor:
-        """Query embeddings of already checked (guarded) features."""
-        # Any history length is accepted: pad or cut to what the tower was trained with.
-        history = features["history"][:, : self.history_length]
-        pad = self.history_length - tf.shape(history)[1]
-        history = tf.pad(history, [[0, 0], [0, pad]], constant_values="")
-        history = tf.reshape(history, [-1, self.history_length])
-        return tf.cast(self.query_model({**features, "history": history}), tf.float32)
-
-    def _pool(self, queries: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
-        """Top-``pool`` candidates of the index: scores ``[B, P]``, catalog indices ``[B, P]``."""
-        if self.scann is not None:
-            scores, indices = self.scann(queries, k=self.index_config.pool)
-            # ScaNN's op loses static shapes; give them back for the loops downstream.
-            pool = self.index_config.pool
-            return tf.reshape(scores, [-1, pool]), tf.reshape(
-                tf.cast(indices, tf.int64), [-1, pool]
-            )
-        scores = tf.matmul(queries, self.embeddings, transpose_b=True)
-        top = tf.math.top_k(scores, k=self.index_config.pool)
-        return top.values, tf.cast(top.indices, tf.int64)
-
-    def _retrieve(self, features, k, exclude_item_ids, diversity):
-        max_k = self.index_config.max_k
-        batch = tf.shape(features["query_text"])[0]
-        checks = self._query_checks(features)
-        for name, value in (("k", k), ("exclude_item_ids", exclude_item_ids),
-                            ("diversity", diversity)):  # fmt: skip
-            checks.append(
-                tf.debugging.assert_equal(
-                    tf.shape(value)[0],
-                    batch,
-                    message=f"input {name} must have the same batch size as query_text",
-                )
-            )
-        checks += [
-            tf.debugging.assert_greater_equal(k, 1, message="k must be at least 1"),
-            tf.debugging.assert_less_equal(k, max_k, message=f"k must be at most {max_k}"),
-            tf.debugging.assert_greater_equal(diversity, 0.0, message="diversity must be >= 0"),
-            tf.debugging.assert_less_equal(diversity, 1.0, message="diversity must be <= 1"),
-        ]
-        checked = self._guarded(
-            checks,
-            {**features, "k": k, "exclude_item_ids": exclude_item_ids, "diversity": diversity},
-        )
-        k, exclude_item_ids, diversity = (
-            checked.pop("k"), checked.pop("exclude_item_ids"), checked.pop("diversity")
-        )  # fmt: skip
-        scores, indices = self._pool(self._query(checked))
-        excluded = self.id_to_index.lookup(exclude_item_ids)  # [B, E], -1 for unknown ids
-        hit = tf.reduce_any(indices[:, :, None] == excluded[:, None, :], axis=-1)
-        scores = tf.where(hit, tf.constant(-np.inf, tf.float32), scores)
-        order = tf.argsort(scores, axis=1, direction="DESCENDING", stable=True)
-        scores = tf.gather(scores, order, batch_dims=1)
-        indices = tf.gather(indices, order, batch_dims=1)
-        valid = tf.math.is_finite(scores)
-        # MMR over the pool, each query with its own λ; excluded or missing entries carry -inf
-        # and are picked last. The output is as wide as the batch's largest k.
-        width = tf.reduce_max(k)
-        candidates = tf.maximum(indices, 0)
-
-        def diverse() -> tf.Tensor:
-            return metrics.mmr_rerank_tf(
-                candidates, scores, self.embeddings, max_k, diversity[:, None]
-            )
-
-        # MMR at λ = 0 picks the stably sorted pool in order (-inf last, ties to the earlier
-        # position); a batch that asks no diversity skips its max_k-step loop (several ms).
-        picked = tf.cond(
-            tf.reduce_any(diversity > 0.0), diverse, lambda: candidates[:, :max_k]
-        )[:, :width]
-        position = tf.argmax(
-            tf.cast(picked[:, :, None] == indices[:, None, :], tf.int32),
-            axis=-1,
-            output_type=tf.int32,
-        )
-        top_scores = tf.gather(scores, position, batch_dims=1)
-        within_k = tf.range(width)[None, :] < k[:, None]
-        ok = tf.gather(valid, position, batch_dims=1) & within_k
-        safe = tf.maximum(picked, 0)
-        return {
-            "item_ids": tf.where(ok, tf.gather(self.item_ids, safe), ""),
-            "scores": tf.where(ok, top_scores, tf.constant(-np.inf, tf.float32)),
-            "titles": tf.where(ok, tf.gather(self.titles, safe), ""),
-        }
-
-    @staticmethod
-    def _features(user_id, user_age, user_gender, user_occupation, query_text, history):
-        return dict(
-            zip(
-                QUERY_INPUTS,
-                (user_id, user_age, user_gender, user_occupation, query_text),
-                strict=True,
-            ),
-            history=history,
-        )
-
-    # ------------------------------------------------------------------ signatures
-
-    @tf.function(
-        input_signature=[
-            *[_string_spec(None) for _ in QUERY_INPUTS],
-            _string_spec(None, None),
-            tf.TensorSpec([None], tf.int32),
-            _string_spec(None, None),
-            tf.TensorSpec([None], tf.float32),
-        ]
-    )
-    def retrieve(
-        self,
-        user_id,
-        user_age,
-        user_gender,
-        user_occupation,
-        query_text,
-        history,
-        k,
-        exclude_item_ids,
-        diversity,
-    ):
-        features = self._features(
-            user_id, user_age, user_gender, user_occupation, query_text, history
-        )
-        return self._retrieve(features, k, exclude_item_ids, diversity)
-
-    @tf.function(
-        input_signature=[
-            *[_string_spec(None) for _ in QUERY_INPUTS],
-            _string_spec(None, None),
-            _string_spec(None, None),
-        ]
-    )
-    def rank(
-        self,
-        user_id,
-        user_age,
-        user_gender,
-        user_occupation,
-        query_text,
-        history,
-        candidate_item_ids,
-    ):
-        features = self._features(
-            user_id, user_age, user_gender, user_occupation, query_text, history
-        )
-        indices = self.id_to_index.lookup(candidate_item_ids)
-        checks = self._query_checks(features) + [
-            tf.debugging.assert_equal(
-                tf.shape(candidate_item_ids)[0],
-                tf.shape(query_text)[0],
-                message="input candidate_item_ids must have the same batch size as query_text",
-            ),
-            tf.debugging.assert_non_negative(
-                indices,
-                message="rank: candidate_item_ids contains an id that is not in the catalog",
-            ),
-        ]
-        checked = self._guarded(
-            checks, {**features, "candidate_item_ids": candidate_item_ids, "indices": indices}
-        )
-        candidate_item_ids, indices = checked.pop("candidate_item_ids"), checked.pop("indices")
-        queries = self._query(checked)
-        candidates = tf.gather(self.embeddings, indices)
-        ratings = self.rating_fn(queries, candidates, checked["user_id"], candidate_item_ids)
-        return {"ratings": tf.cast(ratings, tf.float32)}
-
-    @tf.function(
-        input_signature=[
-            *[_string_spec(None) for _ in QUERY_INPUTS],
-            _string_spec(None, None),
-        ]
-    )
-    def query_embedding(self, user_id, user_age, user_gender, user_occupation, query_text, history):
-        features = self._features(
-            user_id, user_age, user_gender, user_occupation, query_text, history
-        )
-        return {"embeddings": self._query(self._guarded(self._query_checks(features), features))}
-
-    @tf.function(input_signature=[_string_spec(None) for _ in schema.CANDIDATE_STRING_FEATURES])
-    def candidate_embedding(self, item_id, item_title, item_year, item_genres, item_text):
-        features = dict(
-            zip(
-                schema.CANDIDATE_STRING_FEATURES,
-                (item_id, item_title, item_year, item_genres, item_text),
-                strict=True,
-            )
-        )
-        batch = tf.shape(item_id)[0]
-        checks = [tf.debugging.assert_greater(batch, 0, message="empty batch")]
-        for name in schema.CANDIDATE_STRING_FEATURES[1:]:
-            checks.append(
-                tf.debugging.assert_equal(
-                    tf.shape(features[name])[0],
-                    batch,
-                    message=f"input {name} must have the same batch size as item_id",
-                )
-            )
-        checked = self._guarded(checks, features)
-        return {"embeddings": tf.cast(self.candidate_model(checked), tf.float32)}
-
-    def track_variables(self) -> None:
-        """Tracks every variable the signatures read as a plain attribute of the module.
-
-        The one place that makes the export loadable by TF Serving: Keras 3 variables held
-        (through the towers) by a bare ``tf.Module`` are restored by ``tf.saved_model.load``
-        but not by the session-based loader TF Serving uses (``Could not find variable``);
-        listing the underlying ``tf.Variable`` of each one on the module puts it in the
-        MetaGraph's saver. The traced signatures know exactly which variables they read, so
-        nothing has to be enumerated by hand.
-        """
-        seen: dict[int, tf.Variable] = {}
-        for fn in self.signatures().values():
-            for variable in fn.variables:
-                seen.setdefault(id(variable), variable)
-        self.serving_variables = list(seen.values())
-
-    def signatures(self) -> dict[str, tf.types.experimental.ConcreteFunction]:
-        return {
-            "serving_default": self.retrieve.get_concrete_function(),
-            "rank": self.rank.get_concrete_function(),
-            "query_embedding": self.query_embedding.get_concrete_function(),
-            "candidate_embedding": self.candidate_embedding.get_concrete_function(),
-        }
-
+#: The inputs of every query signature: the query features ``[B]`` and ``history`` ``[B, H]``.
+_QUERY_INPUTS = tuple(contract.SIGNATURES[contract.QUERY_EMBEDDING].inputs)
 
 # ---------------------------------------------------------------------- writing an export
 
@@ -468,8 +74,6 @@ def check_target(export_base: str, model_name: str, version: int | None) -> tupl
     if version is not None and version < 1:
         raise ExportError(f"--version must be a positive integer, got {version}")
     if tf.io.gfile.isdir(model_base):
-        from common import staging
-
         for path in staging.remove_stale(model_base, ".tmp-"):
             print(f"removed {path}, left by an export that was killed")
     version = next_version(model_base) if version is None else version
@@ -484,7 +88,7 @@ def recall_against_brute_force(
 ) -> float:
     """Mean recall@k of the module's index against exact search over the same embeddings."""
     embeddings = module.query_embedding(**queries)["embeddings"]
-    _, approx = module._pool(embeddings)
+    _, approx = module.candidate_pool(embeddings)
     exact = tf.math.top_k(tf.matmul(embeddings, module.embeddings, transpose_b=True), k=k).indices
     approx, exact = approx[:, :k].numpy(), exact.numpy()
     return float(np.mean([len(set(a) & set(e)) / k for a, e in zip(approx, exact, strict=True)]))
@@ -495,10 +99,10 @@ def _tensor_proto(value: np.ndarray) -> tf.compat.v1.TensorProto:
 
 
 def write_warmup(path: str, requests: dict[str, dict[str, np.ndarray]], model_name: str) -> int:
-    """Writes TF Serving's warm-up file: one PredictionLog per signature."""
+    """Writes TF Serving's warm-up file: one PredictionLog per signature; returns how many."""
     from tensorflow_serving.apis import model_pb2, predict_pb2, prediction_log_pb2
 
-    with tf.io.TFRecordWriter(path) as writer:
+    with staging.staged_file(path) as tmp, tf.io.TFRecordWriter(tmp) as writer:
         for signature, inputs in requests.items():
             request = predict_pb2.PredictRequest(
                 model_spec=model_pb2.ModelSpec(name=model_name, signature_name=signature)
@@ -515,30 +119,34 @@ def write_warmup(path: str, requests: dict[str, dict[str, np.ndarray]], model_na
 def sample_requests(
     queries: dict[str, np.ndarray], catalog: dict[str, np.ndarray], module_max_k: int = 10
 ) -> dict:
-    """One small request per signature, from real queries and catalog items (batch 2)."""
-    query = {
-        name: np.asarray(queries[name][:2]).astype(object) for name in (*QUERY_INPUTS, "history")
+    """One small request per signature of the contract, from real queries and catalog items.
+
+    Args:
+      queries: the users table (query features ``[U]``, ``history`` ``[U, H]``).
+      catalog: the catalog table (candidate features ``[N]``).
+      module_max_k: the export's largest ``k``.
+
+    Returns:
+      ``{signature name: {input name: array with a batch of 2}}``, in the contract's order.
+    """
+    values = {
+        **{n: np.asarray(queries[n][:2]).astype(object) for n in _QUERY_INPUTS},
+        **{n: np.asarray(catalog[n][:2]).astype(object) for n in contract.CANDIDATE_FEATURES},
     }
-    items = {
-        name: np.asarray(catalog[name][:2]).astype(object)
-        for name in schema.CANDIDATE_STRING_FEATURES
-    }
-    batch = len(query["query_text"])
-    retrieve = {
-        **query,
-        "k": np.full([batch], min(10, module_max_k), np.int32),
-        "exclude_item_ids": np.array([[""]] * batch, dtype=object),
-        "diversity": np.zeros([batch], np.float32),
-    }
-    rank = {
-        **query,
-        "candidate_item_ids": np.array([list(catalog["item_id"][:3])] * batch, dtype=object),
-    }
+    batch = len(values[contract.QUERY_FEATURES[0]])
+    values.update(
+        {
+            contract.K: np.full([batch], min(10, module_max_k), np.int32),
+            contract.EXCLUDE_ITEM_IDS: np.array([[""]] * batch, dtype=object),
+            contract.DIVERSITY: np.zeros([batch], np.float32),
+            contract.CANDIDATE_ITEM_IDS: np.array(
+                [list(catalog["item_id"][:3])] * batch, dtype=object
+            ),
+        }
+    )
     return {
-        "serving_default": retrieve,
-        "rank": rank,
-        "query_embedding": query,
-        "candidate_embedding": items,
+        name: {n: values[n] for n in signature.inputs}
+        for name, signature in contract.SIGNATURES.items()
     }
 
 
@@ -561,7 +169,7 @@ def save_export(
     config = module.index_config
     sample = {
         name: np.asarray(queries[name][: config.recall_queries]).astype(object)
-        for name in (*QUERY_INPUTS, "history")
+        for name in _QUERY_INPUTS
     }
     recall = 1.0
     while config.kind == "scann":
@@ -588,50 +196,44 @@ def save_export(
     for signature, inputs in requests.items():  # the concrete functions run once before saving
         module.signatures()[signature](**{k: tf.constant(v) for k, v in inputs.items()})
     module.track_variables()
-    tf.io.gfile.makedirs(model_base)
-    from common import staging
-
-    tmp = os.path.join(model_base, f".tmp-{version}-{staging.temp_token()}")
     try:
-        _stage(f"saving the SavedModel to {tmp}")
-        tf.saved_model.save(
-            module,
-            tmp,
-            signatures=module.signatures(),
-            options=tf.saved_model.SaveOptions(namespace_whitelist=SAVE_NAMESPACES),
-        )
-        extra = os.path.join(tmp, "assets.extra")
-        tf.io.gfile.makedirs(extra)
-        write_warmup(os.path.join(extra, WARMUP_FILE), requests, model_name)
-        info = {
-            "index": dataclasses.asdict(config),
-            "recall_at_10_vs_brute_force": recall,
-            "num_items": int(module.embeddings.shape[0]),
-            "version": version,
-            "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-            **(extra_info or {}),
-        }
-        with tf.io.gfile.GFile(os.path.join(extra, RECALL_FILE), "w") as f:
-            json.dump(info, f, indent=2)
-        from trainer import model_card  # what the export is, its figures and limits
-
-        card = model_card.write_export_card(extra, info)
-        _stage(f"wrote warm-up requests, {RECALL_FILE} and {os.path.basename(card)}")
-        if tf.io.gfile.exists(final):
-            raise ExportError(f"{final} appeared while exporting; not overwriting it")
-        tf.io.gfile.rename(tmp, final)
-    finally:
-        if tf.io.gfile.exists(tmp):
-            tf.io.gfile.rmtree(tmp)
+        with staging.staged_dir(final, prefix=f".tmp-{version}-") as tmp:
+            _stage(f"saving the SavedModel to {tmp}")
+            tf.saved_model.save(
+                module,
+                tmp,
+                signatures=module.signatures(),
+                options=tf.saved_model.SaveOptions(namespace_whitelist=SAVE_NAMESPACES),
+            )
+            info = {
+                "index": dataclasses.asdict(config),
+                "recall_at_10_vs_brute_force": recall,
+                "num_items": int(module.embeddings.shape[0]),
+                "version": version,
+                "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+                **(extra_info or {}),
+            }
+            _write_extras(os.path.join(tmp, "assets.extra"), requests, model_name, info)
+    except FileExistsError:  # staged_dir never renames onto a version that appeared meanwhile
+        raise ExportError(f"{final} appeared while exporting; not overwriting it") from None
     return final
+
+
+def _write_extras(extra: str, requests: dict, model_name: str, info: dict) -> None:
+    """``assets.extra/``: warm-up requests, the index settings and recall check, the card."""
+    tf.io.gfile.makedirs(extra)
+    write_warmup(os.path.join(extra, WARMUP_FILE), requests, model_name)
+    staging.write_json(os.path.join(extra, RECALL_FILE), info)
+    from trainer import model_card  # what the export is, its figures and limits
+
+    card = model_card.write_export_card(extra, info)
+    _stage(f"wrote warm-up requests, {RECALL_FILE} and {os.path.basename(card)}")
 
 
 # ---------------------------------------------------------------------- from a trained model
 
 
-CatalogFn = Callable[
-    [dict[str, np.ndarray], np.ndarray], tuple[dict[str, np.ndarray], np.ndarray]
-]
+CatalogFn = Callable[[dict[str, np.ndarray], np.ndarray], tuple[dict[str, np.ndarray], np.ndarray]]
 
 
 def build_module(
@@ -650,7 +252,8 @@ def build_module(
     Returns the module, the catalog table, the users table and a dict describing the export.
     """
     from trainer.data import records
-    from trainer.model import ModelScorer, load_trained
+    from trainer.inference import ModelScorer
+    from trainer.model_dir import load_trained
 
     if not tf.io.gfile.exists(os.path.join(model_dir, "config.json")):
         raise ExportError(f"{model_dir} is not a trained model dir (no config.json)")
@@ -664,7 +267,7 @@ def build_module(
         raise ExportError(f"{e} (pass --data: the prepared data the model was trained on)") from e
     # Every text the model has encoded (catalog item texts, profile sentences, titles) is
     # answered from its in-graph table; only the misses of a batch go through the tokenizer
-    # and BERT (trainer.model.cached_or_encoded). A fine-tuned BERT's tables are recomputed
+    # and BERT (trainer.features.cached_or_encoded). A fine-tuned BERT's tables are recomputed
     # with its final weights first, so both paths give the same vectors.
     model.serve_from_caches()
     item_embeddings = ModelScorer(model, catalog).item_embeddings()
@@ -701,7 +304,7 @@ def _freeze_catalog_tables(model) -> list[tf.Variable]:
     constant, so the projected ``[R, d]`` tables are stored. Returns the variables (the module
     tracks them, so they are saved).
     """
-    from trainer.towers import SetEncoder
+    from trainer.history import SetEncoder
 
     tower = model.query_tower
     tables = getattr(tower, "catalog_tables", None)
@@ -765,8 +368,8 @@ def build_parser() -> argparse.ArgumentParser:
     return export_parser()
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+def run(args: argparse.Namespace) -> None:
+    """Checks the flags (cheap checks first: the model takes minutes to load), then exports."""
     index = IndexConfig(
         kind=args.index,
         max_k=args.max_k,
@@ -776,20 +379,18 @@ def main(argv: list[str] | None = None) -> int:
         num_reordering_candidates=args.num_reordering_candidates,
         min_recall=args.min_recall,
     )
-    from trainer.config import ConfigError
+    check_target(args.export_base, args.model_name, args.version)
+    if not tf.io.gfile.exists(os.path.join(args.model_dir, "config.json")):
+        raise ExportError(
+            f"--model-dir {args.model_dir} is not a trained model dir (no config.json)"
+        )
+    export(args.model_dir, args.export_base, args.model_name, index, args.version, args.data)
 
-    try:
-        # Cheap checks first: the model takes minutes to load.
-        check_target(args.export_base, args.model_name, args.version)
-        if not tf.io.gfile.exists(os.path.join(args.model_dir, "config.json")):
-            raise ExportError(
-                f"--model-dir {args.model_dir} is not a trained model dir (no config.json)"
-            )
-        export(args.model_dir, args.export_base, args.model_name, index, args.version, args.data)
-    except (ExportError, DataError, ConfigError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    return 0
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    # ExportError, DataError and ConfigError are usage errors: one line on stderr, exit 2.
+    return cli.run(lambda: run(args))
 
 
 if __name__ == "__main__":

@@ -16,9 +16,10 @@ from __future__ import annotations
 import json
 import os
 import time
-import uuid
 from collections.abc import Mapping, Sequence
 from typing import Any
+
+from common import staging
 
 CARD_MD = "MODEL_CARD.md"
 CARD_JSON = "model_card.json"
@@ -91,26 +92,6 @@ def _read_json(path: str) -> Any:
         return json.loads(text)
     except json.JSONDecodeError:
         return None
-
-
-def _write_text(path: str, text: str) -> None:
-    """Writes to a temporary sibling and renames it into place (readers never see half)."""
-    folder, name = os.path.split(path)
-    tmp = os.path.join(folder, f".tmp-{uuid.uuid4().hex[:8]}-{name}")
-    if _is_remote(path):
-        import tensorflow as tf
-
-        with tf.io.gfile.GFile(tmp, "w") as f:
-            f.write(text)
-        tf.io.gfile.rename(tmp, path, overwrite=True)
-        return
-    try:
-        with open(tmp, "w", encoding="utf-8") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
 
 
 # --------------------------------------------------------------------------- the facts
@@ -346,9 +327,9 @@ def render_markdown(card: Mapping[str, Any]) -> str:
 
 def write_card(directory: str, card: Mapping[str, Any]) -> str:
     """Writes ``MODEL_CARD.md`` and ``model_card.json`` into ``directory``; returns the .md."""
-    _write_text(os.path.join(directory, CARD_JSON), json.dumps(card, indent=2) + "\n")
+    staging.write_json(os.path.join(directory, CARD_JSON), card)
     path = os.path.join(directory, CARD_MD)
-    _write_text(path, render_markdown(card))
+    staging.write_text(path, render_markdown(card))
     return path
 
 

@@ -16,9 +16,9 @@ Figures (PNG, matplotlib's headless Agg backend):
   top-10 lists, and the share of recommendations falling in each popularity decile of the
   catalog (decile 10 = the most-rated tenth).
 
-The numbers drawn come from :func:`ranking_curves` and :func:`exposure_summary`, which
-``trainer.evaluate`` stores in its report (``curves``, ``exposure``) so that reports written at
-different times can be drawn together.
+The numbers drawn come from :func:`trainer.metrics.ranking_curves` and :func:`exposure_summary`,
+which ``trainer.evaluate`` stores in its report (``curves``, ``exposure``) so that reports
+written at different times can be drawn together.
 """
 
 from __future__ import annotations
@@ -28,60 +28,19 @@ import json
 import math
 import os
 import sys
-import uuid
 from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
 
-#: Cut-offs of the recall/NDCG curves.
-CURVE_MAX_K = 100
+from common import cli, staging
+from trainer import metrics
+
 #: Points of the stored Lorenz curve (shares 0, 1/(n-1), ..., 1 of the catalog).
 LORENZ_POINTS = 101
 
 
 # --------------------------------------------------------------------------- the numbers
-
-
-def ranking_curves(
-    top_k: np.ndarray, truth: Sequence[np.ndarray], max_k: int = CURVE_MAX_K
-) -> dict[str, list[float]]:
-    """RecBole's per-user recall@k and NDCG@k for every k = 1..``max_k``.
-
-    Args:
-        top_k: ``[U, K]`` catalog rows ranked best first (``-1`` = no item); ``K >= max_k``
-            is not required: beyond ``K`` the curves stay flat.
-        truth: ``U`` arrays of relevant catalog rows; users without any are left out of the
-            mean, as :func:`trainer.metrics.ranking_metrics` does.
-
-    Returns:
-        ``{"k": [1..max_k], "recall": [...], "ndcg": [...]}`` (lists of ``max_k`` floats).
-    """
-    top_k = np.asarray(top_k, dtype=np.int64)
-    users = [u for u, t in enumerate(truth) if len(t)]
-    ks = np.arange(1, max_k + 1)
-    if not users:
-        nan = [float("nan")] * max_k
-        return {"k": ks.tolist(), "recall": nan, "ndcg": list(nan)}
-    depth = min(max_k, top_k.shape[1])
-    hits = np.zeros([len(users), max_k], np.float64)
-    sizes = np.zeros(len(users), np.float64)
-    for row, u in enumerate(users):
-        relevant = np.unique(np.asarray(truth[u], dtype=np.int64))
-        hits[row, :depth] = np.isin(top_k[u, :depth], relevant) & (top_k[u, :depth] >= 0)
-        sizes[row] = len(relevant)
-    discount = 1.0 / np.log2(ks + 1.0)
-    recall = np.cumsum(hits, axis=1) / sizes[:, None]
-    dcg = np.cumsum(hits * discount, axis=1)
-    ideal_cum = np.cumsum(discount)
-    # The ideal list holds min(k, |truth|) relevant items on top.
-    idcg = ideal_cum[np.minimum(ks[None, :], sizes[:, None]).astype(np.int64) - 1]
-    ndcg = dcg / idcg
-    return {
-        "k": ks.tolist(),
-        "recall": recall.mean(axis=0).tolist(),
-        "ndcg": ndcg.mean(axis=0).tolist(),
-    }
 
 
 def exposure_summary(top_k: np.ndarray, popularity: np.ndarray) -> dict[str, list[float]]:
@@ -121,7 +80,7 @@ def exposure_summary(top_k: np.ndarray, popularity: np.ndarray) -> dict[str, lis
     return {
         "lorenz": lorenz.tolist(),
         "popularity_deciles": shares.tolist(),
-        "catalog_coverage": float((counts > 0).mean()),
+        "catalog_coverage": metrics.catalog_coverage(top_k, num_items),
     }
 
 
@@ -139,18 +98,12 @@ def _pyplot():
 
 
 def _save(fig, path: str) -> str:
-    """Writes the figure to a temporary sibling and renames it into place."""
-    plt = _pyplot()
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    tmp = os.path.join(folder, f".tmp-{uuid.uuid4().hex[:8]}-{os.path.basename(path)}")
+    """Writes the figure as PNG through a temporary sibling (readers never see half of it)."""
     try:
-        fig.savefig(tmp, dpi=100, bbox_inches="tight", format="png")
-        os.replace(tmp, path)
+        with staging.staged_file(path) as tmp:
+            fig.savefig(tmp, dpi=100, bbox_inches="tight", format="png")
     finally:
-        plt.close(fig)
-        if os.path.exists(tmp):
-            os.remove(tmp)
+        _pyplot().close(fig)
     return path
 
 
@@ -359,21 +312,21 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def run(args: argparse.Namespace) -> None:
+    """Draws the figures of ``--reports`` into ``--output-dir``."""
+    reports = [read_report(p) for p in args.reports]
+    if args.model_dir and not os.path.isfile(os.path.join(args.model_dir, "metrics.json")):
+        raise ValueError(f"--model-dir {args.model_dir}: no metrics.json (not a model dir)")
+    folder = args.output_dir or os.path.dirname(os.path.abspath(args.reports[0]))
+    target = os.path.join(folder, os.path.basename(args.reports[0]))
+    for path in write_report_plots(reports[0], target, args.model_dir, others=reports[1:]):
+        print(f"wrote {path}")
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    try:
-        reports = [read_report(p) for p in args.reports]
-        if args.model_dir and not os.path.isfile(os.path.join(args.model_dir, "metrics.json")):
-            raise ValueError(f"--model-dir {args.model_dir}: no metrics.json (not a model dir)")
-        folder = args.output_dir or os.path.dirname(os.path.abspath(args.reports[0]))
-        target = os.path.join(folder, os.path.basename(args.reports[0]))
-        paths = write_report_plots(reports[0], target, args.model_dir, others=reports[1:])
-    except ValueError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    for path in paths:
-        print(f"wrote {path}")
-    return 0
+    # read_report and the drawing name a bad report or history with a ValueError.
+    return cli.run(lambda: run(args), expected=(ValueError,))
 
 
 if __name__ == "__main__":

@@ -12,7 +12,9 @@ import sys
 from collections.abc import Sequence
 
 import trainer  # noqa: F401  (TF_USE_LEGACY_KERAS before TensorFlow)
-from trainer.config import ConfigError, TrainConfig, parse_args
+from common.cli import run as run_command
+from trainer.config import ConfigError, TrainConfig
+from trainer.flags import parse_args
 
 log = logging.getLogger("trainer")
 
@@ -67,22 +69,21 @@ def _as_data_error(config: TrainConfig, error: Exception) -> Exception:
 
 def main(argv: Sequence[str] | None = None) -> int:
     setup_logging()
-    from trainer.data.movielens import DataError
+    return run_command(lambda: _train(argv))
 
+
+def _train(argv: Sequence[str] | None) -> int:
+    """Parses, trains; the exit status (128 + N: stopped by signal N after a checkpoint)."""
+    config = parse_args(argv)
+    if not config.data.data:
+        raise ConfigError("--data is required")
     try:
-        config = parse_args(argv)
-        if not config.data.data:
-            raise ConfigError("--data is required")
-        try:
-            result = run(config)
-        except Exception as e:
-            mapped = _as_data_error(config, e)
-            if mapped is e:
-                raise
-            raise mapped from e
-    except (ConfigError, DataError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+        result = run(config)
+    except Exception as e:
+        mapped = _as_data_error(config, e)
+        if mapped is e:
+            raise
+        raise mapped from e
     if result.status == "interrupted":
         return 128 + (result.signum or 15)
     return 0

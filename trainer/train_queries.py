@@ -21,7 +21,7 @@ import tensorflow as tf
 
 from trainer.data import schema
 from trainer.data.movielens import DataError
-from trainer.model import profile_texts
+from trainer.features import NOTHING_LIKED, profile_texts
 
 #: Users with fewer train items than this have nothing to split into input and targets.
 MIN_USER_ITEMS = 2
@@ -156,7 +156,7 @@ def user_batches(
         liked = tf.logical_and(kept, rating >= liked_threshold)
         named = tf.ragged.boolean_mask(titles.lookup(history), liked)[:, :max_titles]
         joined = tf.strings.reduce_join(named, axis=1, separator="; ")
-        joined = tf.where(joined == "", "nothing yet", joined)
+        joined = tf.where(joined == "", NOTHING_LIKED, joined)
         profile = profile_texts(batch["user_age"], batch["user_gender"], batch["user_occupation"])
         inputs = tf.where(kept, history, "")
         if max_items and max_items < history.shape[1]:

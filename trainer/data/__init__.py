@@ -19,7 +19,7 @@ _FROM_RECORDS = ("load_catalog", "load_events", "load_users", "make_dataset", "r
 __all__ = ["DataError", *_FROM_RECORDS]
 
 
-_SUBMODULES = ("features", "movielens", "prepare", "records", "schema", "splits", "staging")
+_SUBMODULES = ("features", "movielens", "prepare", "records", "schema", "splits")
 
 
 def __getattr__(name: str) -> Any:

@@ -8,8 +8,8 @@ import sys
 import time
 
 import trainer  # noqa: F401  (TF_USE_LEGACY_KERAS before TensorFlow loads)
+from common.cli import run
 from trainer import lazy_import
-from trainer.data.movielens import DataError
 
 # TensorFlow loads when preparing starts, not for --help or a bad flag.
 prepare_lib = lazy_import("trainer.data.prepare")
@@ -136,6 +136,10 @@ def _log_to_stderr() -> None:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     _log_to_stderr()
+    return run(lambda: _prepare(args))
+
+
+def _prepare(args: argparse.Namespace) -> int:
     config = prepare_lib.PrepareConfig(
         output=args.output,
         dataset=args.dataset,
@@ -151,11 +155,7 @@ def main(argv: list[str] | None = None) -> int:
         overwrite=args.overwrite,
     )
     start = time.time()
-    try:
-        manifest = prepare_lib.prepare(config)
-    except DataError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    manifest = prepare_lib.prepare(config)  # DataError: one error line, exit 2
     print(summary_table(manifest))
     print(f"\nwrote {args.output} in {time.time() - start:.1f}s")
     return 0

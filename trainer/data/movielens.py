@@ -22,9 +22,11 @@ import os
 import re
 import subprocess
 import sys
-import tempfile
 import zipfile
 from collections.abc import Iterator
+
+from common import staging
+from common.cli import UsageError
 
 RECBOLE_VERSION = "1.2.1"
 RECBOLE_WHEEL = f"recbole-{RECBOLE_VERSION}-py3-none-any.whl"
@@ -85,7 +87,7 @@ MIN_RATING, MAX_RATING = 0.5, 5.0
 _TITLE_YEAR = re.compile(r"^(?P<title>.*?)\s*\((?P<year>\d{4})\)\s*$")
 
 
-class DataError(ValueError):
+class DataError(UsageError):
     """Input data that cannot be used, with the file and line that show why."""
 
 
@@ -423,20 +425,23 @@ def fetch_ml100k(cache_dir: str | None = None) -> str:
                 f"{result.stderr.strip()[-500:]}. Put {RECBOLE_WHEEL} there by hand, or pass "
                 "--source with GroupLens's own files."
             )
-    tmp = tempfile.mkdtemp(prefix="ml-100k.", dir=cache_dir)
-    try:
-        with zipfile.ZipFile(wheel) as archive:
-            for ext in ML100K_SHA256:
-                with open(os.path.join(tmp, f"ml-100k.{ext}"), "wb") as f:
-                    f.write(archive.read(RECBOLE_ML100K.format(ext)))
-    except (zipfile.BadZipFile, KeyError) as e:
-        raise DataError(f"{wheel}: not a usable recbole wheel ({e}); delete it and retry") from e
-    for ext in ML100K_SHA256:
-        if not _verified(os.path.join(tmp, f"ml-100k.{ext}"), ext):
-            raise DataError(f"{wheel}: ml-100k.{ext} fails its sha256 check; delete it and retry")
-    if os.path.isdir(target):
-        os.rename(target, tmp + ".old")
-    os.rename(tmp, target)
+    # Extracted beside the cache and renamed into place once verified: a killed run leaves no
+    # half-written copy that the check above could read as the data set.
+    with staging.staged_dir(target, replace=True) as tmp:
+        try:
+            with zipfile.ZipFile(wheel) as archive:
+                for ext in ML100K_SHA256:
+                    with open(os.path.join(tmp, f"ml-100k.{ext}"), "wb") as f:
+                        f.write(archive.read(RECBOLE_ML100K.format(ext)))
+        except (zipfile.BadZipFile, KeyError) as e:
+            raise DataError(
+                f"{wheel}: not a usable recbole wheel ({e}); delete it and retry"
+            ) from e
+        for ext in ML100K_SHA256:
+            if not _verified(os.path.join(tmp, f"ml-100k.{ext}"), ext):
+                raise DataError(
+                    f"{wheel}: ml-100k.{ext} fails its sha256 check; delete it and retry"
+                )
     return target
 
 

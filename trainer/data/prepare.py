@@ -12,7 +12,6 @@ import json
 import logging
 import os
 import time
-import uuid
 from collections import defaultdict
 from collections.abc import Iterator
 
@@ -30,7 +29,7 @@ from trainer.data.movielens import (
     fetch_ml100k,
     load_source,
 )
-from trainer.data.records import MANIFEST, write_sharded
+from trainer.data.records import MANIFEST, write_file, write_sharded
 
 MANIFEST_VERSION = 1
 
@@ -273,10 +272,8 @@ def write_prepared(raw: RawData, config: PrepareConfig, directory: str) -> dict:
                 "items": len({r["item_id"] for r in rows}),
                 "shards": shards,
             }
-        write_sharded(split_dir, "catalog.tmp", builder.catalog(split), 1)
-        _rename_single(split_dir, "catalog")
-        write_sharded(split_dir, "users.tmp", users, 1)
-        _rename_single(split_dir, "users")
+        write_file(os.path.join(split_dir, "catalog.tfrecord"), builder.catalog(split))
+        write_file(os.path.join(split_dir, "users.tfrecord"), users)
         manifest["splits"][split.name] = {
             "parts": parts,
             "cold_items": sorted(split.cold, key=_id_order),
@@ -300,14 +297,6 @@ def write_prepared(raw: RawData, config: PrepareConfig, directory: str) -> dict:
     with tf.io.gfile.GFile(os.path.join(directory, MANIFEST), "w") as f:
         json.dump(manifest, f, indent=2)
     return manifest
-
-
-def _rename_single(directory: str, name: str) -> None:
-    tf.io.gfile.rename(
-        os.path.join(directory, f"{name}.tmp-00000-of-00001.tfrecord"),
-        os.path.join(directory, f"{name}.tfrecord"),
-        overwrite=True,
-    )
 
 
 def load_raw(config: PrepareConfig) -> RawData:
@@ -344,28 +333,12 @@ def prepare(config: PrepareConfig, raw: RawData | None = None) -> dict:
         f"{len(raw.users):,}",
         f"{len(raw.items):,}",
     )
-    tmp = f"{output}.tmp-{staging.temp_token()}"
-    try:
+    # <output>.tmp-<host>~<pid>~<random>, renamed onto --output (the old one moved aside first)
+    # once complete; on GCS the manifest, written last, marks a complete folder.
+    with staging.staged_dir(output, replace=True) as tmp:
         manifest = write_prepared(raw, config, tmp)
-        _swap_into_place(tmp, output)
-        log.info("renamed into place: %s", output)
-    finally:
-        if tf.io.gfile.exists(tmp):
-            tf.io.gfile.rmtree(tmp)
+    log.info("renamed into place: %s", output)
     return manifest
-
-
-def _swap_into_place(tmp: str, output: str) -> None:
-    old = None
-    if tf.io.gfile.exists(output):
-        old = f"{output}.old-{uuid.uuid4().hex[:8]}"
-        tf.io.gfile.rename(output, old)
-    if output.startswith("gs://"):
-        tf.io.gfile.rename(tmp, output)  # GCS has no atomic folder rename; manifest marks done
-    else:
-        os.replace(tmp, output)
-    if old:
-        tf.io.gfile.rmtree(old)
 
 
 # --------------------------------------------------------------------------- synthetic data

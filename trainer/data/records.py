@@ -28,8 +28,10 @@ def _feature(value: object) -> tf.train.Feature:
         return tf.train.Feature(float_list=tf.train.FloatList(value=[float(value)]))
     if isinstance(value, int | np.integer):
         return tf.train.Feature(int64_list=tf.train.Int64List(value=[int(value)]))
-    if isinstance(value, list | tuple) and value and all(
-        isinstance(v, float | np.floating) for v in value
+    if (
+        isinstance(value, list | tuple)
+        and value
+        and all(isinstance(v, float | np.floating) for v in value)
     ):
         return tf.train.Feature(float_list=tf.train.FloatList(value=[float(v) for v in value]))
     if isinstance(value, list | tuple):
@@ -65,6 +67,14 @@ def write_sharded(
         for writer in writers:
             writer.close()
     return paths
+
+
+def write_file(path: str, records: Iterable[Mapping[str, object]]) -> str:
+    """Writes records into the one file ``path`` (a table read whole: catalog, users)."""
+    with tf.io.TFRecordWriter(path) as writer:
+        for record in records:
+            writer.write(to_example(record))
+    return path
 
 
 # --------------------------------------------------------------------------- reading

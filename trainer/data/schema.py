@@ -26,6 +26,11 @@ from __future__ import annotations
 
 import tensorflow as tf
 
+# Query-side features (what a serving request carries) and candidate-side ones (what the
+# catalog carries): the serving contract's, one definition.
+from common.contract import CANDIDATE_FEATURES as CANDIDATE_STRING_FEATURES
+from common.contract import QUERY_FEATURES as QUERY_STRING_FEATURES
+
 #: History item ids stored per *event* query (p1: every earlier train rating of the user, most
 #: recent first, padded with ""). Events of the per-user protocols (p2, p3, p4) store none: their
 #: training query is the user's whole history with the target left out, built by the loop.
@@ -45,11 +50,6 @@ PARTS = {
     "p3": ("train", "valid", "test"),
     "p4": ("train", "valid", "test", "foldin"),
 }
-
-# Query-side features: what a serving request carries.
-QUERY_STRING_FEATURES = ("user_id", "user_age", "user_gender", "user_occupation", "query_text")
-# Candidate-side features: what the catalog carries.
-CANDIDATE_STRING_FEATURES = ("item_id", "item_title", "item_year", "item_genres", "item_text")
 
 
 def query_feature_spec(history_length: int = HISTORY_LENGTH) -> dict[str, tf.io.FixedLenFeature]:

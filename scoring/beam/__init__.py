@@ -1,19 +1,19 @@
 """Batch scoring on Apache Beam: top-k for every user, from the export's own signatures.
 
-``python -m trainer.beam_score --export DIR --data DIR --split p2 --output DIR [-k 10]
+``python -m scoring.beam --export DIR --data DIR --split p2 --output DIR [-k 10]
 [--exclude-seen] [--input tfrecord|parquet|bigquery ...] [--output-table P:D.T]
 [--runner DirectRunner|DataflowRunner|FlinkRunner|SparkRunner|PrismRunner] [Beam options]``
 
-The distributed twin of :mod:`trainer.batch_score`: the same users (``users.tfrecord`` of the
+The distributed twin of :mod:`scoring.batch_score`: the same users (``users.tfrecord`` of the
 split, or Parquet / BigQuery rows with the same columns), the same ``serving_default`` call
-(:class:`trainer.batch_score.ExportScorer`, the signature TF Serving serves), the same output
+(:class:`scoring.backends.ExportScorer`, the signature TF Serving serves), the same output
 columns ``user_id, rank, item_id, title, score``. Unknown ``--flags`` are Beam pipeline options
 (``--project``, ``--region``, ``--temp_location``, ``--num_workers``, ``--sdk_container_image``,
 ``--flink_master`` ...); a misspelt one is an error, not a silent default.
 
 Parquet output: the pipeline writes into ``OUTPUT/.tmp-<run>/``; only once it has finished are
 the shards renamed to ``OUTPUT/part-NNNNN.parquet`` and ``_SUCCESS`` (manifest) written last, so
-``trainer.batch_score.read_results`` reads either tool's output and a failed run leaves only a
+``scoring.shards.read_results`` reads either tool's output and a failed run leaves only a
 hidden folder. BigQuery output (``--output-table``) goes through load jobs (``FILE_LOADS``),
 which replace or fill the table in one step.
 
@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import re
 import sys
 import time
@@ -35,19 +34,14 @@ import uuid
 from collections.abc import Sequence
 from typing import Any
 
-from trainer import batch_score as bs
-from trainer.beam_score.pipeline import (
-    INPUTS,
-    NAMESPACE,
-    RUNNERS,
-    BeamScoreConfig,
-    UsageError,
-    build_pipeline,
-)
+from common import cli, staging
+from common.cli import UsageError
+from scoring import backends, shards
+from scoring.beam.pipeline import NAMESPACE, BeamScoreConfig, build_pipeline
+from scoring.cli import beam_parser
 from trainer.data import records, schema
-from trainer.data.movielens import DataError
 
-__all__ = ["BeamScoreConfig", "UsageError", "build_pipeline", "main", "parse_args", "run"]
+__all__ = ["BeamScoreConfig", "build_pipeline", "main", "parse_args", "run"]
 
 TMP_PREFIX = ".tmp-"
 BQ_TABLE_RE = re.compile(r"^(?:[\w.-]+[:.])?\w+\.[\w$-]+$")
@@ -137,19 +131,9 @@ def _existing_run(output: str) -> list[str]:
         return []
     pattern = [
         FileSystems.join(output, "part-*.parquet"),
-        FileSystems.join(output, bs.SUCCESS_FILE),
+        FileSystems.join(output, shards.SUCCESS_FILE),
     ]
     return [m.path for r in FileSystems.match(pattern) for m in r.metadata_list]
-
-
-def _write_text(path: str, text: str) -> None:
-    """``path`` written under a temporary name, then renamed."""
-    from apache_beam.io.filesystems import FileSystems
-
-    tmp = f"{path}{TMP_PREFIX}{uuid.uuid4().hex[:8]}"
-    with FileSystems.create(tmp) as f:
-        f.write(text.encode("utf-8"))
-    FileSystems.rename([tmp], [path])
 
 
 def _publish(output: str, tmp_dir: str, replace: list[str]) -> list[str]:
@@ -173,8 +157,8 @@ def run(config: BeamScoreConfig, beam_flags: Sequence[str] = ()) -> dict[str, An
 
     options = pipeline_options(config, beam_flags)
     # One version for the whole run: a version exported mid-run must not mix into the shards.
-    export_dir = bs.resolve_export_dir(config.export)
-    bs._check_k(config.k, bs._export_max_k(export_dir))
+    export_dir = backends.resolve_export_dir(config.export)
+    backends.check_k(config.k, backends.export_max_k(export_dir))
     if config.input == "tfrecord" and not config.input_path:
         records.part_files(config.data, config.split, "train")  # a prepared data dir, or DataError
     previous = [] if config.output_table else _existing_run(config.output)
@@ -214,10 +198,7 @@ def run(config: BeamScoreConfig, beam_flags: Sequence[str] = ()) -> dict[str, An
     if tmp_dir:
         manifest["shards"] = _publish(config.output, tmp_dir, previous)
         manifest["num_shards"] = len(manifest["shards"])
-        _write_text(
-            FileSystems.join(config.output, bs.SUCCESS_FILE),
-            json.dumps(manifest, indent=2, sort_keys=True),
-        )
+        staging.write_json(FileSystems.join(config.output, shards.SUCCESS_FILE), manifest)
     return manifest
 
 
@@ -225,31 +206,7 @@ def run(config: BeamScoreConfig, beam_flags: Sequence[str] = ()) -> dict[str, An
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        prog="python -m trainer.beam_score",
-        description=__doc__,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-        allow_abbrev=False,  # so a Beam option is never taken for a prefix of ours
-    )
-    p.add_argument("--export", required=True, help="export version dir or model base")
-    p.add_argument("--signature", default=bs.RETRIEVE_SIGNATURE, help="retrieve signature")
-    p.add_argument("--data", default="", help="prepared data dir (tfrecord input, --exclude-seen)")
-    p.add_argument("--split", required=True, choices=schema.PROTOCOLS)
-    p.add_argument("--input", default="tfrecord", choices=INPUTS, help="where the users come from")
-    p.add_argument("--input-path", default="", help="TFRecord or Parquet file pattern")
-    p.add_argument("--input-table", default="", help="BigQuery table PROJECT:DATASET.TABLE")
-    p.add_argument("--input-query", default="", help="BigQuery standard SQL query")
-    p.add_argument("--output", default="", help="Parquet output dir (local, gs://, ...)")
-    p.add_argument("--output-table", default="", help="BigQuery output PROJECT:DATASET.TABLE")
-    p.add_argument("-k", "--k", type=int, default=10, help="recommendations per user")
-    p.add_argument("--diversity", type=float, default=0.0, help="MMR λ in [0, 1]")
-    p.add_argument("--exclude-seen", action="store_true", help="drop items of --exclude-parts")
-    p.add_argument("--exclude-parts", default="train", help="comma-separated parts")
-    p.add_argument("--batch-size", type=int, default=256, help="users per signature call")
-    p.add_argument("--num-shards", type=int, default=0, help="Parquet shards (0: runner decides)")
-    p.add_argument("--runner", default="DirectRunner", choices=RUNNERS)
-    p.add_argument("--overwrite", action="store_true", help="replace an earlier run's output")
-    return p
+    return beam_parser()
 
 
 def parse_args(argv: Sequence[str] | None) -> tuple[BeamScoreConfig, list[str]]:
@@ -290,13 +247,12 @@ def parse_args(argv: Sequence[str] | None) -> tuple[BeamScoreConfig, list[str]]:
     return BeamScoreConfig(**{**values, "exclude_parts": parts}), beam_flags
 
 
-def main(argv: Sequence[str] | None = None) -> int:
+def _score(argv: Sequence[str] | None) -> int:
+    config, beam_flags = parse_args(argv)
     try:
-        config, beam_flags = parse_args(argv)
         manifest = run(config, beam_flags)
-    except (UsageError, bs.ScoringError, DataError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    except UsageError:  # ScoringError, DataError: the user's to fix, cli.run prints it, exit 2
+        raise
     except Exception as e:  # a worker's failure, re-raised by the runner: one line, exit 1
         line = (str(e).strip().splitlines() or [type(e).__name__])[-1]
         print(f"error: the pipeline failed: {line}", file=sys.stderr)
@@ -307,3 +263,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         f"({manifest['seconds']}s, runner {config.runner})"
     )
     return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    return cli.run(lambda: _score(argv))

@@ -1,9 +1,9 @@
-"""The Beam transforms of :mod:`trainer.beam_score`: read users, join seen items, RunInference
+"""The Beam transforms of :mod:`scoring.beam`: read users, join seen items, RunInference
 over the export's retrieve signature, write rows (Parquet or BigQuery).
 
 Elements between the steps are plain dicts: a user is the query features (``str`` each,
 ``history`` a list of item ids, most recent first) plus ``exclude`` (item ids never to return);
-an output row has the columns of :data:`trainer.batch_score.COLUMNS`.
+an output row has the columns of :data:`scoring.shards.COLUMNS`.
 """
 
 from __future__ import annotations
@@ -15,18 +15,13 @@ from typing import Any
 
 import numpy as np
 
-import trainer  # noqa: F401  (TF_USE_LEGACY_KERAS before TensorFlow loads)
-from trainer import batch_score as bs
-from trainer.data import records, schema
+from common import contract
+from scoring import shards
+from scoring.backends import ExportScorer
+from trainer.data import records
 
-RUNNERS = ("DirectRunner", "DataflowRunner", "FlinkRunner", "SparkRunner", "PrismRunner")
-INPUTS = ("tfrecord", "parquet", "bigquery")
-NAMESPACE = "beam_score"
+NAMESPACE = "beam_score"  # of the counters and RunInference's metrics
 BQ_SCHEMA = "user_id:STRING,rank:INTEGER,item_id:STRING,title:STRING,score:FLOAT"
-
-
-class UsageError(ValueError):
-    """Flags that cannot run (reported as ``error: ...``, exit 2)."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -48,7 +43,7 @@ class BeamScoreConfig:
     exclude_parts: tuple[str, ...] = ("train",)
     batch_size: int = 256
     num_shards: int = 0
-    signature: str = bs.RETRIEVE_SIGNATURE
+    signature: str = contract.RETRIEVE
     runner: str = "DirectRunner"
     overwrite: bool = False
 
@@ -65,8 +60,8 @@ def parse_user_example(record: bytes) -> dict[str, Any]:
     from tensorflow.core.example import example_pb2
 
     feature = example_pb2.Example.FromString(record).features.feature
-    user = {n: (_strings(feature[n]) or [""])[0] for n in schema.QUERY_STRING_FEATURES}
-    return {**user, "history": _strings(feature["history"]), "exclude": []}
+    user = {n: (_strings(feature[n]) or [""])[0] for n in contract.QUERY_FEATURES}
+    return {**user, contract.HISTORY: _strings(feature[contract.HISTORY]), "exclude": []}
 
 
 def parse_event_example(record: bytes) -> tuple[str, str]:
@@ -80,14 +75,14 @@ def parse_event_example(record: bytes) -> tuple[str, str]:
 def user_from_row(row: dict[str, Any]) -> dict[str, Any]:
     """A Parquet / BigQuery row (the users.tfrecord columns, ``history`` a list of item ids,
     optional ``exclude_item_ids`` list) -> query features."""
-    missing = [n for n in (*schema.QUERY_STRING_FEATURES, "history") if n not in row]
+    missing = [n for n in (*contract.QUERY_FEATURES, contract.HISTORY) if n not in row]
     if missing:
         raise ValueError(f"input row lacks column(s) {missing}: {sorted(row)}")
-    user = {n: "" if row[n] is None else str(row[n]) for n in schema.QUERY_STRING_FEATURES}
-    history = [str(v) for v in row["history"] or []]
+    user = {n: "" if row[n] is None else str(row[n]) for n in contract.QUERY_FEATURES}
+    history = [str(v) for v in row[contract.HISTORY] or []]
     return {
         **user,
-        "history": history,
+        contract.HISTORY: history,
         "exclude": [str(v) for v in row.get("exclude_item_ids") or []],
     }
 
@@ -130,15 +125,14 @@ def _model_handler_class():
             super().__init__(min_batch_size=batch, max_batch_size=batch)
             self.export, self.signature, self.k, self.diversity = export, signature, k, diversity
 
-        def load_model(self) -> bs.ExportScorer:
-            return bs.ExportScorer(self.export, self.signature)
+        def load_model(self) -> ExportScorer:
+            return ExportScorer(self.export, self.signature)
 
         def run_inference(self, batch, model, inference_args=None) -> Iterable[Any]:
             features = {
-                n: np.array([u[n] for u in batch], dtype=object)
-                for n in schema.QUERY_STRING_FEATURES
+                n: np.array([u[n] for u in batch], dtype=object) for n in contract.QUERY_FEATURES
             }
-            features["history"] = _padded([u["history"] for u in batch])
+            features[contract.HISTORY] = _padded([u[contract.HISTORY] for u in batch])
             exclude = _padded([u["exclude"] for u in batch])
             out = model.retrieve(features, self.k, exclude, self.diversity)
             titles = out.get("titles", np.full_like(out["item_ids"], "", dtype=object))
@@ -243,20 +237,9 @@ def build_pipeline(pipeline, config: BeamScoreConfig, export_dir: str, parquet_p
             method=beam.io.WriteToBigQuery.Method.FILE_LOADS,
         )
     else:
-        import pyarrow as pa
-
-        arrow_schema = pa.schema(
-            [
-                ("user_id", pa.string()),
-                ("rank", pa.int32()),
-                ("item_id", pa.string()),
-                ("title", pa.string()),
-                ("score", pa.float32()),
-            ]
-        )  # the columns and types of trainer.batch_score's shards
         rows | "WriteParquet" >> beam.io.WriteToParquet(
             parquet_prefix,
-            schema=arrow_schema,
+            schema=shards.arrow_schema(),  # the shards of scoring.batch_score, the same columns
             codec="zstd",
             file_name_suffix=".parquet",
             num_shards=config.num_shards,

@@ -1,0 +1,96 @@
+"""Validation at the end of each epoch: full-catalog recall on the validation data, and RMSE.
+
+The figures are those of the evaluation, computed by the same functions: per-user recall with
+:func:`trainer.evaluate.ranking_task`'s queries, exclusions and truth scored by
+:func:`trainer.metrics.ranking_metrics`; per-event recall (p1) by
+:func:`trainer.metrics.factorized_top_k_accuracy`; RMSE by :func:`trainer.metrics.rmse`,
+unclipped, as the test RMSE.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from trainer import metrics, ranking
+from trainer.config import TrainConfig
+from trainer.evaluate import RankingTask
+from trainer.inference import embed, predict_ratings
+from trainer.input_pipeline import DataPlan
+from trainer.model import TwoTowerModel
+
+#: Validation events whose rating the RMSE compares (the first ones; the figure is a mean).
+_RMSE_EVENTS = 20_000
+_KS = (10, 50)
+
+
+def evaluate_validation(model: TwoTowerModel, plan: DataPlan, config: TrainConfig) -> dict:
+    """Full-catalog recall@10 / @50 on the validation data, and RMSE.
+
+    With a valid part (p2-p4) recall is per user, as the protocol measures it
+    (:func:`trainer.evaluate.ranking_task` over the valid part). Otherwise (p1's held-out slice of
+    train) it is per event over a sample of positive events, each with its own past. Either way
+    the user's training items are removed from the ranking, as evaluation removes them.
+
+    Runs on every worker (same weights, same data: same answer, so early stopping agrees).
+
+    Returns:
+      ``valid_examples`` and, when there are validation events, ``recall_at_10``,
+      ``recall_at_50`` (when any event is positive, or with a valid part) and ``rmse``.
+    """
+    items = embed(model, "candidate", plan.catalog)
+    valid = plan.valid
+    out: dict[str, float] = {"valid_examples": float(len(valid["rating"]))}
+    if not len(valid["rating"]):
+        return out
+    if plan.ranking is not None:
+        out.update(_per_user_recall(model, plan.ranking, items))
+    else:
+        positive = _positive_sample(valid["rating"], config)
+        if len(positive):
+            out.update(_per_event_recall(model, plan, items, positive))
+    cap = min(len(valid["rating"]), _RMSE_EVENTS)
+    subset = {k: v[:cap] for k, v in valid.items()}
+    q = embed(model, "query", subset)
+    c = embed(model, "candidate", subset)
+    out["rmse"] = metrics.rmse(predict_ratings(model, q, c, subset), subset["rating"])
+    return out
+
+
+def _positive_sample(rating: np.ndarray, config: TrainConfig) -> np.ndarray:
+    """Rows ``[P]`` of at most ``--valid-queries`` positive events, sorted; seeded."""
+    positive = np.flatnonzero(rating >= config.model.positive_threshold)
+    rng = np.random.default_rng(config.optim.seed)
+    if len(positive) > config.data.valid_queries:
+        positive = np.sort(rng.choice(positive, config.data.valid_queries, replace=False))
+    return positive
+
+
+def _per_user_recall(
+    model: TwoTowerModel, task: RankingTask, items: np.ndarray
+) -> dict[str, float]:
+    """RecBole recall of each user's top 50 over ``items`` ``[N, D]``, seen items left out."""
+    scores = embed(model, "query", task.queries) @ items.T
+    top = ranking.top_k_from_scores(scores, max(_KS), task.exclude)
+    ranked = metrics.ranking_metrics(top, task.truth, ks=_KS)
+    return {f"recall_at_{k}": ranked[f"recall@{k}"] for k in _KS}
+
+
+def _per_event_recall(
+    model: TwoTowerModel, plan: DataPlan, items: np.ndarray, rows: np.ndarray
+) -> dict[str, float]:
+    """Top-k accuracy of the validation events ``rows`` ``[P]`` against ``items`` ``[N, D]``.
+
+    Each event's query ranks the whole catalog but the user's training items; an event whose
+    item is not in the catalog is a miss.
+    """
+    queries = {k: v[rows] for k, v in plan.valid.items()}
+    scores = embed(model, "query", queries) @ items.T
+    for row, user in enumerate(queries["user_id"]):
+        scores[row, plan.seen.get(user, [])] = -np.inf
+    index = ranking.index_of(plan.catalog)
+    truth = np.array([index.get(i, -1) for i in queries["item_id"]], dtype=np.int64)
+    unknown = np.flatnonzero(truth < 0)
+    truth[unknown] = 0
+    scores[unknown, 0] = -np.inf  # a true score that is not finite: a miss, as in_top_k
+    accuracy = metrics.factorized_top_k_accuracy(scores, truth, ks=_KS)
+    return {f"recall_at_{k}": accuracy[f"top_{k}_accuracy"] for k in _KS}
