@@ -608,6 +608,7 @@ def markdown(report: dict) -> str:
 
 
 def write_atomic(path: str, text: str) -> None:
+    # Not common.staging: this script runs alone on the device machine, the project uninstalled.
     directory = os.path.dirname(os.path.abspath(path))
     os.makedirs(directory, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=directory, prefix=".tmp-", suffix=os.path.basename(path))

@@ -374,9 +374,10 @@ def to_markdown(result: dict) -> str:
 
 
 def write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+    sys.path.insert(0, str(REPO))
+    from common import staging
+
+    staging.write_text(str(path), text)
 
 
 def main(argv: list[str] | None = None) -> int:

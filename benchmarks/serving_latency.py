@@ -43,8 +43,10 @@ import numpy as np
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 
+from common import contract, staging  # noqa: E402
+
 RESULTS = os.path.join(REPO, "benchmarks", "results")
-KEYS = ("user_id", "user_age", "user_gender", "user_occupation", "query_text", "history")
+KEYS = (*contract.QUERY_FEATURES, contract.HISTORY)
 
 #: Chosen batching: no timeout (a lone request is never held back) and one batch thread, so a
 #: batch forms from whatever queued while the previous one ran (it grows with the load).
@@ -584,13 +586,9 @@ def main(argv: list[str] | None = None) -> int:
     import trainer  # noqa: F401  (TF_USE_LEGACY_KERAS before TensorFlow)
 
     result = run(config)
-    os.makedirs(config.out_dir, exist_ok=True)
     for name, text in (("serving_latency.json", json.dumps(result, indent=2)),
                        ("serving_latency.md", to_markdown(result))):  # fmt: skip
-        tmp = os.path.join(config.out_dir, f".{name}.tmp")
-        with open(tmp, "w") as f:
-            f.write(text)
-        os.replace(tmp, os.path.join(config.out_dir, name))
+        staging.write_text(os.path.join(config.out_dir, name), text)
     print(to_markdown(result))
     return 0
 

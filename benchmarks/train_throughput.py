@@ -31,6 +31,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 
 import trainer  # noqa: E402,F401  (TF_USE_LEGACY_KERAS before TensorFlow)
+from common import staging  # noqa: E402
 
 MODES = {
     "cached": {"freeze_bert": True, "cache_text": True, "query_text": "profile"},
@@ -180,12 +181,8 @@ def main(argv: list[str] | None = None) -> int:
         "gpu_count": env_lib.gpu_count(),
         "results": results,
     }
-    os.makedirs(os.path.dirname(args.output), exist_ok=True)
     for ext, text in ((".json", json.dumps(report, indent=2)), (".md", to_markdown(report))):
-        tmp_path = args.output + ext + ".tmp"
-        with open(tmp_path, "w") as f:
-            f.write(text)
-        os.replace(tmp_path, args.output + ext)
+        staging.write_text(args.output + ext, text)
     print(to_markdown(report))
     return 0
 
