@@ -256,6 +256,9 @@ def markdown(results: dict) -> str:
             note = ""
             if entry.get("scorer_config", {}).get("l2") is not None:
                 note = f" (λ {entry['scorer_config']['l2']:g})"
+            weights = _prior_weights(entry)
+            if weights:
+                note = f" (prior weight {weights})"
             lines.append(
                 f"| {system}{note} | "
                 + " | ".join(_cell(entry, c) for c in columns)
@@ -277,6 +280,15 @@ def markdown(results: dict) -> str:
             f"{'yes' if met else ('–' if not ours else 'no')} |"
         )
     return "\n".join(lines) + "\n"
+
+
+def _prior_weights(entry: dict) -> str:
+    """The popularity-prior weight each seed chose on valid, ``"0.05 / 0.04"``, or ``""``."""
+    weights = [
+        (report.get("train", {}).get("popularity_prior") or {}).get("weight")
+        for report in entry.get("per_seed", {}).values()
+    ]
+    return " / ".join(f"{w:g}" for w in weights if w is not None)
 
 
 def _needs_prepare(data: str, splits: list[str]) -> bool:
@@ -309,6 +321,11 @@ def train(work: str, data: str, split: str, system: str, seed: int, extra: list[
     report["train_seconds"] = train_seconds
     with open(os.path.join(model_dir, "config.json")) as f:
         report["train"] = {"flags": cmd[3:], "config": json.load(f)}
+    with open(os.path.join(model_dir, "metrics.json")) as f:
+        trained = json.load(f)
+    # The valid figures the model was chosen on: best epoch, and the prior's weight curve.
+    report["train"]["best"] = trained.get("best")
+    report["train"]["popularity_prior"] = trained.get("popularity_prior")
     return report
 
 

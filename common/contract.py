@@ -11,14 +11,21 @@ same for every input of one request; ``H``, ``E``, ``M`` per request). TensorFlo
 ``rank``
     query features + ``history`` + ``candidate_item_ids`` ``[B, M]`` -> ``ratings`` ``[B, M]``.
 ``query_embedding``
-    query features + ``history`` -> ``embeddings`` ``[B, D]`` (L2-normalised).
+    query features + ``history`` -> ``embeddings`` ``[B, D]`` (L2-normalised), or ``[B, D + 1]``.
 ``candidate_embedding``
-    candidate features ``[B]`` -> ``embeddings`` ``[B, D]``.
+    candidate features ``[B]`` -> ``embeddings`` ``[B, D]``, or ``[B, D + 1]``.
+
+Retrieval scores are inner products of the two embeddings. A model with a popularity prior adds
+one column to both (the query's holds the prior's weight, the candidate's its log train count),
+so the leading ``D`` columns are unit vectors and a row can be longer than 1:
+:func:`similarity_vectors` gives what item-item similarity should compare.
 """
 
 from __future__ import annotations
 
 import dataclasses
+
+import numpy as np
 
 #: What a request says about the user (all string ``[B]``; ``""`` = unknown).
 QUERY_FEATURES = ("user_id", "user_age", "user_gender", "user_occupation", "query_text")
@@ -96,3 +103,17 @@ DIVERSITY = "diversity"
 CANDIDATE_ITEM_IDS = "candidate_item_ids"
 assert {K, EXCLUDE_ITEM_IDS, DIVERSITY} <= set(SIGNATURES[RETRIEVE].inputs)
 assert CANDIDATE_ITEM_IDS in SIGNATURES[RANK].inputs
+
+
+def similarity_vectors(embeddings: np.ndarray, atol: float = 1e-3) -> np.ndarray:
+    """The unit vectors of ``embeddings`` ``[N, E]`` from an embedding signature: all ``E``
+    columns when every row is unit-length, else the leading ``E - 1`` (a prior column
+    follows them). Either way cosine similarities between the rows are what they should be:
+    with an all-zero bias column both readings agree."""
+    embeddings = np.asarray(embeddings, dtype=np.float32)
+    if not embeddings.size:
+        return embeddings
+    norms = np.linalg.norm(embeddings, axis=-1)
+    if np.allclose(norms, 1.0, atol=atol):
+        return embeddings
+    return embeddings[..., :-1]

@@ -43,7 +43,8 @@ class Retriever(Protocol):
     def candidate_embeddings(
         self, catalog: dict[str, np.ndarray], batch_size: int = 512
     ) -> np.ndarray:
-        """``[N, D]`` embeddings of the catalog's items, in catalog order."""
+        """``[N, D]`` unit embeddings of the catalog's items (popularity-prior column left out), in
+        catalog order: for item-item similarity."""
 
     def describe(self) -> dict[str, Any]:
         """JSON-ready identity of the model (recorded in the run manifest)."""
@@ -161,13 +162,17 @@ def _embed_catalog(
     catalog: dict[str, np.ndarray],
     batch_size: int,
 ) -> np.ndarray:
-    """Runs the ``candidate_embedding`` signature over the catalog in batches -> ``[N, D]``."""
+    """Runs the ``candidate_embedding`` signature over the catalog in batches -> the unit
+    vectors ``[N, D]`` item-item similarity compares (:func:`common.contract.similarity_vectors`:
+    without a popularity-prior column)."""
     size = len(catalog["item_id"])
     parts = []
     for block in ranking.iter_blocks(size, batch_size):
         inputs = {n: encode(catalog[n][block]) for n in contract.CANDIDATE_FEATURES}
         parts.append(np.asarray(call(inputs)["embeddings"], dtype=np.float32))
-    return np.concatenate(parts) if parts else np.zeros((0, 0), np.float32)
+    if not parts:
+        return np.zeros((0, 0), np.float32)
+    return contract.similarity_vectors(np.concatenate(parts))
 
 
 class ExportScorer:

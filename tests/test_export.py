@@ -13,10 +13,11 @@ import pytest
 import tensorflow as tf
 
 from common import contract
-from common.contract import RECALL_FILE, WARMUP_FILE
+from common.contract import CANDIDATE_FEATURES, RECALL_FILE, WARMUP_FILE
 from tests.conftest import REPO
 from trainer.data import records
 from trainer.export import build_module, export, save_export
+from trainer.model import log_popularity_by_row
 from trainer.serving_module import ExportError, IndexConfig
 
 QUERY_KEYS = (*contract.QUERY_FEATURES, contract.HISTORY)
@@ -112,7 +113,7 @@ print(json.dumps({{"ids": out["item_ids"].numpy().astype(str).tolist(),
     np.testing.assert_allclose(got["scores"], expected["scores"].numpy(), atol=1e-4)
 
 
-def test_signatures_and_options(loaded, tiny_data_dir):
+def test_signatures_and_options(loaded, tiny_data_dir, tiny_model_dir):
     sigs = loaded.signatures
     assert set(sigs) == {"serving_default", "rank", "query_embedding", "candidate_embedding"}
     queries = _queries(tiny_data_dir)
@@ -134,9 +135,21 @@ def test_signatures_and_options(loaded, tiny_data_dir):
     # Diversity re-ranks the same pool: still k distinct items, some order changes.
     diverse = _retrieve(sigs["serving_default"], queries, k=10, diversity=0.9)
     assert all(len(set(r)) == 10 for r in diverse["item_ids"].numpy().tolist())
-    # Embeddings are unit vectors; a never-seen item is embedded from its text.
+    # Embeddings: D unit columns and the popularity-prior column (the query's holds the weight
+    # chosen on valid, the candidate's log(1 + train count)); the retrieve scores are their
+    # inner products with the catalog's.
     emb = sigs["query_embedding"](**queries)["embeddings"].numpy()
-    np.testing.assert_allclose(np.linalg.norm(emb, axis=1), 1.0, atol=1e-4)
+    np.testing.assert_allclose(np.linalg.norm(emb[:, :-1], axis=1), 1.0, atol=1e-4)
+    with open(os.path.join(tiny_model_dir, "metrics.json")) as f:
+        prior = json.load(f)["popularity_prior"]
+    np.testing.assert_allclose(emb[:, -1], prior["weight"], atol=1e-6)
+    catalog = records.load_catalog(tiny_data_dir, "p2")
+    items = sigs["candidate_embedding"](
+        **{k: tf.constant(np.asarray(catalog[k]).astype(str)) for k in CANDIDATE_FEATURES}
+    )["embeddings"].numpy()
+    np.testing.assert_allclose(items[:, -1], log_popularity_by_row(catalog["popularity"])[2:])
+    want = np.sort(emb @ items.T, axis=1)[:, ::-1][:, :10]
+    np.testing.assert_allclose(scores, want, atol=1e-4)
     new = sigs["candidate_embedding"](
         item_id=tf.constant(["brand-new"]),
         item_title=tf.constant(["A New Film (2026)"]),
@@ -422,7 +435,7 @@ def test_known_texts_skip_bert_and_answer_as_live_bert(
     want = model.query_embeddings({k: tf.constant(v.astype(str)) for k, v in queries.items()})
     want = want.numpy()
     catalog = records.load_catalog(tiny_data_dir, "p2")
-    items = ModelScorer(model, catalog).item_embeddings()
+    items = ModelScorer(model, catalog).retrieval_vectors()
     want_ids = np.asarray(catalog["item_id"]).astype(str)[np.argsort(-(want @ items.T), axis=1)]
 
     batch = len(queries["query_text"])

@@ -23,7 +23,7 @@ from trainer.data import records  # noqa: E402
 from trainer.features import FeaturePreprocessor, ModelAssets, profile_texts  # noqa: E402
 from trainer.inference import ModelScorer  # noqa: E402
 from trainer.losses import in_batch_hits  # noqa: E402
-from trainer.model import TwoTowerModel, build_model  # noqa: E402
+from trainer.model import TwoTowerModel, build_model, log_popularity_by_row  # noqa: E402
 from trainer.model_dir import CONFIG_FILE, load_trained, save_trained  # noqa: E402
 
 
@@ -195,6 +195,54 @@ def test_save_and_load_round_trip(tiny_model, batch, tmp_path):
         )
     leftovers = [p.name for p in tmp_path.iterdir() if p.name.startswith(".")]
     assert leftovers == []
+
+
+def test_popularity_prior_adds_weighted_log_counts_to_the_scores(tiny_model, batch, assets):
+    dim = tiny_model.model_config.embedding_dim
+    assert tiny_model.retrieval_dim == dim + 1
+    by_row = log_popularity_by_row(assets.popularity)
+    rows = {item: n + 2 for n, item in enumerate(assets.item_ids)}
+    log_counts = by_row[[rows[i] for i in batch["item_id"].numpy().astype(str)]]
+    candidates = tiny_model.candidate_embeddings(batch).numpy()
+    np.testing.assert_allclose(candidates[:, -1], log_counts, rtol=1e-6)
+    before = tiny_model.query_embeddings(batch).numpy()
+    np.testing.assert_allclose(before[:, -1], 0.0)  # 0 until chosen on valid
+    ids = (batch["user_id"], batch["item_id"])
+    ratings = tiny_model.predict_rating(before, candidates, *ids).numpy()
+    tiny_model.prior_weight.assign(0.05)
+    try:
+        query = tiny_model.query_embeddings(batch).numpy()
+        want = query[:, :dim] @ candidates[:, :dim].T + 0.05 * log_counts[None, :]
+        np.testing.assert_allclose(query @ candidates.T, want, rtol=1e-5, atol=1e-6)
+        # The ranking head reads the unit vectors only: the prior does not move ratings.
+        after = tiny_model.predict_rating(query, candidates, *ids).numpy()
+        np.testing.assert_allclose(after, ratings, atol=1e-6)
+    finally:
+        tiny_model.prior_weight.assign(0.0)
+    # An item nobody rated in train (or a new one) gets the rated items' mean: unknown, not
+    # unpopular.
+    rated = np.asarray(assets.popularity) > 0
+    neutral = np.log1p(np.asarray(assets.popularity)[rated]).mean()
+    np.testing.assert_allclose(by_row[2:][~rated], neutral, rtol=1e-6)
+    np.testing.assert_allclose(by_row[2:][rated], np.log1p(assets.popularity)[rated], rtol=1e-6)
+    unknown = {k: v[:1] for k, v in batch.items()}
+    unknown["item_id"] = tf.constant(["no-such-item"])
+    np.testing.assert_allclose(tiny_model.candidate_embeddings(unknown)[0, -1], neutral, rtol=1e-6)
+
+
+def test_a_model_dir_from_before_the_prior_loads_without_it(assets, batch, tmp_path):
+    config = resolved(popularity_prior=False)
+    model = build_model(config.model, assets, seed=1)
+    model_dir = str(tmp_path / "model")
+    save_trained(model, config, model_dir)
+    saved = json.loads((tmp_path / "model" / CONFIG_FILE).read_text())
+    del saved["model"]["popularity_prior"]  # as written by the previous version
+    (tmp_path / "model" / CONFIG_FILE).write_text(json.dumps(saved))
+    loaded, loaded_config = load_trained(model_dir)
+    assert loaded_config.model.popularity_prior is False and loaded.prior_weight is None
+    want = model.query_embeddings(batch).numpy()
+    assert want.shape[1] == config.model.embedding_dim
+    np.testing.assert_allclose(loaded.query_embeddings(batch).numpy(), want, atol=1e-6)
 
 
 def test_load_trained_rejects_weights_of_another_architecture(tiny_model, tmp_path):

@@ -20,6 +20,8 @@ from tests.conftest import REPO
 from trainer import task
 from trainer.config import ConfigError, TrainConfig
 from trainer.flags import parse_args
+from trainer.model_dir import load_trained
+from trainer.validation import PRIOR_WEIGHTS
 
 # Deterministic kernels, so a resumed run can be compared with an uninterrupted one exactly.
 ENV = {
@@ -56,8 +58,6 @@ def _train_cmd(data_dir: str, model_dir: str, *extra: str) -> list[str]:
 
 
 def _weights(model_dir: str) -> list[np.ndarray]:
-    from trainer.model_dir import load_trained
-
     model, _ = load_trained(model_dir)
     return [np.asarray(w) for w in model.weights]
 
@@ -230,6 +230,13 @@ def test_training_lowers_the_loss_and_writes_the_model_dir(tiny_data_dir, tmp_pa
     assert history[-1]["train_retrieval_loss"] < history[0]["train_retrieval_loss"] - 0.05
     assert history[-1]["train_rmse"] < history[0]["train_rmse"]
     assert "recall_at_10" in history[0] and "rmse" in history[0]
+    # The popularity prior's weight: the best of the grid on valid recall@10, saved with it.
+    prior = metrics["popularity_prior"]
+    curve = {float(w): r for w, r in prior["valid_recall_at_10"].items()}
+    assert sorted(curve) == sorted(PRIOR_WEIGHTS)
+    assert curve[prior["weight"]] == max(curve.values())
+    model, _ = load_trained(model_dir)
+    assert float(model.prior_weight.numpy()) == pytest.approx(prior["weight"])
     for name in ("config.json", "assets.json", "encoders.json", "model.weights.h5"):
         assert os.path.isfile(os.path.join(model_dir, name)), name
     assert os.listdir(model_dir + "-logs"), "TensorBoard events"

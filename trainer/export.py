@@ -270,7 +270,7 @@ def build_module(
     # and BERT (trainer.features.cached_or_encoded). A fine-tuned BERT's tables are recomputed
     # with its final weights first, so both paths give the same vectors.
     model.serve_from_caches()
-    item_embeddings = ModelScorer(model, catalog).item_embeddings()
+    item_embeddings = ModelScorer(model, catalog).retrieval_vectors()
     if grow_catalog is not None:
         catalog, item_embeddings = grow_catalog(catalog, item_embeddings)
     model.set_text_mode("live")
@@ -282,6 +282,7 @@ def build_module(
         item_embeddings=item_embeddings,
         index=index.resolved(len(catalog["item_id"])),
         history_length=model.assets.history_length,
+        similarity_dim=config.model.embedding_dim,
     )
     module.keras_model = model  # tracked, so the SavedModel holds the towers' variables
     module.catalog_tables = _freeze_catalog_tables(model)

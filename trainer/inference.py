@@ -47,7 +47,13 @@ class ModelScorer:
         return embed(self.model, "query", queries) @ self._items.T
 
     def item_embeddings(self) -> np.ndarray:
-        """The catalog's candidate embeddings ``[N, D]``, in catalog order."""
+        """The catalog's unit candidate vectors ``[N, D]``, in catalog order: what item-item
+        similarity (diversity, MMR) compares, without the popularity-prior column."""
+        return self._items[:, : self.model.model_config.embedding_dim]
+
+    def retrieval_vectors(self) -> np.ndarray:
+        """The catalog's candidate embeddings as the index holds them, ``[N, model.retrieval_dim]``
+        (a query's scores are its embedding's inner products with these)."""
         return self._items
 
     def predict_ratings(self, events: dict[str, np.ndarray]) -> np.ndarray:
@@ -78,7 +84,8 @@ def embed(
 
     ``side``: ``"query"`` (the query features ``[N]`` and ``history`` ``[N, H]``) or
     ``"candidate"`` (the candidate features ``[N]``); other columns are ignored.
-    Returns float32 ``[N, D]``, L2-normalised.
+    Returns float32 ``[N, model.retrieval_dim]``: the L2-normalised ``[N, D]``, and with
+    ``popularity_prior`` one more column (:meth:`TwoTowerModel.with_prior_columns`).
     """
     keys = _QUERY_KEYS if side == "query" else contract.CANDIDATE_FEATURES
     size = len(table[keys[0]])
@@ -95,5 +102,4 @@ def embed(
             out.append(np.asarray(fn(features)))
         finally:
             model.text_mode = mode
-    dim = model.model_config.embedding_dim
-    return np.concatenate(out) if out else np.zeros([0, dim], np.float32)
+    return np.concatenate(out) if out else np.zeros([0, model.retrieval_dim], np.float32)

@@ -32,7 +32,7 @@ from trainer.input_pipeline import DataPlan, epoch_steps, plan_data, train_datas
 from trainer.model import TwoTowerModel
 from trainer.model_dir import METRICS_FILE, save_trained
 from trainer.train_step import build_for_training, make_train_step
-from trainer.validation import evaluate_validation
+from trainer.validation import choose_prior_weight, evaluate_validation
 
 log = logging.getLogger("trainer")
 
@@ -214,6 +214,10 @@ def train(
         if o.restore_best:
             _restore_best(checkpoints.best, history, dirs.checkpoint_dir)
         summary = _summary(run, status, started, strategy.num_replicas_in_sync, precision)
+        prior = choose_prior_weight(model, plan, config)
+        if prior:
+            summary["popularity_prior"] = prior
+            progress.log_prior(prior)
         result.model_dir = _write_model(model, config, info, dirs, summary, started)
     _cleanup_worker_dir(info, dirs)
     result.seconds = time.time() - started

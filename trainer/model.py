@@ -9,7 +9,8 @@ Public API used by the loop, the export and the evaluation:
 
 * :func:`build_model` (its weights saved and loaded by :mod:`trainer.model_dir`)
 * :meth:`TwoTowerModel.query_embeddings`, :meth:`TwoTowerModel.candidate_embeddings` (raw
-  string features in, L2-normalised float32 ``[B, D]`` out), :meth:`TwoTowerModel.predict_rating`
+  string features in, L2-normalised float32 ``[B, D]`` out, plus the popularity-prior column
+  with ``popularity_prior``: ``[B, retrieval_dim]``), :meth:`TwoTowerModel.predict_rating`
 * :meth:`TwoTowerModel.set_text_mode` (``"live"``: raw text through BERT, what an export wants;
   ``"cached"``: precomputed vectors, what frozen-BERT training uses)
 * :meth:`TwoTowerModel.compute_losses` / :meth:`TwoTowerModel.compute_user_losses`: one
@@ -101,6 +102,15 @@ class TwoTowerModel(keras.Model):
         # [1, N]: catalog items nobody rated in train (no negatives of the training softmax).
         self._untrained_items = (np.asarray(assets.popularity) <= 0)[None, :]
         self._sampling_probability = tf.constant(assets.sampling_probability())
+        # The popularity prior: log(1 + train count) by preprocessor row, and its weight, 0 in
+        # training and chosen on the valid part after it (trainer.validation.choose_prior_weight);
+        # saved with the weights, read by the export.
+        self._log_popularity = tf.constant(log_popularity_by_row(assets.popularity))
+        self.prior_weight = None
+        if config.popularity_prior:
+            self.prior_weight = self.add_weight(
+                shape=(), initializer="zeros", trainable=False, name="popularity_prior_weight"
+            )
         # The hashed id of each catalog row (rows 0 and 1, padding and unknown, are masked).
         self._catalog_hashed_ids = self.preprocessor.hash_ids(
             tf.constant(["", "[UNK]", *assets.item_ids])
@@ -274,18 +284,43 @@ class TwoTowerModel(keras.Model):
 
     # ------------------------------------------------------------------ public API
 
+    @property
+    def retrieval_dim(self) -> int:
+        """Width of the public embeddings: ``D``, plus the popularity-prior column with
+        ``popularity_prior`` (:meth:`with_prior_columns`)."""
+        return self.model_config.embedding_dim + int(self.prior_weight is not None)
+
+    def with_prior_columns(
+        self, query: tf.Tensor | None = None, candidate: tf.Tensor | None = None, rows=None
+    ) -> tf.Tensor:
+        """The popularity prior as one more column: ``query`` ``[B, D]`` -> ``[B, D + 1]``
+        (the column holds the prior's weight ``w``), or ``candidate`` ``[B, D]`` with its
+        preprocessor ``rows`` ``[B]`` -> ``[B, D + 1]`` (:func:`log_popularity_by_row`). Their
+        inner product is ``cosine + w * log(1 + count)``. Unchanged without a prior."""
+        if self.prior_weight is None:
+            return query if candidate is None else candidate
+        if candidate is None:
+            column = tf.fill([tf.shape(query)[0], 1], tf.cast(self.prior_weight, query.dtype))
+            return tf.concat([query, column], axis=-1)
+        column = tf.gather(self._log_popularity, rows)[:, None]
+        return tf.concat([candidate, tf.cast(column, candidate.dtype)], axis=-1)
+
     def query_embeddings(
         self, features: Mapping[str, tf.Tensor], training: bool = False
     ) -> tf.Tensor:
         """Raw query features (``user_*``, ``query_text`` ``[B]``, ``history`` ``[B, H]``; extra
-        keys ignored) -> L2-normalised float32 ``[B, D]``."""
-        return self.query_tower(self.preprocess_query(features), training=training)
+        keys ignored) -> float32 ``[B, retrieval_dim]`` (L2-normalised ``[B, D]`` + the
+        popularity-prior column)."""
+        query = self.query_tower(self.preprocess_query(features), training=training)
+        return self.with_prior_columns(query=query)
 
     def candidate_embeddings(
         self, features: Mapping[str, tf.Tensor], training: bool = False
     ) -> tf.Tensor:
-        """Raw candidate features (``item_*`` ``[N]``) -> L2-normalised float32 ``[N, D]``."""
-        return self.candidate_tower(self.preprocess_candidate(features), training=training)
+        """Raw candidate features (``item_*`` ``[N]``) -> float32 ``[N, retrieval_dim]``."""
+        inputs = self.preprocess_candidate(features)
+        candidate = self.candidate_tower(inputs, training=training)
+        return self.with_prior_columns(candidate=candidate, rows=inputs["row"])
 
     def predict_rating(
         self,
@@ -297,10 +332,16 @@ class TwoTowerModel(keras.Model):
     ) -> tf.Tensor:
         """Ranking head: ``[B, D]`` x ``[B, D]`` -> ``[B]``, or ``[B, D]`` x ``[B, M, D]`` ->
         ``[B, M]`` (float32 ratings on the 1..5 scale, not clipped). ``user_ids`` ``[B]`` and
-        ``item_ids`` ``[B]`` or ``[B, M]`` are the raw string ids of the pairs."""
+        ``item_ids`` ``[B]`` or ``[B, M]`` are the raw string ids of the pairs. Embeddings
+        with the popularity-prior column are read without it."""
         hash_ids = self.preprocessor.hash_ids
+        dim = self.model_config.embedding_dim
         return self.ranking_head(
-            query_emb, cand_emb, hash_ids(user_ids), hash_ids(item_ids), training=training
+            query_emb[..., :dim],
+            cand_emb[..., :dim],
+            hash_ids(user_ids),
+            hash_ids(item_ids),
+            training=training,
         )
 
     def call(self, features: Mapping[str, tf.Tensor], training: bool = False) -> dict:
@@ -405,6 +446,19 @@ class TwoTowerModel(keras.Model):
                     seen.add(id(v))
                     out.append(v)
         return out
+
+
+def log_popularity_by_row(popularity: Sequence[float]) -> np.ndarray:
+    """The prior's candidate column by preprocessor row ``[N + 2]``: ``log(1 + train count)``
+    of each catalog item; an item nobody rated in train (p3's cold movies, a new item) and the
+    padding / unknown rows get the mean over the rated items: to the prior they are unknown,
+    not unpopular (as the training softmax leaves them out rather than pushing them down)."""
+    counts = np.asarray(popularity, np.float64)
+    logs = np.log1p(np.maximum(counts, 0.0))
+    rated = counts > 0
+    neutral = float(logs[rated].mean()) if rated.any() else 0.0
+    logs = np.where(rated, logs, neutral)
+    return np.concatenate([[neutral, neutral], logs]).astype(np.float32)
 
 
 def _make_encoders(

@@ -183,6 +183,7 @@ def build_card(
             "seed": optim.get("seed"),
             "best_epoch": best.get("epoch"),
             "valid": {k: best[k] for k in ("recall_at_10", "recall_at_50", "rmse") if k in best},
+            "popularity_prior_weight": (trained.get("popularity_prior") or {}).get("weight"),
         },
         "data": _data_facts(data.get("data", ""), split),
         "evaluations": [dict(e) for e in evaluations],
@@ -192,6 +193,12 @@ def build_card(
         card["export"] = dict(export)
     card["limits"] = known_limits(card)
     return card
+
+
+def _prior_note(weight: float | None) -> str:
+    if weight is None:
+        return ""
+    return f"; popularity prior weight {_fmt(weight)} (chosen on valid recall@10)"
 
 
 def known_limits(card: Mapping[str, Any]) -> list[str]:
@@ -288,7 +295,8 @@ def render_markdown(card: Mapping[str, Any]) -> str:
         f"{_fmt(training.get('epochs_max'))} epochs ({_fmt(training.get('status'))}, "
         f"{_seconds(training.get('seconds'))}, seed {_fmt(training.get('seed'))}); best valid "
         f"epoch {_fmt(training.get('best_epoch'))}: "
-        + (", ".join(f"{k} {_fmt(v)}" for k, v in training.get("valid", {}).items()) or "–"),
+        + (", ".join(f"{k} {_fmt(v)}" for k, v in training.get("valid", {}).items()) or "–")
+        + _prior_note(training.get("popularity_prior_weight")),
         "",
         "## Figures",
         "",

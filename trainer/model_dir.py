@@ -90,6 +90,8 @@ def load_trained(model_dir: str) -> tuple[TwoTowerModel, TrainConfig]:
     specs = [EncoderSpec(**s) for s in _read_json(os.path.join(model_dir, ENCODERS_FILE))]
     if config.model.freeze_bert is None or config.model.cache_text is None:
         raise ConfigError(f"{model_dir}/{CONFIG_FILE}: the saved config is not resolved")
+    if config.model.popularity_prior is None:  # saved before the prior existed: none
+        config.model.popularity_prior = False
     model = build_model(config.model, assets, encoder_specs=specs, fill_caches=False)
     weights = os.path.join(model_dir, WEIGHTS_FILE)
     if not tf.io.gfile.exists(weights):

@@ -115,6 +115,20 @@ def log_model(model: TwoTowerModel, config: TrainConfig, precision: str) -> None
     )
 
 
+def log_prior(prior: dict) -> None:
+    """The popularity-prior weight chosen on the valid part, against the prior off."""
+    curve = prior["valid_recall_at_10"]
+    if not curve:
+        log.info("popularity prior: no valid events, weight stays 0")
+        return
+    log.info(
+        "popularity prior: weight %g (valid recall@10 %.4f; %.4f without the prior)",
+        prior["weight"],
+        curve[str(prior["weight"])],
+        curve[str(0.0)],
+    )
+
+
 def progress_bar(enabled: bool, total: int, initial: int, desc: str):
     if not enabled:
         return None

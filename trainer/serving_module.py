@@ -154,6 +154,8 @@ class RecommenderModule(tf.Module):
       item_embeddings: ``[N, D]`` embeddings of the catalog, in catalog order.
       index: the resolved index settings (:meth:`IndexConfig.resolved`).
       history_length: ``H`` the query tower was trained with; requests may send any ``H``.
+      similarity_dim: how many leading columns of the embeddings MMR's item-item similarity
+        compares (the unit vector without a popularity-prior column); None: all of them.
     """
 
     def __init__(
@@ -165,8 +167,10 @@ class RecommenderModule(tf.Module):
         item_embeddings: np.ndarray,
         index: IndexConfig,
         history_length: int,
+        similarity_dim: int | None = None,
     ):
         super().__init__()
+        self.similarity_dim = similarity_dim
         self.query_model = query_model
         self.candidate_model = candidate_model
         self.rating_fn = rating_fn
@@ -300,9 +304,8 @@ class RecommenderModule(tf.Module):
         candidates = tf.maximum(indices, 0)
 
         def diverse() -> tf.Tensor:
-            return ranking.mmr_rerank_tf(
-                candidates, scores, self.embeddings, max_k, diversity[:, None]
-            )
+            unit = self.embeddings[:, : self.similarity_dim]
+            return ranking.mmr_rerank_tf(candidates, scores, unit, max_k, diversity[:, None])
 
         # MMR at λ = 0 picks the stably sorted pool in order (-inf last, ties to the earlier
         # position); a batch that asks no diversity skips its max_k-step loop (several ms).
