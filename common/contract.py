@@ -109,7 +109,7 @@ def similarity_vectors(embeddings: np.ndarray, atol: float = 1e-3) -> np.ndarray
     """The unit vectors of ``embeddings`` ``[N, E]`` from an embedding signature: all ``E``
     columns when every row is unit-length, else the leading ``E - 1`` (a prior column
     follows them). Either way cosine similarities between the rows are what they should be:
-    with an all-zero bias column both readings agree."""
+    with an all-zero prior column both readings agree."""
     embeddings = np.asarray(embeddings, dtype=np.float32)
     if not embeddings.size:
         return embeddings
