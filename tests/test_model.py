@@ -113,8 +113,9 @@ def test_cached_text_gives_what_the_live_encoder_gives(tiny_model, batch):
         tiny_model.set_text_mode("cached")
     np.testing.assert_allclose(cached_q, live_q, atol=1e-5)
     np.testing.assert_allclose(cached_c, live_c, atol=1e-5)
-    assert cached_q.shape == (48, 64)
-    np.testing.assert_allclose(np.linalg.norm(cached_q, axis=1), 1.0, atol=1e-5)
+    # The popularity prior (on by default) adds one column after the unit-length part.
+    assert cached_q.shape == (48, 65) and tiny_model.retrieval_dim == 65
+    np.testing.assert_allclose(np.linalg.norm(cached_q[:, :64], axis=1), 1.0, atol=1e-5)
 
 
 def test_history_reads_the_catalog_text_table(tiny_model, batch):
@@ -285,7 +286,8 @@ def test_scorer_scores_the_whole_catalog(tiny_model, tiny_data_dir):
 )
 def test_variants_build_and_embed(assets, batch, overrides):
     model = build_model(resolved(**overrides).model, assets)
-    assert model.query_embeddings(batch).shape == (48, 64)
+    assert model.query_embeddings(batch).shape == (48, model.retrieval_dim)
+    assert model.retrieval_dim == 65
     bert = model.bert_variables()
     if overrides.get("freeze_bert") is False:
         assert bert and model.text_mode == "live"

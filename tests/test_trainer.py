@@ -31,9 +31,11 @@ ENV = {
     "CUDA_VISIBLE_DEVICES": "",
 }
 # p2 of the tiny data: 1,228 train examples -> 38 steps of 32 per epoch (event batches).
+# No popularity prior: its weight is an argmax over near-tied valid recalls on this tiny data,
+# so weights equal within 1e-5 can pick different grid points (0.06 against 0.15 seen).
 RESUME_FLAGS = shlex.split(
     "--preset tiny --split p2 --train-queries events --batch-size 32 --epochs 4 "
-    "--checkpoint-every 5 "
+    "--checkpoint-every 5 --no-popularity-prior "
     "--early-stopping-patience 0 --no-progress --log-every 1000"
 )
 
@@ -241,6 +243,34 @@ def test_training_lowers_the_loss_and_writes_the_model_dir(tiny_data_dir, tmp_pa
         assert os.path.isfile(os.path.join(model_dir, name)), name
     assert os.listdir(model_dir + "-logs"), "TensorBoard events"
     assert [p for p in os.listdir(tmp_path) if p.startswith(".")] == []
+
+
+def test_the_prior_grid_scores_what_the_served_embeddings_score(tiny_model_dir, monkeypatch):
+    """The grid is scored from one pass (cosine + w * log count); every weight's scores equal
+    the inner products of the embeddings the model serves with that weight."""
+    from trainer import validation
+    from trainer.input_pipeline import plan_data
+
+    model, config = load_trained(tiny_model_dir)
+    plan = plan_data(config)
+    scored: list[np.ndarray] = []
+    recall = validation._recall
+
+    def recording(scores, *args):
+        scored.append(np.array(scores))
+        return recall(scores, *args)
+
+    monkeypatch.setattr(validation, "_recall", recording)
+    chosen = validation.choose_prior_weight(model, plan, config)
+    grid = list(scored)
+    assert len(grid) == len(PRIOR_WEIGHTS) and chosen["weight"] in PRIOR_WEIGHTS
+    assert float(model.prior_weight.numpy()) == pytest.approx(chosen["weight"])
+    for i in (0, 5, len(PRIOR_WEIGHTS) - 1):
+        model.prior_weight.assign(PRIOR_WEIGHTS[i])
+        scored.clear()
+        validation.evaluate_validation(model, plan, config, rmse=False)
+        np.testing.assert_allclose(grid[i], scored[0], atol=1e-5)
+    assert np.abs(grid[-1] - grid[0]).max() > 1e-3  # the weight moves the scores
 
 
 def _run_training(data_dir: str, model_dir: str) -> subprocess.CompletedProcess:

@@ -205,19 +205,21 @@ def test_export_ranks_by_history_and_typed_titles_through_the_session_loader(
         out = served.run(
             "serving_default",
             request(
-                [ids[:5], ids[20:25], [], [], ["no-such-item"] * 300],
-                ["", "", f"Liked: {titles[0]}; {titles[1]}.", f"Liked: {titles[30]}.", ""],
+                [ids[:5], ids[20:25], [], [], ["no-such-item"] * 300, ids[:5]],
+                ["", "", f"Liked: {titles[0]}; {titles[1]}.", f"Liked: {titles[30]}.", "", ""],
             ),
         )
     top = [list(row) for row in out["item_ids"]]
     scores = out["scores"]
     # A two-epoch tiny model barely separates users, so the lists may share their items; the
     # scores of the same demographics must still move with the history and with the titles.
-    # (A random tiny BERT gives different titles close vectors: their scores move by ~1e-4,
-    # where the same request twice gives the same scores exactly.)
-    assert top[0] != top[1] or np.abs(scores[0] - scores[1]).max() > 1e-4
+    # (A random tiny BERT gives different titles close vectors, and two histories of this
+    # tiny data move the scores by ~1e-4 (9.6e-5 seen); the same request twice gives the same
+    # scores exactly, which the last row checks.)
+    assert top[0] != top[1] or np.abs(scores[0] - scores[1]).max() > 1e-5
     assert top[2] != top[3] or np.abs(scores[2] - scores[3]).max() > 1e-6
-    assert np.abs(scores[0] - scores[2]).max() > 1e-4
+    assert np.abs(scores[0] - scores[2]).max() > 1e-5
+    assert top[0] == top[5] and np.array_equal(scores[0], scores[5])
     # Unknown ids and a history longer than the cap are no error: ids are still returned.
     assert all(len(row) == 10 and all(row) for row in top)
     assert np.all(np.isfinite(out["scores"]))

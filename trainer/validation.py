@@ -45,17 +45,14 @@ def evaluate_validation(
       ``recall_at_50`` (when any event is positive, or with a valid part) and ``rmse`` (unless
       ``rmse`` is False).
     """
-    items = embed(model, "candidate", plan.catalog)
     valid = plan.valid
     out: dict[str, float] = {"valid_examples": float(len(valid["rating"]))}
     if not len(valid["rating"]):
         return out
-    if plan.ranking is not None:
-        out.update(_per_user_recall(model, plan.ranking, items))
-    else:
-        positive = _positive_sample(valid["rating"], config)
-        if len(positive):
-            out.update(_per_event_recall(model, plan, items, positive))
+    queries = _recall_queries(plan, config)
+    if queries is not None:
+        scores = embed(model, "query", queries) @ embed(model, "candidate", plan.catalog).T
+        out.update(_recall(scores, plan, queries))
     if not rmse:
         return out
     cap = min(len(valid["rating"]), _RMSE_EVENTS)
@@ -76,18 +73,44 @@ def choose_prior_weight(model: TwoTowerModel, plan: DataPlan, config: TrainConfi
     """
     if model.prior_weight is None:
         return {}
+    model.prior_weight.assign(0.0)
+    queries = _recall_queries(plan, config) if len(plan.valid["rating"]) else None
+    if queries is None:
+        return {"weight": 0.0, "valid_recall_at_10": {}}
+    # The weight only fills the query's prior column, so score(w) = cosine + w * log(1 + count):
+    # one pass through the towers serves the whole grid (ten passes made validation 10x dearer,
+    # live BERT included).
+    items = embed(model, "candidate", plan.catalog)
+    cosine = embed(model, "query", queries) @ items.T
+    log_count = items[:, model.model_config.embedding_dim]
     curve: dict[str, float] = {}
     best, best_recall = 0.0, -1.0
     for weight in PRIOR_WEIGHTS:
-        model.prior_weight.assign(weight)
-        recall = evaluate_validation(model, plan, config, rmse=False).get("recall_at_10")
-        if recall is None:
-            break
+        recall = _recall(cosine + weight * log_count, plan, queries)["recall_at_10"]
         curve[str(weight)] = recall
         if recall > best_recall + 1e-9:
             best, best_recall = weight, recall
     model.prior_weight.assign(best)
     return {"weight": best, "valid_recall_at_10": curve}
+
+
+def _recall_queries(plan: DataPlan, config: TrainConfig) -> dict | None:
+    """The queries the valid recall ranks for: every valid user's (a valid part: p2-p4), else
+    a sample of positive validation events, each with its own past (p1); None when p1 has no
+    positive event."""
+    if plan.ranking is not None:
+        return plan.ranking.queries
+    positive = _positive_sample(plan.valid["rating"], config)
+    if not len(positive):
+        return None
+    return {k: v[positive] for k, v in plan.valid.items()}
+
+
+def _recall(scores: np.ndarray, plan: DataPlan, queries: dict) -> dict[str, float]:
+    """``recall_at_10`` / ``_50`` of ``scores`` ``[Q, N]`` (``queries`` against the catalog)."""
+    if plan.ranking is not None:
+        return _per_user_recall(scores, plan.ranking)
+    return _per_event_recall(scores, plan, queries)
 
 
 def _positive_sample(rating: np.ndarray, config: TrainConfig) -> np.ndarray:
@@ -99,26 +122,19 @@ def _positive_sample(rating: np.ndarray, config: TrainConfig) -> np.ndarray:
     return positive
 
 
-def _per_user_recall(
-    model: TwoTowerModel, task: RankingTask, items: np.ndarray
-) -> dict[str, float]:
-    """RecBole recall of each user's top 50 over ``items`` ``[N, D]``, seen items left out."""
-    scores = embed(model, "query", task.queries) @ items.T
+def _per_user_recall(scores: np.ndarray, task: RankingTask) -> dict[str, float]:
+    """RecBole recall of each user's top 50 of ``scores`` ``[U, N]``, seen items left out."""
     top = ranking.top_k_from_scores(scores, max(_KS), task.exclude)
     ranked = metrics.ranking_metrics(top, task.truth, ks=_KS)
     return {f"recall_at_{k}": ranked[f"recall@{k}"] for k in _KS}
 
 
-def _per_event_recall(
-    model: TwoTowerModel, plan: DataPlan, items: np.ndarray, rows: np.ndarray
-) -> dict[str, float]:
-    """Top-k accuracy of the validation events ``rows`` ``[P]`` against ``items`` ``[N, D]``.
+def _per_event_recall(scores: np.ndarray, plan: DataPlan, queries: dict) -> dict[str, float]:
+    """Top-k accuracy of the validation events ``queries`` from their ``scores`` ``[P, N]``.
 
     Each event's query ranks the whole catalog but the user's training items; an event whose
-    item is not in the catalog is a miss.
+    item is not in the catalog is a miss. ``scores`` is changed in place.
     """
-    queries = {k: v[rows] for k, v in plan.valid.items()}
-    scores = embed(model, "query", queries) @ items.T
     for row, user in enumerate(queries["user_id"]):
         scores[row, plan.seen.get(user, [])] = -np.inf
     index = ranking.index_of(plan.catalog)
