@@ -74,7 +74,7 @@ def choose_prior_weight(model: TwoTowerModel, plan: DataPlan, config: TrainConfi
     if model.prior_weight is None:
         return {}
     model.prior_weight.assign(0.0)
-    queries = _recall_queries(plan, config) if len(plan.valid["rating"]) else None
+    queries = _recall_queries(plan, config)
     if queries is None:
         return {"weight": 0.0, "valid_recall_at_10": {}}
     # The weight only fills the query's prior column, so score(w) = cosine + w * log(1 + count):
@@ -96,8 +96,10 @@ def choose_prior_weight(model: TwoTowerModel, plan: DataPlan, config: TrainConfi
 
 def _recall_queries(plan: DataPlan, config: TrainConfig) -> dict | None:
     """The queries the valid recall ranks for: every valid user's (a valid part: p2-p4), else
-    a sample of positive validation events, each with its own past (p1); None when p1 has no
-    positive event."""
+    a sample of positive validation events, each with its own past (p1); None without
+    validation events, or when p1 has no positive one."""
+    if not len(plan.valid["rating"]):
+        return None
     if plan.ranking is not None:
         return plan.ranking.queries
     positive = _positive_sample(plan.valid["rating"], config)
