@@ -16,8 +16,8 @@ same for every input of one request; ``H``, ``E``, ``M`` per request). TensorFlo
     candidate features ``[B]`` -> ``embeddings`` ``[B, D]``, or ``[B, D + 1]``.
 
 Retrieval scores are inner products of the two embeddings. A model with a popularity prior adds
-one column to both (the query's holds the prior's weight, the candidate's its log train count),
-so the leading ``D`` columns are unit vectors and a row can be longer than 1:
+one column to both (the query's holds 1, the candidate's the prior's weight times its log
+train count), so the leading ``D`` columns are unit vectors and a row can be longer than 1:
 :func:`similarity_vectors` gives what item-item similarity should compare.
 """
 

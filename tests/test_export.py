@@ -135,19 +135,20 @@ def test_signatures_and_options(loaded, tiny_data_dir, tiny_model_dir):
     # Diversity re-ranks the same pool: still k distinct items, some order changes.
     diverse = _retrieve(sigs["serving_default"], queries, k=10, diversity=0.9)
     assert all(len(set(r)) == 10 for r in diverse["item_ids"].numpy().tolist())
-    # Embeddings: D unit columns and the popularity-prior column (the query's holds the weight
-    # chosen on valid, the candidate's log(1 + train count)); the retrieve scores are their
-    # inner products with the catalog's.
+    # Embeddings: D unit columns and the popularity-prior column (the query's holds 1, the
+    # candidate's the weight chosen on valid times log(1 + train count)); the retrieve scores
+    # are their inner products with the catalog's.
     emb = sigs["query_embedding"](**queries)["embeddings"].numpy()
     np.testing.assert_allclose(np.linalg.norm(emb[:, :-1], axis=1), 1.0, atol=1e-4)
     with open(os.path.join(tiny_model_dir, "metrics.json")) as f:
         prior = json.load(f)["popularity_prior"]
-    np.testing.assert_allclose(emb[:, -1], prior["weight"], atol=1e-6)
+    np.testing.assert_allclose(emb[:, -1], 1.0, atol=1e-6)
     catalog = records.load_catalog(tiny_data_dir, "p2")
     items = sigs["candidate_embedding"](
         **{k: tf.constant(np.asarray(catalog[k]).astype(str)) for k in CANDIDATE_FEATURES}
     )["embeddings"].numpy()
-    np.testing.assert_allclose(items[:, -1], log_popularity_by_row(catalog["popularity"])[2:])
+    log_counts = log_popularity_by_row(catalog["popularity"])[2:]
+    np.testing.assert_allclose(items[:, -1], prior["weight"] * log_counts, rtol=1e-5, atol=1e-7)
     want = np.sort(emb @ items.T, axis=1)[:, ::-1][:, :10]
     np.testing.assert_allclose(scores, want, atol=1e-4)
     new = sigs["candidate_embedding"](
@@ -248,6 +249,55 @@ def test_low_recall_searches_more_leaves_when_not_pinned(tiny_model_dir, tmp_pat
     pinned = IndexConfig(kind="scann", num_leaves=30, num_leaves_to_search=8)
     with pytest.raises(ExportError, match="below --min-recall"):
         export(tiny_model_dir, str(tmp_path), "m", pinned)
+
+
+def test_a_derived_leaf_count_that_passes_is_halved_while_it_would_still_pass(
+    tiny_model_dir, tmp_path, monkeypatch
+):
+    import trainer.export as export_lib
+
+    built, tried = [], []
+    monkeypatch.setattr(
+        export_lib,
+        "recall_against_brute_force",
+        lambda module, *a, **k: built.append(module.index_config.num_leaves_to_search) or 0.99,
+    )
+
+    def at_leaves(module, embeddings, exact, leaves):
+        tried.append(leaves)
+        return 0.99 if leaves >= 3 else 0.9
+
+    monkeypatch.setattr(export_lib, "recall_at_leaves", at_leaves)
+    small = {"num_leaves": 6, "max_k": 5}  # 3 of 6 leaves still hold the 10-item pool
+    path = export(tiny_model_dir, str(tmp_path), "m", IndexConfig(kind="scann", **small))
+    assert tried == [3, 1]  # derived 6 (all) passes; 3 would too, 1 would not
+    assert built == [6, 3]  # the index is rebuilt at 3 and checked again
+    with open(os.path.join(path, "assets.extra", "recall_check.json")) as f:
+        assert json.load(f)["index"]["num_leaves_to_search"] == 3
+    # A pinned count is only checked, never lowered.
+    tried.clear()
+    pinned = IndexConfig(kind="scann", num_leaves_to_search=6, **small)
+    path = export(tiny_model_dir, str(tmp_path), "m", pinned)
+    assert tried == []
+    with open(os.path.join(path, "assets.extra", "recall_check.json")) as f:
+        assert json.load(f)["index"]["num_leaves_to_search"] == 6
+
+
+def test_query_time_leaves_search_the_built_index(tiny_model_dir, tiny_data_dir):
+    import trainer.export as export_lib
+
+    index = IndexConfig(kind="scann", num_leaves=6, num_leaves_to_search=6, max_k=20)
+    module, _, users, _ = build_module(tiny_model_dir, None, index)
+    queries = {k: np.asarray(users[k]).astype(object) for k in export_lib._QUERY_INPUTS}
+    embeddings = module.query_embedding(**queries)["embeddings"]
+    exact = tf.math.top_k(tf.matmul(embeddings, module.embeddings, transpose_b=True), k=10)
+    exact = exact.indices.numpy()
+    # Every leaf searched: the query-time path answers as the index's own search does.
+    full = export_lib.recall_at_leaves(module, embeddings, exact, 6)
+    assert full == pytest.approx(export_lib.recall_against_brute_force(module, queries))
+    assert full > 0.9
+    # One leaf holds fewer items than the reordering set: a count the tuner must refuse.
+    assert export_lib.recall_at_leaves(module, embeddings, exact, 1) == 0.0
 
 
 def test_cli_errors(tmp_path):

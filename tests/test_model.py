@@ -204,15 +204,16 @@ def test_popularity_prior_adds_weighted_log_counts_to_the_scores(tiny_model, bat
     by_row = log_popularity_by_row(assets.popularity)
     rows = {item: n + 2 for n, item in enumerate(assets.item_ids)}
     log_counts = by_row[[rows[i] for i in batch["item_id"].numpy().astype(str)]]
-    candidates = tiny_model.candidate_embeddings(batch).numpy()
-    np.testing.assert_allclose(candidates[:, -1], log_counts, rtol=1e-6)
-    before = tiny_model.query_embeddings(batch).numpy()
-    np.testing.assert_allclose(before[:, -1], 0.0)  # 0 until chosen on valid
+    before = tiny_model.candidate_embeddings(batch).numpy()
+    np.testing.assert_allclose(before[:, -1], 0.0)  # w = 0 until chosen on valid
+    query = tiny_model.query_embeddings(batch).numpy()
+    np.testing.assert_allclose(query[:, -1], 1.0)  # the weight sits on the candidate side
     ids = (batch["user_id"], batch["item_id"])
-    ratings = tiny_model.predict_rating(before, candidates, *ids).numpy()
+    ratings = tiny_model.predict_rating(query, before, *ids).numpy()
     tiny_model.prior_weight.assign(0.05)
     try:
-        query = tiny_model.query_embeddings(batch).numpy()
+        candidates = tiny_model.candidate_embeddings(batch).numpy()
+        np.testing.assert_allclose(candidates[:, -1], 0.05 * log_counts, rtol=1e-6)
         want = query[:, :dim] @ candidates[:, :dim].T + 0.05 * log_counts[None, :]
         np.testing.assert_allclose(query @ candidates.T, want, rtol=1e-5, atol=1e-6)
         # The ranking head reads the unit vectors only: the prior does not move ratings.
@@ -228,7 +229,12 @@ def test_popularity_prior_adds_weighted_log_counts_to_the_scores(tiny_model, bat
     np.testing.assert_allclose(by_row[2:][rated], np.log1p(assets.popularity)[rated], rtol=1e-6)
     unknown = {k: v[:1] for k, v in batch.items()}
     unknown["item_id"] = tf.constant(["no-such-item"])
-    np.testing.assert_allclose(tiny_model.candidate_embeddings(unknown)[0, -1], neutral, rtol=1e-6)
+    tiny_model.prior_weight.assign(1.0)
+    try:
+        column = tiny_model.candidate_embeddings(unknown)[0, -1]
+    finally:
+        tiny_model.prior_weight.assign(0.0)
+    np.testing.assert_allclose(column, neutral, rtol=1e-6)
 
 
 def test_a_model_dir_from_before_the_prior_loads_without_it(assets, batch, tmp_path):

@@ -68,8 +68,8 @@ def export_parser() -> argparse.ArgumentParser:
         "--num-leaves-to-search",
         type=int,
         default=0,
-        help="ScaNN leaves searched per query (0: about leaves / 16, at least 8, doubled until "
-        "--min-recall is met)",
+        help="ScaNN leaves searched per query (0: tuned from about leaves / 16, at least 8: "
+        "doubled until --min-recall is met, or halved while it still would be)",
     )
     p.add_argument(
         "--num-reordering-candidates",

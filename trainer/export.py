@@ -94,6 +94,99 @@ def recall_against_brute_force(
     return float(np.mean([len(set(a) & set(e)) / k for a, e in zip(approx, exact, strict=True)]))
 
 
+def recall_at_leaves(
+    module: RecommenderModule, embeddings: tf.Tensor, exact: np.ndarray, leaves: int
+) -> float:
+    """Recall@k (k = ``exact``'s width) of the module's ScaNN index searching ``leaves`` leaves,
+    against the exact top-k rows ``exact`` ``[Q, k]`` of ``embeddings`` ``[Q, D]``.
+
+    0 when any query's leaves hold fewer than ``num_reordering_candidates`` items: the serving
+    graph needs ``pool`` of them for every query (ScaNN pads a short answer), and four times
+    that on the checked queries leaves a margin for the others.
+
+    The leaf count is a query-time argument of ScaNN's searcher, so this needs no rebuild. TFRS's
+    layer hides its searcher (``_serialized_searcher``) and has no leaves argument at call time.
+    """
+    from scann.scann_ops.py import scann_ops
+
+    searcher = scann_ops.searcher_from_module(module.scann._serialized_searcher)
+    wanted = module.index_config.num_reordering_candidates
+    found = searcher.search_batched(embeddings, final_num_neighbors=wanted, leaves_to_search=leaves)
+    if found.indices.shape[1] < wanted or np.isnan(found.distances.numpy()).any():
+        return 0.0
+    k = exact.shape[1]
+    approx = found.indices[:, :k].numpy()
+    return float(np.mean([len(set(a) & set(e)) / k for a, e in zip(approx, exact, strict=True)]))
+
+
+def fewest_leaves(module: RecommenderModule, queries: dict[str, np.ndarray], k: int = 10) -> int:
+    """The fewest leaves ScaNN can search and still reach ``min_recall``: the module's count
+    halved while recall@k on ``queries`` stays at or above it (halving, not bisecting, keeps
+    a margin above the threshold for queries the check has not seen)."""
+    config = module.index_config
+    embeddings = module.query_embedding(**queries)["embeddings"]
+    exact = tf.math.top_k(tf.matmul(embeddings, module.embeddings, transpose_b=True), k=k)
+    exact = exact.indices.numpy()
+    leaves = config.num_leaves_to_search
+    while leaves > 1:
+        fewer = leaves // 2
+        recall = recall_at_leaves(module, embeddings, exact, fewer)
+        would = (
+            f"give recall@{k} {recall:.4f}"
+            if recall > 0
+            else f"hold fewer than {config.num_reordering_candidates} items for some query"
+        )
+        print(f"index scann: {fewer}/{config.num_leaves} leaves would {would}")
+        if recall < config.min_recall:
+            break
+        leaves = fewer
+    return leaves
+
+
+def tuned_index(module: RecommenderModule, sample: dict[str, np.ndarray]) -> float:
+    """Checks the module's ScaNN index against brute force, retuning it when its leaf count
+    was derived (``auto_tune``), and returns the recall@10 of the index it leaves built.
+
+    A derived count that falls short is doubled until it passes; one that passes at once is
+    halved while it still would (:func:`fewest_leaves`): search time grows with the leaves,
+    and how spread the trained embeddings are decides how many are enough. A pinned count is
+    only checked.
+    """
+
+    def check() -> float:
+        c = module.index_config
+        recall = recall_against_brute_force(module, sample)
+        print(
+            f"index scann ({c.num_leaves_to_search}/{c.num_leaves} leaves searched): "
+            f"recall@10 against brute force = {recall:.4f} on {len(sample['query_text'])} queries"
+        )
+        return recall
+
+    def rebuild(leaves: int) -> None:
+        module.build_index(dataclasses.replace(module.index_config, num_leaves_to_search=leaves))
+
+    recall = check()
+    config = module.index_config
+    if config.auto_tune and recall >= config.min_recall:
+        fewer = fewest_leaves(module, sample)
+        if fewer < config.num_leaves_to_search:
+            rebuild(fewer)
+            recall = check()
+    while recall < module.index_config.min_recall and module.index_config.auto_tune:
+        config = module.index_config
+        if config.num_leaves_to_search >= config.num_leaves:
+            break
+        rebuild(min(2 * config.num_leaves_to_search, config.num_leaves))
+        recall = check()
+    config = module.index_config
+    if recall < config.min_recall:
+        raise ExportError(
+            f"{config.kind} recall@10 {recall:.4f} is below --min-recall "
+            f"{config.min_recall}; raise --num-leaves-to-search or reordering"
+        )
+    return recall
+
+
 def _tensor_proto(value: np.ndarray) -> tf.compat.v1.TensorProto:
     return tf.make_tensor_proto(value)
 
@@ -171,26 +264,8 @@ def save_export(
         name: np.asarray(queries[name][: config.recall_queries]).astype(object)
         for name in _QUERY_INPUTS
     }
-    recall = 1.0
-    while config.kind == "scann":
-        recall = recall_against_brute_force(module, sample)
-        print(
-            f"index scann ({config.num_leaves_to_search}/{config.num_leaves} leaves searched): "
-            f"recall@10 against brute force = {recall:.4f} on {len(sample['query_text'])} queries"
-        )
-        if recall >= config.min_recall or not config.auto_tune:
-            break
-        if config.num_leaves_to_search >= config.num_leaves:
-            break
-        config = dataclasses.replace(
-            config, num_leaves_to_search=min(2 * config.num_leaves_to_search, config.num_leaves)
-        )
-        module.build_index(config)
-    if recall < config.min_recall:
-        raise ExportError(
-            f"{config.kind} recall@10 {recall:.4f} is below --min-recall "
-            f"{config.min_recall}; raise --num-leaves-to-search or reordering"
-        )
+    recall = tuned_index(module, sample) if config.kind == "scann" else 1.0
+    config = module.index_config
     requests = sample_requests(queries, catalog, config.max_k)
     _stage(f"tracing the {len(requests)} signatures")
     for signature, inputs in requests.items():  # the concrete functions run once before saving

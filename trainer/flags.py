@@ -152,8 +152,8 @@ _HELP = {
     "on p2-p4, kept on p1 (whose protocol ranks seen items).",
     "popularity_prior": "Add w * log(1 + train count) to every item's served score, w chosen "
     "on the valid part after training (0 when there is none). The embeddings get one more "
-    "column (the query's holds w, the candidate's its log count), so every index still ranks "
-    "by one inner product. Not given = on.",
+    "column (the query's holds 1, the candidate's w times its log count), so every index "
+    "still ranks by one inner product. Not given = on.",
     "embedding_dim": "D, the size of both towers' (L2-normalised) output embeddings.",
     "tower_layers": "Hidden layer sizes of each tower's MLP over its fused features.",
     "dropout": "Dropout rate in the towers' MLPs, in [0, 1).",

@@ -294,15 +294,21 @@ class TwoTowerModel(keras.Model):
         self, query: tf.Tensor | None = None, candidate: tf.Tensor | None = None, rows=None
     ) -> tf.Tensor:
         """The popularity prior as one more column: ``query`` ``[B, D]`` -> ``[B, D + 1]``
-        (the column holds the prior's weight ``w``), or ``candidate`` ``[B, D]`` with its
-        preprocessor ``rows`` ``[B]`` -> ``[B, D + 1]`` (:func:`log_popularity_by_row`). Their
-        inner product is ``cosine + w * log(1 + count)``. Unchanged without a prior."""
+        (the column holds 1), or ``candidate`` ``[B, D]`` with its preprocessor ``rows``
+        ``[B]`` -> ``[B, D + 1]`` (the column holds ``w * log(1 + count)``,
+        :func:`log_popularity_by_row`). Their inner product is ``cosine + w * log(1 + count)``.
+        Unchanged without a prior.
+
+        The weight sits on the candidate side because ScaNN partitions the candidates: with
+        ``log(1 + count)`` itself there (up to ~6.5 beside unit vectors) its k-means leaves
+        split by popularity, not by direction, and searching leaves / 16 of 1,000 leaves over
+        1M items found 0.80 of the exact top 10 (it took 4x the leaves to reach 0.95).
+        """
         if self.prior_weight is None:
             return query if candidate is None else candidate
         if candidate is None:
-            column = tf.fill([tf.shape(query)[0], 1], tf.cast(self.prior_weight, query.dtype))
-            return tf.concat([query, column], axis=-1)
-        column = tf.gather(self._log_popularity, rows)[:, None]
+            return tf.concat([query, tf.ones([tf.shape(query)[0], 1], query.dtype)], axis=-1)
+        column = tf.gather(self._log_popularity, rows)[:, None] * self.prior_weight
         return tf.concat([candidate, tf.cast(column, candidate.dtype)], axis=-1)
 
     def query_embeddings(

@@ -79,7 +79,8 @@ class IndexConfig:
     min_recall: float = 0.95
     recall_queries: int = 500
     # When num_leaves_to_search was derived (not given): double it until the recall check
-    # passes, instead of failing. How spread the trained embeddings are decides what is enough.
+    # passes, or halve it while it still would (trainer.export.tuned_index), instead of failing
+    # or searching more than it needs. How spread the trained embeddings are decides the count.
     auto_tune: bool = True
 
     def resolved(self, num_items: int) -> IndexConfig:

@@ -77,12 +77,15 @@ def choose_prior_weight(model: TwoTowerModel, plan: DataPlan, config: TrainConfi
     queries = _recall_queries(plan, config)
     if queries is None:
         return {"weight": 0.0, "valid_recall_at_10": {}}
-    # The weight only fills the query's prior column, so score(w) = cosine + w * log(1 + count):
-    # one pass through the towers serves the whole grid (ten passes made validation 10x dearer,
-    # live BERT included).
+    # score(w) = cosine + w * log(1 + count): one pass through the towers serves the whole
+    # grid (ten passes made validation 10x dearer, live BERT included). At w = 1 the items'
+    # prior column is log(1 + count) itself.
+    dim = model.model_config.embedding_dim
+    model.prior_weight.assign(1.0)
     items = embed(model, "candidate", plan.catalog)
-    cosine = embed(model, "query", queries) @ items.T
-    log_count = items[:, model.model_config.embedding_dim]
+    model.prior_weight.assign(0.0)
+    cosine = embed(model, "query", queries)[:, :dim] @ items[:, :dim].T
+    log_count = items[:, dim]
     curve: dict[str, float] = {}
     best, best_recall = 0.0, -1.0
     for weight in PRIOR_WEIGHTS:
