@@ -83,6 +83,13 @@ def check_target(export_base: str, model_name: str, version: int | None) -> tupl
     return model_base, version
 
 
+def recall_at_k(approx: np.ndarray, exact: np.ndarray) -> float:
+    """Mean share of each row of ``exact`` ``[Q, k]`` found in the same row of ``approx``
+    ``[Q, k]``: an approximate index's recall@k against exact search."""
+    k = exact.shape[1]
+    return float(np.mean([len(set(a) & set(e)) / k for a, e in zip(approx, exact, strict=True)]))
+
+
 def recall_against_brute_force(
     module: RecommenderModule, queries: dict[str, np.ndarray], k: int = 10
 ) -> float:
@@ -91,7 +98,7 @@ def recall_against_brute_force(
     _, approx = module.candidate_pool(embeddings)
     exact = tf.math.top_k(tf.matmul(embeddings, module.embeddings, transpose_b=True), k=k).indices
     approx, exact = approx[:, :k].numpy(), exact.numpy()
-    return float(np.mean([len(set(a) & set(e)) / k for a, e in zip(approx, exact, strict=True)]))
+    return recall_at_k(approx, exact)
 
 
 def recall_at_leaves(
@@ -116,7 +123,7 @@ def recall_at_leaves(
         return 0.0
     k = exact.shape[1]
     approx = found.indices[:, :k].numpy()
-    return float(np.mean([len(set(a) & set(e)) / k for a, e in zip(approx, exact, strict=True)]))
+    return recall_at_k(approx, exact)
 
 
 def fewest_leaves(module: RecommenderModule, queries: dict[str, np.ndarray], k: int = 10) -> int:
