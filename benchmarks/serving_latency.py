@@ -198,6 +198,8 @@ def index_search(modules: dict, config: BenchConfig) -> dict:
     speed ratio and ScaNN's recall@10 against brute force."""
     import tensorflow as tf
 
+    from trainer.export import recall_at_k
+
     scann, users = modules["scann"]
     brute, _ = modules["brute_force"]
     n = min(config.search_queries, len(users["user_id"]))
@@ -222,10 +224,9 @@ def index_search(modules: dict, config: BenchConfig) -> dict:
         out[f"{kind}_p50_ms"] = round(1e3 * float(np.median(latencies)), 3)
         out[f"{kind}_p99_ms"] = round(1e3 * float(np.percentile(latencies, 99)), 3)
     out["speedup"] = round(out["brute_force_p50_ms"] / out["scann_p50_ms"], 1)
-    out["recall_at_10"] = round(float(np.mean([
-        len(set(a) & set(b)) / 10 for a, b in zip(answers["scann"], answers["brute_force"],
-                                                   strict=True)
-    ])), 4)  # fmt: skip
+    out["recall_at_10"] = round(
+        recall_at_k(np.array(answers["scann"]), np.array(answers["brute_force"])), 4
+    )
     out["leaves"] = f"{scann.index_config.num_leaves_to_search}/{scann.index_config.num_leaves}"
     print("in-process 1M search:", json.dumps(out), flush=True)
     return out

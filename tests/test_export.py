@@ -234,7 +234,7 @@ def test_low_recall_searches_more_leaves_when_not_pinned(tiny_model_dir, tmp_pat
 
     searched = []
 
-    def recall(module, queries, k=10):
+    def recall(module, embeddings, exact):
         searched.append(module.index_config.num_leaves_to_search)
         return 0.9 if module.index_config.num_leaves_to_search < 20 else 0.99
 
@@ -290,11 +290,10 @@ def test_query_time_leaves_search_the_built_index(tiny_model_dir, tiny_data_dir)
     module, _, users, _ = build_module(tiny_model_dir, None, index)
     queries = {k: np.asarray(users[k]).astype(object) for k in export_lib._QUERY_INPUTS}
     embeddings = module.query_embedding(**queries)["embeddings"]
-    exact = tf.math.top_k(tf.matmul(embeddings, module.embeddings, transpose_b=True), k=10)
-    exact = exact.indices.numpy()
+    exact = export_lib.exact_top_k(module, embeddings)
     # Every leaf searched: the query-time path answers as the index's own search does.
     full = export_lib.recall_at_leaves(module, embeddings, exact, 6)
-    assert full == pytest.approx(export_lib.recall_against_brute_force(module, queries))
+    assert full == pytest.approx(export_lib.recall_against_brute_force(module, embeddings, exact))
     assert full > 0.9
     # One leaf holds fewer items than the reordering set: a count the tuner must refuse.
     assert export_lib.recall_at_leaves(module, embeddings, exact, 1) == 0.0

@@ -90,15 +90,20 @@ def recall_at_k(approx: np.ndarray, exact: np.ndarray) -> float:
     return float(np.mean([len(set(a) & set(e)) / k for a, e in zip(approx, exact, strict=True)]))
 
 
+def exact_top_k(module: RecommenderModule, embeddings: tf.Tensor, k: int = 10) -> np.ndarray:
+    """Rows ``[Q, k]`` of the exact top-k candidates of ``embeddings`` ``[Q, D]`` (brute force
+    over all the module's candidate embeddings): what the index checks compare against."""
+    scores = tf.matmul(embeddings, module.embeddings, transpose_b=True)
+    return tf.math.top_k(scores, k=k).indices.numpy()
+
+
 def recall_against_brute_force(
-    module: RecommenderModule, queries: dict[str, np.ndarray], k: int = 10
+    module: RecommenderModule, embeddings: tf.Tensor, exact: np.ndarray
 ) -> float:
-    """Mean recall@k of the module's index against exact search over the same embeddings."""
-    embeddings = module.query_embedding(**queries)["embeddings"]
+    """Mean recall@k (k = ``exact``'s width) of the module's built index on ``embeddings``
+    ``[Q, D]`` against their exact top-k rows ``exact`` ``[Q, k]``."""
     _, approx = module.candidate_pool(embeddings)
-    exact = tf.math.top_k(tf.matmul(embeddings, module.embeddings, transpose_b=True), k=k).indices
-    approx, exact = approx[:, :k].numpy(), exact.numpy()
-    return recall_at_k(approx, exact)
+    return recall_at_k(approx[:, : exact.shape[1]].numpy(), exact)
 
 
 def recall_at_leaves(
@@ -126,14 +131,13 @@ def recall_at_leaves(
     return recall_at_k(approx, exact)
 
 
-def fewest_leaves(module: RecommenderModule, queries: dict[str, np.ndarray], k: int = 10) -> int:
+def fewest_leaves(module: RecommenderModule, embeddings: tf.Tensor, exact: np.ndarray) -> int:
     """The fewest leaves ScaNN can search and still reach ``min_recall``: the module's count
-    halved while recall@k on ``queries`` stays at or above it (halving, not bisecting, keeps
-    a margin above the threshold for queries the check has not seen)."""
+    halved while recall@k on ``embeddings`` against ``exact`` (:func:`recall_at_leaves`) stays
+    at or above it (halving, not bisecting, keeps a margin above the threshold for queries the
+    check has not seen)."""
     config = module.index_config
-    embeddings = module.query_embedding(**queries)["embeddings"]
-    exact = tf.math.top_k(tf.matmul(embeddings, module.embeddings, transpose_b=True), k=k)
-    exact = exact.indices.numpy()
+    k = exact.shape[1]
     leaves = config.num_leaves_to_search
     while leaves > 1:
         fewer = leaves // 2
@@ -157,12 +161,15 @@ def tuned_index(module: RecommenderModule, sample: dict[str, np.ndarray]) -> flo
     A derived count that falls short is doubled until it passes; one that passes at once is
     halved while it still would (:func:`fewest_leaves`): search time grows with the leaves,
     and how spread the trained embeddings are decides how many are enough. A pinned count is
-    only checked.
+    only checked. The sample's embeddings and their exact top-10 are computed once: neither
+    depends on the index.
     """
+    embeddings = module.query_embedding(**sample)["embeddings"]
+    exact = exact_top_k(module, embeddings)
 
     def check() -> float:
         c = module.index_config
-        recall = recall_against_brute_force(module, sample)
+        recall = recall_against_brute_force(module, embeddings, exact)
         print(
             f"index scann ({c.num_leaves_to_search}/{c.num_leaves} leaves searched): "
             f"recall@10 against brute force = {recall:.4f} on {len(sample['query_text'])} queries"
@@ -175,7 +182,7 @@ def tuned_index(module: RecommenderModule, sample: dict[str, np.ndarray]) -> flo
     recall = check()
     config = module.index_config
     if config.auto_tune and recall >= config.min_recall:
-        fewer = fewest_leaves(module, sample)
+        fewer = fewest_leaves(module, embeddings, exact)
         if fewer < config.num_leaves_to_search:
             rebuild(fewer)
             recall = check()
