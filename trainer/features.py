@@ -21,7 +21,6 @@ import tensorflow as tf
 
 import trainer  # noqa: F401  (TF_USE_LEGACY_KERAS before TFRS)
 from trainer.config import ConfigError, ModelConfig
-from trainer.control_flow import unlowered_cond
 from trainer.data import schema
 from trainer.text_encoder import TextCache, TextEncoder
 
@@ -78,9 +77,7 @@ def cached_or_encoded(cache: TextCache, encoder: TextEncoder, strings: tf.Tensor
         texts = tf.gather(strings, misses[:, 0])
         return tf.cast(encoder.encode_strings(texts), tf.float32)
 
-    encoded = unlowered_cond(
-        tf.size(misses) > 0, encode, lambda: tf.zeros([0, cache.dim], tf.float32)
-    )
+    encoded = tf.cond(tf.size(misses) > 0, encode, lambda: tf.zeros([0, cache.dim], tf.float32))
     return tf.tensor_scatter_nd_update(vectors, misses, encoded)
 
 

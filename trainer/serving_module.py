@@ -43,7 +43,6 @@ import tensorflow as tf
 import trainer  # noqa: F401  (TF_USE_LEGACY_KERAS before TFRS)
 from common import cli, contract
 from trainer import ranking
-from trainer.control_flow import unlowered_cond
 
 #: Op namespaces of the module's graph beyond TensorFlow's own (``tf.saved_model.SaveOptions``).
 SAVE_NAMESPACES = ["Scann", "TFText"]
@@ -311,9 +310,9 @@ class RecommenderModule(tf.Module):
 
         # MMR at λ = 0 picks the stably sorted pool in order (-inf last, ties to the earlier
         # position); a batch that asks no diversity skips its max_k-step loop (several ms).
-        picked = unlowered_cond(
-            tf.reduce_any(diversity > 0.0), diverse, lambda: candidates[:, :max_k]
-        )[:, :width]
+        picked = tf.cond(tf.reduce_any(diversity > 0.0), diverse, lambda: candidates[:, :max_k])[
+            :, :width
+        ]
         position = tf.argmax(
             tf.cast(picked[:, :, None] == indices[:, None, :], tf.int32),
             axis=-1,
