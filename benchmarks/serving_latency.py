@@ -16,7 +16,14 @@ Everything in one run, so every ratio compares figures of the same run:
 4. gRPC: the local server (``python -m serving.server``) per setting, concurrency 1, 8 and 32,
    one channel per client thread. Query kinds: ``known`` (real users: profile, typed titles and
    history, all texts the model has encoded) and ``free`` (free text, no history: BERT runs).
-5. Sweeps on the model's own export: batching parameters and TensorFlow's intra/inter-op threads.
+5. Paired, at concurrency 1 with known text: the floor, the gRPC transport alone
+   (``grpc_echo.py``: the same requests answered with one fixed response, no model), the own
+   export behind the server with and without batching, and the 1M ScaNN export behind it, all
+   up at once and called in turn in blocks of requests. A slow moment of the shared cores
+   then falls on each alike, so the differences the issue's targets are about (what the
+   server adds, how much of it is gRPC itself, 1M against the own catalog) are measured in
+   the same moments, not in rows minutes apart.
+6. Sweeps on the model's own export: batching parameters and TensorFlow's intra/inter-op threads.
 
 Requests carry ``--batch`` queries each (2), k = 10, no exclusions, no diversity; each row
 cycles through distinct requests. Writes ``benchmarks/results/serving_latency.{json,md}``
@@ -71,6 +78,10 @@ BATCHING_SWEEP = {
     "timeout 2000 us, 2 threads (before)": OLD_BATCHING,
     "max 16 rows, timeout 0, 1 thread": BATCHING.replace("value: 64 }", "value: 16 }"),
 }  # fmt: skip
+ECHO = "gRPC transport alone (echo)"
+#: The servers of the paired comparison: (export, batching parameters).
+PAIRED_SERVERS = {"own, no batching": ("own", None), "own, batching": ("own", BATCHING),
+                  "1M ScaNN, batching": ("big_scann", BATCHING)}  # fmt: skip
 THREAD_SWEEP = {"TF default": (0, 0), "intra 1, inter 1": (1, 1), "intra 2, inter 1": (2, 1),
                 "intra 1, inter 2": (1, 2)}  # fmt: skip
 
@@ -100,6 +111,8 @@ class BenchConfig:
     batch: int = 2  # queries per request
     k: int = 10
     search_queries: int = 300  # real query embeddings for the in-process 1M search
+    paired_blocks: int = 8  # rounds of the paired comparison, each target in turn
+    paired_block_requests: int = 50
     sweeps: bool = True
     seed: int = 0
 
@@ -108,7 +121,8 @@ class BenchConfig:
             raise BenchError(f"--model_dir {self.model_dir!r} is not a trained model dir")
         if self.data and not os.path.isdir(self.data):
             raise BenchError(f"--data {self.data!r} is not a directory")
-        for name in ("synthetic_items", "requests", "batch", "k", "search_queries"):
+        for name in ("synthetic_items", "requests", "batch", "k", "search_queries",
+                     "paired_blocks", "paired_block_requests"):  # fmt: skip
             if getattr(self, name) < 1:
                 raise BenchError(f"--{name} must be at least 1, got {getattr(self, name)}")
         if not self.concurrency or min(self.concurrency) < 1:
@@ -117,7 +131,7 @@ class BenchConfig:
     @classmethod
     def quick(cls, **overrides: Any) -> BenchConfig:
         base = {"synthetic_items": 200_000, "requests": 120, "concurrency": (1, 32),
-                "search_queries": 100}  # fmt: skip
+                "search_queries": 100, "paired_blocks": 3}  # fmt: skip
         return cls(**{**base, **overrides})
 
 
@@ -339,9 +353,7 @@ def floor(path: str, requests: list[dict], total: int) -> dict:
 
 def start_server(path: str, batching: str | None, threads: tuple[int, int], tmp: str):
     """Starts the server on the version folder's base path; (process, gRPC port) once up."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     cmd = [sys.executable, "-m", "serving.server", "--model_name", "bench",
            "--model_base_path", os.path.dirname(path), "--port", str(port),
            "--rest_api_port", "0", "--file_system_poll_wait_seconds", "0",
@@ -352,6 +364,17 @@ def start_server(path: str, batching: str | None, threads: tuple[int, int], tmp:
         with open(batching_file, "w") as f:
             f.write(batching)
         cmd += ["--enable_batching", "--batching_parameters_file", batching_file]
+    return spawn(cmd, '"server_start"'), port
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def spawn(cmd: list[str], ready: str) -> subprocess.Popen:
+    """Starts ``cmd`` and returns once a line of its stderr contains ``ready``."""
     env = {**os.environ, "PYTHONPATH": REPO, "TF_CPP_MIN_LOG_LEVEL": "2"}
     proc = subprocess.Popen(cmd, cwd=REPO, env=env, stderr=subprocess.PIPE, text=True)
     started = threading.Event()
@@ -361,7 +384,7 @@ def start_server(path: str, batching: str | None, threads: tuple[int, int], tmp:
         assert proc.stderr is not None
         for line in proc.stderr:
             tail[:] = [*tail[-20:], line]
-            if '"server_start"' in line:
+            if ready in line:
                 started.set()
 
     threading.Thread(target=read, daemon=True).start()
@@ -370,8 +393,8 @@ def start_server(path: str, batching: str | None, threads: tuple[int, int], tmp:
             break
     if not started.is_set():
         proc.kill()
-        raise RuntimeError("server did not start:\n" + "".join(tail))
-    return proc, port
+        raise RuntimeError(f"{cmd[1]} did not start:\n" + "".join(tail))
+    return proc
 
 
 def stop_server(proc: subprocess.Popen) -> None:
@@ -437,6 +460,77 @@ def load(port: int, requests: list[Any], concurrency: int, total: int) -> dict:
     return summarize(latencies, time.perf_counter() - start, errors[0])
 
 
+def paired(config: BenchConfig, exports: dict[str, str], requests: list[dict],
+           protos: list[Any]) -> dict:  # fmt: skip
+    """Concurrency 1, every target up at once and called in turn, ``paired_blocks`` rounds of
+    ``paired_block_requests`` requests each: p50/p99 per target and their differences."""
+    import grpc
+    from tensorflow_serving.apis import predict_pb2, prediction_service_pb2_grpc
+
+    from serving.predictor import call_signature
+    from serving.servable import LoaderOptions, load_servable
+    from serving.tensors import array_to_tensor
+
+    servable = load_servable("bench", 1, exports["own"], LoaderOptions())
+    sig = servable.signatures["serving_default"]
+    targets: dict[str, Callable[[int], Any]] = {
+        "floor": lambda i: call_signature(sig, requests[i % len(requests)])
+    }
+    response = predict_pb2.PredictResponse()
+    for name, value in call_signature(sig, requests[0]).items():
+        response.outputs[name].CopyFrom(array_to_tensor(value))
+    procs: list[subprocess.Popen] = []
+    channels: list[grpc.Channel] = []
+    latencies: dict[str, list[float]] = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        try:
+            path = os.path.join(tmp, "response.pb")
+            with open(path, "wb") as f:
+                f.write(response.SerializeToString())
+            echo = os.path.join(REPO, "benchmarks", "grpc_echo.py")
+            ports = {ECHO: free_port()}
+            procs.append(spawn([sys.executable, echo, "--port", str(ports[ECHO]),
+                                "--response", path], "ready"))  # fmt: skip
+            for name, (export, batching) in PAIRED_SERVERS.items():
+                proc, ports[name] = start_server(exports[export], batching, (0, 0), tmp)
+                procs.append(proc)
+            for name, port in ports.items():
+                channels.append(grpc.insecure_channel(f"127.0.0.1:{port}"))
+                stub = prediction_service_pb2_grpc.PredictionServiceStub(channels[-1])
+                targets[name] = lambda i, stub=stub: stub.Predict(protos[i % len(protos)],
+                                                                  timeout=120)  # fmt: skip
+            latencies = {name: [] for name in targets}
+            for fn in targets.values():
+                for i in range(16):
+                    fn(i)
+            n = config.paired_block_requests
+            for block in range(config.paired_blocks):
+                for name, fn in targets.items():
+                    for i in range(block * n, (block + 1) * n):
+                        t0 = time.perf_counter()
+                        fn(i)
+                        latencies[name].append(time.perf_counter() - t0)
+        finally:
+            for channel in channels:
+                channel.close()
+            for proc in procs:
+                stop_server(proc)
+            servable.handle.close()
+    stats = {name: summarize(lat, sum(lat), 0) for name, lat in latencies.items()}
+    p50 = {name: s["p50_ms"] for name, s in stats.items()}
+    adds = p50["own, no batching"] - p50["floor"]
+    out = {
+        "targets": stats,
+        "server_adds_p50_ms": round(adds, 3),
+        "transport_p50_ms": p50[ECHO],
+        "server_adds_minus_transport_p50_ms": round(adds - p50[ECHO], 3),
+        "batching_adds_p50_ms": round(p50["own, batching"] - p50["own, no batching"], 3),
+        "big_scann_minus_own_p50_ms": round(p50["1M ScaNN, batching"] - p50["own, batching"], 3),
+    }
+    print("paired:", json.dumps(out), flush=True)
+    return out
+
+
 # ----------------------------------------------------------------------------- the run
 
 
@@ -484,6 +578,7 @@ def run(config: BenchConfig) -> dict:
     for export in ("big_scann", "big_brute_force"):
         measure("main", export, "known", None, "no batching")
         measure("main", export, "known", BATCHING, "batching")
+    pair = paired(config, exports, kinds["known"], protos["known"])
     if config.sweeps:
         for label, text in BATCHING_SWEEP.items():
             measure("batching sweep", "own", "known", text, label)
@@ -499,7 +594,8 @@ def run(config: BenchConfig) -> dict:
         "index_search": search,
         "floors": floors,
         "rows": rows,
-        "ratios": ratios(rows, floors, search),
+        "paired": pair,
+        "ratios": ratios(rows, floors, search, pair),
     }  # fmt: skip
 
 
@@ -510,7 +606,7 @@ def _row(rows: list[dict], **match: Any) -> dict | None:
     return None
 
 
-def ratios(rows: list[dict], floors: dict, search: dict) -> dict:
+def ratios(rows: list[dict], floors: dict, search: dict, pair: dict) -> dict:
     """The issue's claims as figures of this run."""
     out: dict = {}
     for kind in ("known", "free"):
@@ -534,6 +630,8 @@ def ratios(rows: list[dict], floors: dict, search: dict) -> dict:
                concurrency=1)  # fmt: skip
     if own and big:
         out["big_scann_minus_own_p50_ms_c1"] = round(big["p50_ms"] - own["p50_ms"], 3)
+    if pair:
+        out["paired_c1"] = {k: v for k, v in pair.items() if k != "targets"}
     if search:
         out["index_search_speedup"] = search["speedup"]
         out["index_search_function_speedup"] = search["function_speedup"]
@@ -578,6 +676,25 @@ def to_markdown(result: dict) -> str:
                     f"| {r['kind']} | {r['setting']} | {r['concurrency']} | {r['p50_ms']} "
                     f"| {r['p99_ms']} | {r['qps']} | {r['errors']} |"
                 )
+    pair = result.get("paired")
+    if pair:
+        lines += [
+            "",
+            f"**Paired at concurrency 1** (known text; all targets up at once, called in turn in "
+            f"{cfg['paired_blocks']} rounds of {cfg['paired_block_requests']} requests; the echo "
+            "is `benchmarks/grpc_echo.py`, a PredictionService that answers with one fixed "
+            "response and runs no model)",
+            "",
+            "| target | p50 ms | p99 ms |",
+            "| --- | ---: | ---: |",
+            *(f"| {name} | {s['p50_ms']} | {s['p99_ms']} |" for name, s in pair["targets"].items()),
+            "",
+            f"The server adds {pair['server_adds_p50_ms']} ms over the floor, of which "
+            f"{pair['transport_p50_ms']} ms is Python gRPC itself (the echo) and "
+            f"{pair['server_adds_minus_transport_p50_ms']} ms the rest (our handler, its "
+            f"hand-off to the session); batching adds {pair['batching_adds_p50_ms']} ms; the 1M "
+            f"ScaNN export is {pair['big_scann_minus_own_p50_ms']} ms over the own catalog's.",
+        ]
     search = result["index_search"]
     if search:
         lines += [
@@ -612,10 +729,11 @@ def parse_args(argv: list[str] | None) -> BenchConfig:
     p.add_argument("--concurrency", type=int, nargs="+")
     p.add_argument("--batch", type=int, help="queries per request")
     p.add_argument("--no_sweeps", action="store_true", help="skip the batching/thread sweeps")
+    p.add_argument("--paired_blocks", type=int, help="rounds of the paired comparison")
     args = p.parse_args(argv)
     given = {"model_dir": args.model_dir, "data": args.data, "work": args.work,
              "out_dir": args.out_dir, "sweeps": not args.no_sweeps}  # fmt: skip
-    for name in ("synthetic_items", "requests", "batch"):
+    for name in ("synthetic_items", "requests", "batch", "paired_blocks"):
         if getattr(args, name) is not None:
             given[name] = getattr(args, name)
     if args.concurrency:
