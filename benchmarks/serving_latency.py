@@ -364,7 +364,7 @@ def start_server(path: str, batching: str | None, threads: tuple[int, int], tmp:
         with open(batching_file, "w") as f:
             f.write(batching)
         cmd += ["--enable_batching", "--batching_parameters_file", batching_file]
-    return spawn(cmd, '"server_start"'), port
+    return spawn(cmd, '"server_start"', "the server"), port
 
 
 def free_port() -> int:
@@ -373,7 +373,7 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def spawn(cmd: list[str], ready: str) -> subprocess.Popen:
+def spawn(cmd: list[str], ready: str, name: str) -> subprocess.Popen:
     """Starts ``cmd`` and returns once a line of its stderr contains ``ready``."""
     env = {**os.environ, "PYTHONPATH": REPO, "TF_CPP_MIN_LOG_LEVEL": "2"}
     proc = subprocess.Popen(cmd, cwd=REPO, env=env, stderr=subprocess.PIPE, text=True)
@@ -393,7 +393,7 @@ def spawn(cmd: list[str], ready: str) -> subprocess.Popen:
             break
     if not started.is_set():
         proc.kill()
-        raise RuntimeError(f"{cmd[1]} did not start:\n" + "".join(tail))
+        raise RuntimeError(f"{name} did not start:\n" + "".join(tail))
     return proc
 
 
@@ -482,6 +482,7 @@ def paired(config: BenchConfig, exports: dict[str, str], requests: list[dict],
     procs: list[subprocess.Popen] = []
     channels: list[grpc.Channel] = []
     latencies: dict[str, list[float]] = {}
+    errors: dict[str, int] = {}
     with tempfile.TemporaryDirectory() as tmp:
         try:
             path = os.path.join(tmp, "response.pb")
@@ -490,7 +491,7 @@ def paired(config: BenchConfig, exports: dict[str, str], requests: list[dict],
             echo = os.path.join(REPO, "benchmarks", "grpc_echo.py")
             ports = {ECHO: free_port()}
             procs.append(spawn([sys.executable, echo, "--port", str(ports[ECHO]),
-                                "--response", path], "ready"))  # fmt: skip
+                                "--response", path], "ready", "grpc_echo.py"))  # fmt: skip
             for name, (export, batching) in PAIRED_SERVERS.items():
                 proc, ports[name] = start_server(exports[export], batching, (0, 0), tmp)
                 procs.append(proc)
@@ -500,6 +501,7 @@ def paired(config: BenchConfig, exports: dict[str, str], requests: list[dict],
                 targets[name] = lambda i, stub=stub: stub.Predict(protos[i % len(protos)],
                                                                   timeout=120)  # fmt: skip
             latencies = {name: [] for name in targets}
+            errors = dict.fromkeys(targets, 0)
             for fn in targets.values():
                 for i in range(16):
                     fn(i)
@@ -508,7 +510,11 @@ def paired(config: BenchConfig, exports: dict[str, str], requests: list[dict],
                 for name, fn in targets.items():
                     for i in range(block * n, (block + 1) * n):
                         t0 = time.perf_counter()
-                        fn(i)
+                        try:
+                            fn(i)
+                        except Exception:  # counted like the main rows' errors, not fatal
+                            errors[name] += 1
+                            continue
                         latencies[name].append(time.perf_counter() - t0)
         finally:
             for channel in channels:
@@ -516,7 +522,7 @@ def paired(config: BenchConfig, exports: dict[str, str], requests: list[dict],
             for proc in procs:
                 stop_server(proc)
             servable.handle.close()
-    stats = {name: summarize(lat, sum(lat), 0) for name, lat in latencies.items()}
+    stats = {name: summarize(lat, sum(lat) or 1.0, errors[name]) for name, lat in latencies.items()}
     p50 = {name: s["p50_ms"] for name, s in stats.items()}
     adds = p50["own, no batching"] - p50["floor"]
     out = {
