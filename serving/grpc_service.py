@@ -101,7 +101,7 @@ class _PredictionServicer:
             response.model_spec.version.value = result.version
             response.model_spec.signature_name = result.signature_name
             for name, value in result.outputs.items():
-                response.outputs[name].CopyFrom(array_to_tensor(value))
+                array_to_tensor(value, response.outputs[name])
             return response
         except Exception as exc:
             code = from_exception(exc).code

@@ -147,7 +147,10 @@ def check_input(sig: SignatureInfo, name: str, dtype: tf.DType, shape: Sequence[
             f"Expects arg[{index}] to be {spec.dtype.name} but {dtype.name} is provided "
             f"(input '{name}')",
         )
-    if not spec.shape.is_compatible_with(tf.TensorShape(list(shape))):
+    dims = sig.input_dims[name]
+    if dims is not None and (
+        len(dims) != len(shape) or any(d is not None and d != n for d, n in zip(dims, shape))
+    ):
         raise ServingError(
             Code.INVALID_ARGUMENT,
             f"input '{name}' has shape {list(shape)}, incompatible with the signature's "

@@ -39,6 +39,15 @@ class SignatureInfo:
     fn: Callable[..., Any]
     inputs: dict[str, Any]  # name -> tf.TensorSpec
     outputs: dict[str, Any]  # name -> tf.TensorSpec
+    #: name -> the input's dims (None: any rank; a None dim: any size), read once here so
+    #: that checking a request does not build a TensorShape per input.
+    input_dims: dict[str, tuple[int | None, ...] | None] = dataclasses.field(init=False)
+
+    def __post_init__(self) -> None:
+        self.input_dims = {
+            name: None if spec.shape.rank is None else tuple(spec.shape.as_list())
+            for name, spec in self.inputs.items()
+        }
 
 
 @dataclasses.dataclass

@@ -982,7 +982,9 @@ def test_tensor_converters_match_tensorflows() -> None:
         got, want = tensor_to_array(proto), tf.make_ndarray(proto)
         assert got.dtype == want.dtype and got.shape == want.shape
         assert got.tolist() == want.tolist()
+        assert got.flags.writeable  # frombuffer over the request's bytes would be read-only
         assert array_to_tensor(value) == proto
+        assert array_to_tensor(value, tensor_pb2.TensorProto()) == proto  # filled in place
     repeated = tensor_pb2.TensorProto(dtype=7, string_val=[b"z"])  # one value for 3 slots
     repeated.tensor_shape.dim.add(size=3)
     listed = tensor_pb2.TensorProto(dtype=1, float_val=[1.0, 2.0])
