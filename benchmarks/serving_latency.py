@@ -230,6 +230,7 @@ def time_search(fn: Callable[[Any], Any], embeddings: np.ndarray) -> tuple[list[
     import tensorflow as tf
 
     fn(tf.constant(embeddings[:1]))
+    settle_client_heap()
     latencies, ids = [], []
     for row in embeddings:
         q = tf.constant(row[None, :])
@@ -327,6 +328,16 @@ def summarize(latencies_s: list[float], wall_s: float, errors: int) -> dict[str,
     }
 
 
+def settle_client_heap() -> None:
+    """Before a timed loop: this process holds TensorFlow and the exports too, and a full
+    collection over them stalls a request by 100-250 ms. The server freezes its heap
+    (:func:`serving.model_manager.settle_heap`); the client here does the same, so neither
+    side's figures carry the other's garbage collector."""
+    from serving.model_manager import settle_heap
+
+    settle_heap()
+
+
 def floor(path: str, requests: list[dict], total: int) -> dict:
     """``serving_default`` run in process through the session loader, one call at a time."""
     from serving.predictor import call_signature
@@ -337,6 +348,7 @@ def floor(path: str, requests: list[dict], total: int) -> dict:
     try:
         for inputs in requests[:8]:
             call_signature(sig, inputs)
+        settle_client_heap()
         latencies = []
         start = time.perf_counter()
         for i in range(total):
@@ -453,6 +465,7 @@ def load(port: int, requests: list[Any], concurrency: int, total: int) -> dict:
     threads = [threading.Thread(target=worker, args=(7 * i,)) for i in range(concurrency)]
     for t in threads:
         t.start()
+    settle_client_heap()  # the workers wait at the barrier meanwhile
     barrier.wait()
     start = time.perf_counter()
     for t in threads:
@@ -505,6 +518,7 @@ def paired(config: BenchConfig, exports: dict[str, str], requests: list[dict],
             for fn in targets.values():
                 for i in range(16):
                     fn(i)
+            settle_client_heap()
             n = config.paired_block_requests
             for block in range(config.paired_blocks):
                 for name, fn in targets.items():

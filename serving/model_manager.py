@@ -15,6 +15,7 @@ versions and other models keep loading.
 from __future__ import annotations
 
 import dataclasses
+import gc
 import logging
 import math
 import threading
@@ -73,7 +74,11 @@ class ServableManager:
         configs: Iterable[ModelConfig],
         loader: Loader | None = None,
         options: LoaderOptions | None = None,
+        freeze_heap: bool = False,
     ) -> None:
+        """``freeze_heap``: after each change of the served set, collect once and freeze what
+        survives (:func:`settle_heap`); for a serving process, not for a library user."""
+        self._freeze_heap = freeze_heap
         self._slots = {cfg.name: _ModelSlot(cfg) for cfg in configs}
         self._loader = loader or load_servable
         self._options = options or LoaderOptions()
@@ -153,8 +158,9 @@ class ServableManager:
                 if self._stop.is_set():
                     return
                 try:
-                    self._sync_model(slot)
+                    changed = self._sync_model(slot)
                 except Exception as exc:  # a poll must never kill the poller
+                    changed = False
                     log_event(
                         logger,
                         logging.ERROR,
@@ -162,6 +168,9 @@ class ServableManager:
                         model=slot.config.name,
                         error=f"{type(exc).__name__}: {exc}",
                     )
+                # Here, once _sync_model's locals (which still hold an unloaded version) are gone.
+                if changed and self._freeze_heap:
+                    settle_heap()
 
     def start_polling(self, interval_s: float) -> None:
         """Polls in a daemon thread every interval_s seconds (0 or less: never)."""
@@ -189,7 +198,8 @@ class ServableManager:
                     )
                 slot.served = {}
 
-    def _sync_model(self, slot: _ModelSlot) -> None:
+    def _sync_model(self, slot: _ModelSlot) -> bool:
+        """One model's poll; True when its served set changed."""
         cfg = slot.config
         try:
             on_disk = list_versions(cfg.base_path)
@@ -205,7 +215,7 @@ class ServableManager:
                     error=str(exc),
                 )
                 slot.warned_missing = True
-            return
+            return False
         ready = {v: p for v, p in on_disk.items() if has_saved_model(p)}
         if not ready:
             if not slot.warned_missing:
@@ -217,7 +227,7 @@ class ServableManager:
                     base_path=cfg.base_path,
                 )
                 slot.warned_missing = True
-            return
+            return False
         slot.warned_missing = False
 
         loaded: dict[int, Servable] = dict(slot.served)
@@ -240,7 +250,8 @@ class ServableManager:
                     loaded[version] = servable
         new_served = {v: s for v, s in loaded.items() if v in wanted}
         if not new_served and slot.served:
-            return  # never drop to zero served versions because nothing new loaded
+            return False  # never drop to zero served versions because nothing new loaded
+        added = set(new_served) - set(slot.served)
         removed = sorted(set(slot.served) - set(new_served))
         with self._lock:
             slot.served = new_served  # the atomic switch
@@ -251,6 +262,7 @@ class ServableManager:
         for version in removed:
             log_event(logger, logging.INFO, "unload", model=cfg.name, version=version)
         # Versions loaded but not wanted (e.g. policy changed mid-load) are dropped here too.
+        return bool(added or removed)
 
     def _may_load(
         self, slot: _ModelSlot, version: int, fingerprint: tuple[int, int], now: float
@@ -322,7 +334,8 @@ class ServableManager:
                     slots[cfg.name] = _ModelSlot(cfg)
                 elif slot.config != cfg:
                     slot.config = cfg
-            for name in [n for n in slots if n not in names]:
+            dropped = [n for n in slots if n not in names]
+            for name in dropped:
                 slot = slots.pop(name)
                 with self._lock:
                     for version in sorted(slot.served):
@@ -330,3 +343,21 @@ class ServableManager:
                         log_event(logger, logging.INFO, "unload", model=name, version=version)
                     slot.served = {}
             self._slots = slots  # copy-on-write: readers see the old or the new dict
+        if dropped and self._freeze_heap:
+            settle_heap()
+
+
+def settle_heap() -> None:
+    """Collects once, then freezes every object still alive out of the cyclic GC.
+
+    A loaded model leaves about a million Python objects (TensorFlow, Keras, the graph's
+    wrappers) that every full collection walks again: measured in the server on these cores,
+    full collections of 107-258 ms and gen-1 passes of 1-5 ms while it answered at 2-4 ms per
+    request (the p99 tail). Frozen objects are skipped (``gc.freeze``, CPython's own answer
+    for long-lived servers). Unfrozen first, so the objects of versions just unloaded are
+    collected instead of kept.
+    """
+    gc.unfreeze()
+    gc.collect()
+    gc.freeze()
+    log_event(logger, logging.INFO, "heap_frozen", objects=gc.get_freeze_count())

@@ -149,7 +149,8 @@ def check_input(sig: SignatureInfo, name: str, dtype: tf.DType, shape: Sequence[
         )
     dims = sig.input_dims[name]
     if dims is not None and (
-        len(dims) != len(shape) or any(d is not None and d != n for d, n in zip(dims, shape))
+        len(dims) != len(shape)
+        or any(d is not None and d != n for d, n in zip(dims, shape, strict=True))
     ):
         raise ServingError(
             Code.INVALID_ARGUMENT,

@@ -42,7 +42,7 @@ class ModelServer:
 
     def __init__(self, config: ServerConfig) -> None:
         self.config = config
-        self.manager = ServableManager(config.models, options=config.loader)
+        self.manager = ServableManager(config.models, options=config.loader, freeze_heap=True)
         self.batcher = Batcher(config.batching) if config.batching else None
         self._grpc: grpc.Server | None = None
         self._rest: Any = None

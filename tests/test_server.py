@@ -1074,6 +1074,43 @@ def test_corrupt_version_fails_fast_and_newer_versions_load(tmp_path: Path) -> N
     assert attempts.count(2) == 2
 
 
+def test_server_manager_freezes_the_heap_and_still_frees_unloaded_versions(
+    tmp_path: Path,
+) -> None:
+    """freeze_heap: after a load, what is alive is out of the cyclic GC (gc.freeze), and a
+    version unloaded later is still collected even when it sits in a reference cycle."""
+    import gc
+    import weakref
+
+    from serving.model_config import ModelConfig
+    from serving.model_manager import ServableManager
+    from serving.servable import Servable
+
+    def loader(name: str, version: int, path: str, options: Any) -> Servable:
+        servable = Servable(name, version, path, {}, None)
+        servable.handle = servable  # a cycle: only the cyclic GC can free it
+        return servable
+
+    (tmp_path / "1").mkdir()
+    (tmp_path / "1" / "saved_model.pb").write_bytes(b"x")
+    policy = VersionPolicy(kind="latest", num_versions=1)
+    manager = ServableManager([ModelConfig("m", str(tmp_path), policy)], loader=loader,
+                              freeze_heap=True)  # fmt: skip
+    try:
+        manager.poll_once()
+        assert gc.get_freeze_count() > 0
+        first = weakref.ref(manager.get("m"))
+        assert first() is not None
+        (tmp_path / "2").mkdir()
+        (tmp_path / "2" / "saved_model.pb").write_bytes(b"x")
+        manager.poll_once()
+        assert manager.served_versions("m") == [2]
+        assert first() is None  # unfrozen and collected, not kept frozen forever
+        assert gc.get_freeze_count() > 0
+    finally:
+        gc.unfreeze()
+
+
 def test_version_listing_through_gfile() -> None:
     """Base paths go through tf.io.gfile (gs:// etc.); TF's in-memory file system stands in."""
     base = "ram://models/recs"
