@@ -134,21 +134,18 @@ def test_resolve_picks_cpu_and_gpu_defaults():
     assert gpu.model.query_text == "query_text" and gpu.runtime.xla == "on"
     # Ordered recent past for p1's event queries, the whole-history bag on the per-user
     # protocols (with the user's own history out of the full softmax); an explicit choice is kept.
-    # Each protocol's epoch preset (p1's event batches train longer); --epochs overrides it.
-    for split, history, mask, epochs in (
-        ("p1", "attention", False, 16),
-        ("p2", "set", True, 10),
-        ("p3", "set", True, 10),
-        ("p4", "set", True, 10),
+    for split, history, mask in (
+        ("p1", "attention", False),
+        ("p2", "set", True),
+        ("p3", "set", True),
+        ("p4", "set", True),
     ):
         config = TrainConfig()
         config.data.split = split
-        resolved = config.resolve(has_gpu=False)
-        assert (resolved.model.history, resolved.model.mask_history) == (history, mask)
-        assert resolved.optim.epochs == epochs and config.optim.epochs is None
+        resolved = config.resolve(has_gpu=False).model
+        assert (resolved.history, resolved.mask_history) == (history, mask)
     config = parse_args(["--split", "p2", "--history", "transformer"])
     assert config.resolve(has_gpu=False).model.history == "transformer"
-    assert parse_args(["--split", "p1", "--epochs", "3"]).resolve(has_gpu=False).optim.epochs == 3
 
 
 def test_batch_must_split_over_replicas():

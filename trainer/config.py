@@ -17,10 +17,6 @@ from typing import Any
 from common.cli import UsageError
 
 AUTO = "auto"
-#: ``--epochs`` when not given, chosen on each protocol's valid part (README, Quality): p1's
-#: event batches were still improving at 10 (best valid recall@10 0.2735 at epoch 12 of 16
-#: against 0.2645 at 9 of 10, seed 42); p2's user batches did worse with 14 or 16.
-EPOCHS_BY_SPLIT = {"p1": 16, "p2": 10, "p3": 10, "p4": 10}
 
 
 class ConfigError(UsageError):
@@ -142,9 +138,7 @@ class DataConfig:
 class OptimConfig:
     """Optimiser, schedule and stopping."""
 
-    # None = the split's preset (EPOCHS_BY_SPLIT): an upper bound, early stopping on valid
-    # recall@10 usually ends sooner.
-    epochs: int | None = None
+    epochs: int = 10  # an upper bound: early stopping on valid recall@10 usually ends sooner
     batch_size: int = 512  # global batch, split over replicas
     # The id embeddings learn slowly at 2e-3 (sparse updates): 1e-2 lifts p2 valid recall@10.
     learning_rate: float = 1e-2
@@ -241,7 +235,7 @@ class TrainConfig:
             ("--field-embedding-dim", m.field_embedding_dim),
             ("--history-dim", m.history_dim),
             ("--history-heads", m.history_heads),
-            ("--epochs", 1 if o.epochs is None else o.epochs),
+            ("--epochs", o.epochs),
             ("--batch-size", o.batch_size),
             ("--checkpoint-every", r.checkpoint_every),
             ("--keep-checkpoints", r.keep_checkpoints),
@@ -353,11 +347,8 @@ class TrainConfig:
             model=dataclasses.replace(self.model),
             data=dataclasses.replace(self.data),
             runtime=dataclasses.replace(self.runtime),
-            optim=dataclasses.replace(self.optim),
         )
         m, r = c.model, c.runtime
-        if c.optim.epochs is None:
-            c.optim.epochs = EPOCHS_BY_SPLIT[c.data.split]
         if m.freeze_bert is None:
             m.freeze_bert = not has_gpu and not m.train_top_layers
         if m.cache_text is None:
