@@ -330,7 +330,7 @@ def summarize(latencies_s: list[float], wall_s: float, errors: int) -> dict[str,
 
 def settle_client_heap() -> None:
     """Before a timed loop: this process holds TensorFlow and the exports too, and a full
-    collection over them stalls a request by 100-250 ms. The server freezes its heap
+    collection over them stalls a request by 0.1-0.4 s. The server freezes its heap
     (:func:`serving.model_manager.settle_heap`); the client here does the same, so neither
     side's figures carry the other's garbage collector."""
     from serving.model_manager import settle_heap

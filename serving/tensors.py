@@ -30,7 +30,11 @@ def tensor_to_array(proto: Any) -> np.ndarray:
     dtype = _FAST_DTYPES.get(proto.dtype)
     if dtype is not None and count and len(proto.tensor_content) == count * dtype.itemsize:
         # A writable copy in native order (frombuffer alone is read-only, over the proto).
-        return np.frombuffer(proto.tensor_content, dtype).reshape(shape).copy()
+        return (
+            np.frombuffer(proto.tensor_content, dtype)
+            .astype(dtype.newbyteorder("="))
+            .reshape(shape)
+        )
     import tensorflow as tf
 
     return tf.make_ndarray(proto)
@@ -50,8 +54,7 @@ def array_to_tensor(value: Any, out: Any = None) -> Any:
     if not _fill(array, out):
         import tensorflow as tf
 
-        out.Clear()
-        out.CopyFrom(tf.make_tensor_proto(array))
+        out.CopyFrom(tf.make_tensor_proto(array))  # _fill left it untouched
     return out
 
 
