@@ -84,6 +84,22 @@ class SessionModel:
             self.session.close()
             raise
         self.signature_defs = dict(self.meta_graph.signature_def)
+        self._outputs = {name: tuple(sorted(s.outputs)) for name, s in self.signature_defs.items()}
+        # Per signature and input: (numpy dtype, dims with -1 unknown; None: unknown rank).
+        self._inputs = {
+            name: {
+                alias: (
+                    tf.as_dtype(info.dtype).as_numpy_dtype,
+                    None
+                    if info.tensor_shape.unknown_rank
+                    else tuple(d.size for d in info.tensor_shape.dim),
+                )
+                for alias, info in s.inputs.items()
+            }
+            for name, s in self.signature_defs.items()
+        }
+        self._callables: dict[tuple, Any] = {}
+        self._lock = threading.Lock()
 
     def run(
         self,
@@ -91,16 +107,61 @@ class SessionModel:
         inputs: Mapping[str, Any],
         output_filter: Sequence[str] = (),
     ) -> dict[str, np.ndarray]:
-        """Feeds ``inputs`` (by alias) and fetches the named outputs (all when no filter)."""
+        """Feeds ``inputs`` (by alias) and fetches the named outputs (all when no filter).
+
+        Each value is converted to its input's dtype and its shape checked against the
+        signature's, as ``Session.run`` does; a value that does not fit raises ValueError.
+        """
         sig = self.signature_defs[signature]
         unknown = sorted(set(inputs) - set(sig.inputs))
         missing = sorted(set(sig.inputs) - set(inputs))
         if unknown or missing:
             raise KeyError(f"signature {signature!r}: unknown inputs {unknown}, missing {missing}")
-        names = list(output_filter) or sorted(sig.outputs)
-        feeds = {sig.inputs[name].name: value for name, value in inputs.items()}
-        fetched = self.session.run([sig.outputs[name].name for name in names], feed_dict=feeds)
+        names = tuple(output_filter) or self._outputs[signature]
+        order = tuple(inputs)
+        feeds = [self._feed_value(signature, name, inputs[name]) for name in order]
+        fetched = self._callable(signature, order, names)(*feeds)
         return dict(zip(names, fetched, strict=True))
+
+    def _feed_value(self, signature: str, name: str, value: Any) -> np.ndarray:
+        dtype, dims = self._inputs[signature][name]
+        arr = np.asarray(value, dtype=dtype)
+        if dims is not None and (
+            len(dims) != arr.ndim
+            or any(d >= 0 and d != n for d, n in zip(dims, arr.shape, strict=True))
+        ):
+            shape = ", ".join("?" if d < 0 else str(d) for d in dims)
+            raise ValueError(
+                f"Cannot feed value of shape {arr.shape} for input {name!r}, which has shape "
+                f"[{shape}]"
+            )
+        return arr
+
+    def _callable(self, signature: str, feeds: tuple[str, ...], fetches: tuple[str, ...]) -> Any:
+        """A ``Session::MakeCallable`` handle for these feeds and fetches, made once.
+
+        ``Session.run`` spends about 0.27 ms of Python per call resolving names and building
+        its fetch handler (measured on this machine; a callable costs 0.02-0.04 ms), which
+        is most of what a known-text request costs outside the graph. TF Serving's C++
+        ``Session::Run`` has no such cost; the callable comes closest.
+        """
+        key = (signature, feeds, fetches)
+        fn = self._callables.get(key)
+        if fn is not None:
+            return fn
+        from tensorflow.core.protobuf import config_pb2
+
+        sig = self.signature_defs[signature]
+        options = config_pb2.CallableOptions(
+            feed=[sig.inputs[name].name for name in feeds],
+            fetch=[sig.outputs[name].name for name in fetches],
+        )
+        with self._lock:
+            fn = self._callables.get(key)
+            if fn is None:
+                fn = self.session._make_callable_from_options(options)
+                self._callables[key] = fn
+        return fn
 
     def close(self) -> None:
         self.session.close()

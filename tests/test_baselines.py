@@ -9,7 +9,13 @@ import pytest
 
 from trainer import evaluate as ev
 from trainer import metrics, ranking
-from trainer.baselines import HELDOUT_USER_KEY, EaseScorer, PopularityScorer, fit_ease
+from trainer.baselines import (
+    HELDOUT_USER_KEY,
+    TYPED_ITEMS_KEY,
+    EaseScorer,
+    PopularityScorer,
+    fit_ease,
+)
 from trainer.data import records
 
 # 5 users x 6 items, binary.
@@ -109,6 +115,45 @@ def test_ease_scorer_input_rules():
     empty = scorer.score(_query("", ["zzz"]))[0]
     np.testing.assert_allclose(empty, np.log1p(CATALOG["popularity"].astype(np.float32)))
     assert scorer.item_embeddings() is None and scorer.predict_ratings({}) is None
+
+
+def test_ease_folds_in_the_items_of_typed_titles_before_the_history():
+    scorer = _scorer()
+    b = fit_ease(X, 2.0)
+    query = _query("", ["3"])
+    query[TYPED_ITEMS_KEY] = np.array([["5", "zzz", ""]], dtype=object)
+    np.testing.assert_allclose(scorer.score(query)[0], _row([4]) @ b, rtol=1e-5, atol=1e-6)
+    query[TYPED_ITEMS_KEY] = np.array([["zzz", "", ""]], dtype=object)  # none known: history
+    np.testing.assert_allclose(scorer.score(query)[0], _row([2]) @ b, rtol=1e-5, atol=1e-6)
+
+
+def test_typed_titles_task_keeps_only_what_a_new_user_types():
+    from trainer.evaluate import RankingTask, typed_titles_task
+
+    catalog = {
+        "item_id": np.array(["1", "2", "3"], dtype=object),
+        "item_title": np.array(["Heat (1995)", "Fargo (1996)", "Mr. Jones (1993)"], dtype=object),
+    }
+    queries = {
+        "user_id": np.array(["u1", "u2", "u3"], dtype=object),
+        HELDOUT_USER_KEY: np.array(["u1", "u2", "u3"], dtype=object),
+        "history": np.array([["1", "2"], ["3", ""], ["", ""]], dtype=object),
+        "query_text": np.array(
+            [
+                "Age 25-34, male, engineer. Liked: Fargo (1996); Mr. Jones (1993).",
+                "Age 18-24, female, artist. Liked: nothing yet.",
+                "Liked: Unknown Film (2001); Heat (1995).",
+            ],
+            dtype=object,
+        ),
+    }
+    exclude, truth = [np.array([0, 1]), np.array([2]), np.array([], np.int64)], [[2], [0], [1]]
+    task = typed_titles_task(RankingTask(queries, exclude, truth), catalog)
+    q = task.queries
+    assert HELDOUT_USER_KEY not in q and (q["user_id"] == "").all() and (q["history"] == "").all()
+    assert q[TYPED_ITEMS_KEY].tolist() == [["2", "3"], ["", ""], ["1", ""]]
+    assert q["query_text"] is queries["query_text"]
+    assert task.exclude is exclude and task.truth is truth
 
 
 def test_ease_scorer_mixed_batch_and_no_history_field():

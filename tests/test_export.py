@@ -383,6 +383,18 @@ def test_every_signature_runs_through_the_session_loader(
         short_k = dict(cases[-1][1], k=np.array([3, 3], np.int32))
         with pytest.raises(tf.errors.InvalidArgumentError, match="input k must have the same"):
             model.run("serving_default", short_k)
+        # Runs go through one Session callable per (feeds, fetches): another feed order or an
+        # output filter makes its own and answers the same; a bad shape names the input.
+        full = model.run("serving_default", cases[-1][1])
+        reordered = dict(reversed(list(cases[-1][1].items())))
+        scores = model.run("serving_default", reordered, ["scores"])
+        assert list(scores) == ["scores"]
+        np.testing.assert_array_equal(scores["scores"], full["scores"])
+        count = len(model._callables)
+        model.run("serving_default", reordered, ["scores"])
+        assert len(model._callables) == count
+        with pytest.raises(ValueError, match="shape \\(3, 1\\) for input 'k'"):
+            model.run("serving_default", dict(cases[-1][1], k=np.ones([3, 1], np.int32)))
 
 
 @pytest.mark.parametrize("variant", ["scann", "brute_force"])

@@ -244,7 +244,7 @@ def test_training_history_subset_keeps_only_the_users_other_items():
 # ----------------------------------------------------------------------------- user batches
 
 
-def _user_batches(plan, config, seed: int = 0):
+def _user_batches(plan, config, seed: int = 0, titles_only: float = 0.0):
     d = config.data
     return train_queries.user_batches(
         plan.users,
@@ -254,7 +254,33 @@ def _user_batches(plan, config, seed: int = 0):
         target_fraction=d.user_target_fraction,
         seed=seed,
         max_items=d.train_history_items,
+        titles_only=titles_only,
     )
+
+
+def test_titles_only_users_keep_their_titles_and_targets_and_lose_history_and_id(
+    tiny_data_dir,
+):
+    """--user-titles-only: the chosen users read as new users who type titles; the split
+    into input and targets (and the softmax's known positives) stays the same."""
+    config = _config(tiny_data_dir, train_queries="users")
+    plan = plan_data(config)
+    plain = list(_user_batches(plan, config))
+    mixed = list(_user_batches(plan, config, titles_only=0.5))
+    new_users = 0
+    for a, b in zip(plain, mixed, strict=True):
+        for key in ("query_text", "seen", "targets", "target_ratings", "user_age"):
+            np.testing.assert_array_equal(a[key].numpy(), b[key].numpy())
+        ids, history = b["user_id"].numpy(), b["history"].numpy()
+        blank = ids == b""
+        assert not (a["user_id"].numpy() == b"").any()
+        np.testing.assert_array_equal(history[~blank], a["history"].numpy()[~blank])
+        assert (history[blank] == b"").all()
+        new_users += int(blank.sum())
+    total = sum(len(b["user_id"]) for b in mixed)
+    assert 0 < new_users < total
+    every = next(iter(_user_batches(plan, config, titles_only=1.0)))
+    assert (every["history"].numpy() == b"").all() and (every["user_id"].numpy() == b"").all()
 
 
 def test_user_batches_never_put_a_target_in_its_own_query(tiny_data_dir):

@@ -20,6 +20,9 @@ import numpy as np
 #: for the model: baselines that keep their own record of the fold-in part look the user up
 #: by it. The model never reads it.
 HELDOUT_USER_KEY = "heldout_user_id"
+#: The catalog items a query's typed titles name (``trainer.evaluate --queries typed_titles``):
+#: a baseline that reads ids folds these in, as the two-tower reads the titles.
+TYPED_ITEMS_KEY = "typed_item_ids"
 
 
 def popularity_scores(popularity: np.ndarray, batch: int) -> np.ndarray:
@@ -113,7 +116,8 @@ class EaseScorer:
     1. the user's train items (``user_id`` with train events);
     2. the user's fold-in items (p4's new users; looked up by ``heldout_user_id`` when the
        query has it, else by ``user_id``);
-    3. the item ids in the query's ``history`` (unknown ids and ``""`` padding ignored).
+    3. the items of its typed titles (``typed_item_ids``), then the item ids in its
+       ``history`` (unknown ids and ``""`` padding ignored).
 
     An empty row (no known user, no known history) gets the popularity ranking: never an error.
     """
@@ -164,9 +168,10 @@ class EaseScorer:
         key = str(queries[HELDOUT_USER_KEY][n]) if HELDOUT_USER_KEY in queries else user
         if len(rows := self.foldin_rows.get(key, ())):
             return rows
-        if "history" in queries:
-            known = {self.index[h] for h in queries["history"][n] if h in self.index}
-            return np.array(sorted(known), dtype=np.int64)
+        for field in (TYPED_ITEMS_KEY, "history"):
+            given = queries[field][n] if field in queries else ()
+            if known := {self.index[h] for h in given if h in self.index}:
+                return np.array(sorted(known), dtype=np.int64)
         return np.zeros(0, dtype=np.int64)
 
     def input_rows(self, queries: Mapping[str, np.ndarray]) -> np.ndarray:

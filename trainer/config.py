@@ -132,6 +132,9 @@ class DataConfig:
     user_batch_size: int = 64
     user_target_fraction: float = 0.5
     user_passes: int = 10  # passes over the users per epoch (user batches)
+    # Share of each user batch read as new users who only type liked titles: no history, no id,
+    # the profile and up to --liked-titles titles of the query text (user batches).
+    user_titles_only: float = 0.0
 
 
 @dataclasses.dataclass
@@ -264,6 +267,7 @@ class TrainConfig:
             ("--id-dropout", m.id_dropout),
             ("--history-id-dropout", m.history_id_dropout),
             ("--history-dropout", d.history_dropout),
+            ("--user-titles-only", d.user_titles_only),
             ("--warmup-fraction", o.warmup_fraction),
         ):
             if not 0.0 <= value < 1.0:

@@ -41,6 +41,7 @@ from common import cli, staging
 from trainer import lazy_import, metrics, plots, ranking
 from trainer.baselines import (
     HELDOUT_USER_KEY,
+    TYPED_ITEMS_KEY,
     EaseScorer,
     PopularityScorer,
     binary_matrix,
@@ -197,6 +198,40 @@ def ranking_task(
     return RankingTask(users, _rows(seen, ids), _rows(truth_by_user, ids))
 
 
+#: What each query of a full-ranking protocol sends (``--queries``).
+QUERY_KINDS = ("prepared", "typed_titles")
+
+
+def typed_titles_task(task: RankingTask, catalog: dict[str, np.ndarray]) -> RankingTask:
+    """``task`` with each query cut to what a new user types: the profile and the liked titles
+    of its query text (the most recent, at most ``schema.QUERY_TITLES``), with ``history`` and
+    ``user_id`` blanked. The items those titles name go under ``typed_item_ids`` for the
+    baselines that read ids (EASE folds them in); exclusions and truth are unchanged."""
+    titles, ids = catalog["item_title"].astype(str), catalog["item_id"].astype(str)
+    by_title = dict(zip(titles, ids, strict=True))
+    typed = [
+        [by_title[t] for t in _typed_titles(str(text)) if t in by_title]
+        for text in task.queries["query_text"]
+    ]
+    width = max(1, max(map(len, typed), default=0))
+    queries = dict(task.queries)
+    queries.pop(HELDOUT_USER_KEY, None)
+    queries[TYPED_ITEMS_KEY] = np.array([t + [""] * (width - len(t)) for t in typed], object)
+    queries["history"] = np.full_like(queries["history"][:, :1], "")
+    queries["user_id"] = np.full(len(typed), "", dtype=object)
+    return RankingTask(queries, task.exclude, task.truth)
+
+
+def _typed_titles(query_text: str) -> list[str]:
+    """The titles of a prepared query text, ``"<profile> Liked: <t>; <t>."`` (none for
+    ``"Liked: nothing yet."``), as :func:`trainer.features.liked_titles` splits them."""
+    _, found, liked = query_text.partition("Liked:")
+    liked = liked.strip().removesuffix(".")
+    if not found or liked == "nothing yet":
+        return []
+    return [t.strip() for t in liked.split("; ") if t.strip()]
+
+
 def evaluate_full_ranking(
     scorer: Scorer,
     data_dir: str,
@@ -272,17 +307,28 @@ def mmr_tradeoff(
 
 
 def evaluate(
-    scorer: Scorer, data_dir: str, split: str, *, mmr: bool = True, part: str = "test"
+    scorer: Scorer,
+    data_dir: str,
+    split: str,
+    *,
+    mmr: bool = True,
+    part: str = "test",
+    queries: str = "prepared",
 ) -> dict:
     """Every figure of ``split`` for one scorer, as a JSON-ready dict.
 
     ``part="valid"`` (p2, p3, p4) scores the validation part instead, to choose settings
-    without looking at the test part.
+    without looking at the test part. ``queries="typed_titles"`` (p2-p4) sends each user as a
+    new user who only types their liked titles (:func:`typed_titles_task`).
     """
     if part not in ("test", "valid"):
         raise DataError(f"--part must be test or valid, not {part!r}")
     if part == "valid" and split == "p1":
         raise DataError("p1 has no validation part (the TFRS protocol is train/test only)")
+    if queries not in QUERY_KINDS:
+        raise DataError(f"--queries must be one of {', '.join(QUERY_KINDS)}, not {queries!r}")
+    if queries != "prepared" and split == "p1":
+        raise DataError("--queries typed_titles is for the per-user protocols (p2, p3, p4)")
     start = time.time()
     catalog = records.load_catalog(data_dir, split)
     task = None
@@ -292,10 +338,14 @@ def evaluate(
         pool = _user_topk(scorer, users, None, MMR_POOL)
     else:
         task = ranking_task(data_dir, split, catalog, part)
+        if queries == "typed_titles":
+            task = typed_titles_task(task, catalog)
         result, pool = evaluate_full_ranking(scorer, data_dir, split, catalog, part, task)
     curves = result.pop("curves", None) or metrics.ranking_curves(pool, task.truth)
     result.update(beyond_accuracy(scorer, pool[:, :10], catalog))
     out = {"scorer": scorer.name, "split": split, "part": part, "metrics": result}
+    if queries != "prepared":
+        out["queries"] = queries
     out["curves"] = curves  # recall/NDCG (p1: top-k accuracy) at k = 1..100, for the plots
     out["exposure"] = plots.exposure_summary(pool[:, :10], catalog["popularity"])
     if getattr(scorer, "config", None):
@@ -456,6 +506,15 @@ def build_parser() -> argparse.ArgumentParser:
         choices=["test", "valid"],
         help="which held-out part to score (valid: p2, p3 and p4, for choosing settings)",
     )
+    parser.add_argument(
+        "--queries",
+        default="prepared",
+        choices=QUERY_KINDS,
+        help="prepared: each user's query as prepared (profile, history, typed titles); "
+        "typed_titles (p2-p4): only the profile and the liked titles of the query text, no "
+        "history and no user id, as a new user who types what they liked (EASE folds in the "
+        "items those titles name)",
+    )
     return parser
 
 
@@ -480,7 +539,14 @@ def load_scorer(args: argparse.Namespace) -> Scorer:
 def run(args: argparse.Namespace) -> None:
     """Evaluates, prints the report and writes it (and its plots, the card) under ``--output``."""
     records.part_files(args.data, args.split, args.part)
-    report = evaluate(load_scorer(args), args.data, args.split, mmr=not args.no_mmr, part=args.part)
+    report = evaluate(
+        load_scorer(args),
+        args.data,
+        args.split,
+        mmr=not args.no_mmr,
+        part=args.part,
+        queries=args.queries,
+    )
     print(format_report(report))
     if args.output:
         staging.write_json(args.output, report)

@@ -144,6 +144,7 @@ def train_dataset(
             target_fraction=d.user_target_fraction,
             seed=config.optim.seed * 1009 + epoch,
             max_items=d.train_history_items,
+            titles_only=d.user_titles_only,
         )
         return _finish(ds.skip(skip_steps))
     ds = records.make_dataset(plan.data_dir, plan.split, "train", 1024, shuffle=False)

@@ -109,6 +109,7 @@ def user_batches(
     max_items: int = 0,
     max_titles: int = schema.QUERY_TITLES,
     liked_threshold: float = schema.LIKED_THRESHOLD,
+    titles_only: float = 0.0,
 ) -> tf.data.Dataset:
     """One epoch of user batches: ``passes`` shuffled passes over :func:`trainable_users`.
 
@@ -127,6 +128,11 @@ def user_batches(
 
     Every trained item lands in the targets with probability ``target_fraction``, drawn afresh
     per (``seed``, batch index): a new split every step, the same one on a resume.
+
+    A ``titles_only`` share of the users (drawn the same way) reads as a new user who only types
+    a few liked titles: ``history`` and ``user_id`` blank, the profile and the typed titles in
+    ``query_text`` kept (``seen`` and the targets unchanged). Otherwise the typed titles always
+    come with the same items in ``history``, and the model learns to ignore them.
     """
     rows = trainable_users(users)
     order = np.random.default_rng(seed).permutation(np.tile(rows, passes))
@@ -161,6 +167,15 @@ def user_batches(
         inputs = tf.where(kept, history, "")
         if max_items and max_items < history.shape[1]:
             inputs = _random_subset(kept, draw, inputs, max_items)
+        if titles_only > 0:
+            new_user = (
+                tf.random.stateless_uniform(
+                    tf.shape(picked), seed=tf.stack([tf.constant(seed + 1, tf.int64), index])
+                )
+                < titles_only
+            )
+            inputs = tf.where(new_user[:, None], "", inputs)
+            batch["user_id"] = tf.where(new_user, "", batch["user_id"])
         return {
             **batch,
             "query_text": tf.strings.join([profile, " Liked: ", joined, "."]),
