@@ -190,7 +190,8 @@ class Batcher:
                 )
             queue.tasks.append(task)
             queue.size += size
-            self._cv.notify_all()
+            if self._free_workers > 0:  # else the batch that frees one wakes the scheduler
+                self._cv.notify_all()
         return task.future.result()
 
     def drain(self) -> None:
