@@ -17,6 +17,9 @@
   record in ``users.tfrecord`` (its history holds the fold-in items) with ``user_id`` blanked
   to ``""``, so the model must work without it; the user's fold-in items are removed from the
   ranking; the user's ratings in the part are relevant. Same metrics as p2.
+* **Typed titles** (``--queries typed_titles``, p2-p4): each query cut to what a new user types,
+  the profile and the liked titles of its query text, with no history and no user id; EASE
+  folds in the items those titles name. Exclusions and truth as the protocol's.
 * **Baselines**: ``popularity``, and ``ease`` (closed-form item-item model; its L2 weight
   chosen on the valid part from ``EASE_L2_GRID`` by per-user recall@10, then NDCG@10, unless
   ``--ease-l2`` pins it; p1 has no valid part, so a seeded 5% of train is held out for the
