@@ -192,14 +192,10 @@ def check_output_filter(sig: SignatureInfo, output_filter: Sequence[str]) -> lis
 
 
 def call_signature(sig: SignatureInfo, arrays: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
-    """Runs the signature (Session.run on its tensor names); TF errors keep their code."""
+    """Runs the signature (a Session callable on its tensor names, which converts each input to
+    its dtype: :meth:`serving.session_runner.SessionModel.run`); TF errors keep their code."""
     try:
-        feeds = {
-            name: np.asarray(arr, dtype=object if sig.inputs[name].dtype == tf.string else
-                             sig.inputs[name].dtype.as_numpy_dtype)
-            for name, arr in arrays.items()
-        }  # fmt: skip
-        return dict(sig.fn(feeds))
+        return dict(sig.fn(arrays))
     except ServingError:
         raise
     except Exception as exc:

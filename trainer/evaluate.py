@@ -207,15 +207,20 @@ QUERY_KINDS = ("prepared", "typed_titles")
 
 def typed_titles_task(task: RankingTask, catalog: dict[str, np.ndarray]) -> RankingTask:
     """``task`` with each query cut to what a new user types: the profile and the liked titles
-    of its query text (the most recent, at most ``schema.QUERY_TITLES``), with ``history`` and
-    ``user_id`` blanked. The items those titles name go under ``typed_item_ids`` for the
-    baselines that read ids (EASE folds them in); exclusions and truth are unchanged."""
+    of its query text (split as the model splits them, :func:`trainer.features.liked_titles`),
+    with ``history`` and ``user_id`` blanked. The items those titles name go under
+    ``typed_item_ids`` for the baselines that read ids (EASE folds them in); exclusions and
+    truth are unchanged."""
+    import tensorflow as tf
+
+    from trainer.data import schema
+    from trainer.features import liked_titles
+
     titles, ids = catalog["item_title"].astype(str), catalog["item_id"].astype(str)
     by_title = dict(zip(titles, ids, strict=True))
-    typed = [
-        [by_title[t] for t in _typed_titles(str(text)) if t in by_title]
-        for text in task.queries["query_text"]
-    ]
+    texts = tf.constant(task.queries["query_text"].astype(str))
+    pieces = liked_titles(texts, schema.QUERY_TITLES).numpy()
+    typed = [[by_title[t] for t in map(bytes.decode, row) if t in by_title] for row in pieces]
     width = max(1, max(map(len, typed), default=0))
     queries = dict(task.queries)
     queries.pop(HELDOUT_USER_KEY, None)
@@ -223,16 +228,6 @@ def typed_titles_task(task: RankingTask, catalog: dict[str, np.ndarray]) -> Rank
     queries["history"] = np.full_like(queries["history"][:, :1], "")
     queries["user_id"] = np.full(len(typed), "", dtype=object)
     return RankingTask(queries, task.exclude, task.truth)
-
-
-def _typed_titles(query_text: str) -> list[str]:
-    """The titles of a prepared query text, ``"<profile> Liked: <t>; <t>."`` (none for
-    ``"Liked: nothing yet."``), as :func:`trainer.features.liked_titles` splits them."""
-    _, found, liked = query_text.partition("Liked:")
-    liked = liked.strip().removesuffix(".")
-    if not found or liked == "nothing yet":
-        return []
-    return [t.strip() for t in liked.split("; ") if t.strip()]
 
 
 def evaluate_full_ranking(
