@@ -23,7 +23,10 @@ Everything in one run, so every ratio compares figures of the same run:
    then falls on each alike, so the differences the issue's targets are about (what the
    server adds, how much of it is gRPC itself, 1M against the own catalog) are measured in
    the same moments, not in rows minutes apart.
-6. Sweeps on the model's own export: batching parameters and TensorFlow's intra/inter-op threads.
+6. Batching's scaling, paired: one batching server on the own export, known text, rounds of
+   concurrency 1 then concurrency 32 (``scaling_requests`` each), so each round's QPS ratio
+   compares two levels measured seconds apart; the median and the lowest round are reported.
+7. Sweeps on the model's own export: batching parameters and TensorFlow's intra/inter-op threads.
 
 Requests carry ``--batch`` queries each (2), k = 10, no exclusions, no diversity; each row
 cycles through distinct requests. Writes ``benchmarks/results/serving_latency.{json,md}``
@@ -113,6 +116,8 @@ class BenchConfig:
     search_queries: int = 300  # real query embeddings for the in-process 1M search
     paired_blocks: int = 8  # rounds of the paired comparison, each target in turn
     paired_block_requests: int = 50
+    scaling_rounds: int = 5  # rounds of concurrency 1 then the top level, one batching server
+    scaling_requests: int = 800  # per level per round
     sweeps: bool = True
     seed: int = 0
 
@@ -122,7 +127,8 @@ class BenchConfig:
         if self.data and not os.path.isdir(self.data):
             raise BenchError(f"--data {self.data!r} is not a directory")
         for name in ("synthetic_items", "requests", "batch", "k", "search_queries",
-                     "paired_blocks", "paired_block_requests"):  # fmt: skip
+                     "paired_blocks", "paired_block_requests", "scaling_rounds",
+                     "scaling_requests"):  # fmt: skip
             if getattr(self, name) < 1:
                 raise BenchError(f"--{name} must be at least 1, got {getattr(self, name)}")
         if not self.concurrency or min(self.concurrency) < 1:
@@ -131,7 +137,8 @@ class BenchConfig:
     @classmethod
     def quick(cls, **overrides: Any) -> BenchConfig:
         base = {"synthetic_items": 200_000, "requests": 120, "concurrency": (1, 32),
-                "search_queries": 100, "paired_blocks": 3}  # fmt: skip
+                "search_queries": 100, "paired_blocks": 3, "scaling_rounds": 2,
+                "scaling_requests": 320}  # fmt: skip
         return cls(**{**base, **overrides})
 
 
@@ -551,6 +558,28 @@ def paired(config: BenchConfig, exports: dict[str, str], requests: list[dict],
     return out
 
 
+def scaling(config: BenchConfig, export: str, protos: list[Any]) -> dict:
+    """QPS at the top concurrency over QPS at 1, batching on, in ``scaling_rounds`` rounds."""
+    top = max(config.concurrency)
+    rounds = []
+    with tempfile.TemporaryDirectory() as tmp:
+        proc, port = start_server(export, BATCHING, (0, 0), tmp)
+        try:
+            load(port, protos, top, 4 * top)  # warm the server's threads
+            for _ in range(config.scaling_rounds):
+                one = load(port, protos, 1, config.scaling_requests)
+                many = load(port, protos, top, max(config.scaling_requests, 4 * top))
+                rounds.append({"qps_c1": one["qps"], f"qps_c{top}": many["qps"],
+                               "ratio": round(many["qps"] / one["qps"], 2),
+                               "errors": one["errors"] + many["errors"]})  # fmt: skip
+                print("scaling:", json.dumps(rounds[-1]), flush=True)
+        finally:
+            stop_server(proc)
+    ratios = sorted(r["ratio"] for r in rounds)
+    return {"concurrency": top, "rounds": rounds, "median_ratio": float(np.median(ratios)),
+            "min_ratio": ratios[0], "errors": sum(r["errors"] for r in rounds)}  # fmt: skip
+
+
 # ----------------------------------------------------------------------------- the run
 
 
@@ -599,6 +628,7 @@ def run(config: BenchConfig) -> dict:
         measure("main", export, "known", None, "no batching")
         measure("main", export, "known", BATCHING, "batching")
     pair = paired(config, exports, kinds["known"], protos["known"])
+    scale = scaling(config, exports["own"], protos["known"])
     if config.sweeps:
         for label, text in BATCHING_SWEEP.items():
             measure("batching sweep", "own", "known", text, label)
@@ -615,7 +645,10 @@ def run(config: BenchConfig) -> dict:
         "floors": floors,
         "rows": rows,
         "paired": pair,
-        "ratios": ratios(rows, floors, search, pair),
+        "scaling": scale,
+        "ratios": {**ratios(rows, floors, search, pair),
+                   "batching_scaling_median": scale["median_ratio"],
+                   "batching_scaling_min": scale["min_ratio"]},
     }  # fmt: skip
 
 
@@ -714,6 +747,23 @@ def to_markdown(result: dict) -> str:
             f"{pair['server_adds_minus_transport_p50_ms']} ms the rest (our handler, its "
             f"hand-off to the session); batching adds {pair['batching_adds_p50_ms']} ms; the 1M "
             f"ScaNN export is {pair['big_scann_minus_own_p50_ms']} ms over the own catalog's.",
+        ]
+    scale = result.get("scaling")
+    if scale:
+        top = scale["concurrency"]
+        lines += [
+            "",
+            f"**Batching's scaling, paired** (own catalog, known text, one batching server; each "
+            f"round runs concurrency 1 then {top}, {cfg['scaling_requests']} requests each)",
+            "",
+            f"| round | QPS c1 | QPS c{top} | c{top} / c1 | errors |",
+            "| ---: | ---: | ---: | ---: | ---: |",
+            *(
+                f"| {i + 1} | {r['qps_c1']} | {r[f'qps_c{top}']} | {r['ratio']}x | {r['errors']} |"
+                for i, r in enumerate(scale["rounds"])
+            ),  # fmt: skip
+            "",
+            f"Median c{top} / c1: {scale['median_ratio']}x, lowest round {scale['min_ratio']}x.",
         ]
     search = result["index_search"]
     if search:

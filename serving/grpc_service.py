@@ -70,7 +70,6 @@ class _PredictionServicer:
         self.predictor = predictor
 
     def Predict(self, request: Any, context: grpc.ServicerContext) -> Any:  # noqa: N802
-        import tensorflow as tf
         from tensorflow_serving.apis import predict_pb2
 
         from serving.predictor import check_input, check_input_names
@@ -86,9 +85,7 @@ class _PredictionServicer:
             for name, proto in request.inputs.items():
                 if not proto.dtype:
                     raise ServingError(Code.INVALID_ARGUMENT, f"tensor parsing error: {name}")
-                dtype = tf.dtypes.as_dtype(proto.dtype)
-                shape = [d.size for d in proto.tensor_shape.dim]
-                check_input(sig, name, dtype, shape)
+                check_input(sig, name, proto.dtype, [d.size for d in proto.tensor_shape.dim])
                 try:
                     arrays[name] = tensor_to_array(proto)
                 except Exception as exc:

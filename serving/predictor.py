@@ -137,10 +137,18 @@ def check_input_names(sig: SignatureInfo, names: Iterable[str]) -> None:
     )
 
 
-def check_input(sig: SignatureInfo, name: str, dtype: tf.DType, shape: Sequence[int]) -> None:
-    """Raises INVALID_ARGUMENT when an input's dtype or shape does not fit the TensorSpec."""
-    spec = sig.inputs[name]
-    if dtype != spec.dtype:
+def check_input(sig: SignatureInfo, name: str, dtype: tf.DType | int, shape: Sequence[int]) -> None:
+    """Raises INVALID_ARGUMENT when an input's dtype or shape does not fit the TensorSpec.
+
+    ``dtype``: a DType or its DataType enum (what a TensorProto carries).
+    """
+    code = dtype if isinstance(dtype, int) else dtype.as_datatype_enum
+    if code != sig.input_codes[name]:
+        spec = sig.inputs[name]
+        try:
+            dtype = tf.dtypes.as_dtype(code)
+        except TypeError as exc:  # an enum value no DataType has
+            raise ServingError(Code.INVALID_ARGUMENT, f"tensor parsing error: {name}") from exc
         index = sorted(sig.inputs).index(name)
         raise ServingError(
             Code.INVALID_ARGUMENT,
@@ -155,7 +163,7 @@ def check_input(sig: SignatureInfo, name: str, dtype: tf.DType, shape: Sequence[
         raise ServingError(
             Code.INVALID_ARGUMENT,
             f"input '{name}' has shape {list(shape)}, incompatible with the signature's "
-            f"{_shape_str(spec.shape)} (rank {spec.shape.rank})",
+            f"{_shape_str(sig.inputs[name].shape)} (rank {len(dims)})",
         )
 
 

@@ -42,8 +42,11 @@ class SignatureInfo:
     #: name -> the input's dims (None: any rank; a None dim: any size), read once here so
     #: that checking a request does not build a TensorShape per input.
     input_dims: dict[str, tuple[int | None, ...] | None] = dataclasses.field(init=False)
+    #: name -> the input's DataType enum: a gRPC request's dtype is compared as the int it is.
+    input_codes: dict[str, int] = dataclasses.field(init=False)
 
     def __post_init__(self) -> None:
+        self.input_codes = {name: spec.dtype.as_datatype_enum for name, spec in self.inputs.items()}
         self.input_dims = {
             name: None if spec.shape.rank is None else tuple(spec.shape.as_list())
             for name, spec in self.inputs.items()

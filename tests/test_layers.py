@@ -108,6 +108,26 @@ def test_set_encoder_round_trip_and_projected_tables():
     np.testing.assert_allclose(clone(*projected, rows, projected=True), out, atol=1e-6)
 
 
+def test_set_encoder_serving_path_equals_the_training_math_with_titles():
+    encoder = SetEncoder(8, 0.1, id_dropout=0.2)
+    text, ids = random(6, 5), random(6, 4, seed=1)
+    # A full bag, an empty one, one of titles only, one with an unknown row (1) among items.
+    rows = tf.constant([[2, 3, 4], [0, 0, 0], [0, 0, 0], [5, 1, 0]])
+    titles = random(4, 2, 5, seed=2)
+    title_mask = tf.constant([[True, False], [False, False], [True, True], [False, True]])
+    encoder.build()
+    encoder.title_type.assign(random(1, 1, 8, seed=3))  # zero at init: it must still count
+    out = encoder(text, ids, rows, titles, title_mask).numpy()
+    projected = encoder.project(text, ids)
+    served = encoder(*projected, rows, titles, title_mask, projected=True)
+    np.testing.assert_allclose(served, out, atol=1e-5)
+    # The export stores one table, the sum of the two projections.
+    summed = encoder(projected[0] + projected[1], None, rows, titles, title_mask, projected=True)
+    np.testing.assert_allclose(summed, out, atol=1e-5)
+    # Items and titles both move it: nothing on the serving path is dropped.
+    assert np.abs(out[0] - out[1]).max() > 1e-3 and np.abs(out[2] - out[1]).max() > 1e-3
+
+
 # ----------------------------------------------------------------------------- ranking head
 
 

@@ -391,8 +391,9 @@ def _freeze_catalog_tables(model) -> list[tf.Variable]:
     The whole-history query tower reads every catalog row's text vector and id embedding on
     each call and projects both (a gather of ``[R, T]`` floats, an id lookup of ``R`` rows and
     two ``[R, .] x [., d]`` matmuls: most of a known-text query); at serving time all of it is
-    constant, so the projected ``[R, d]`` tables are stored. Returns the variables (the module
-    tracks them, so they are saved).
+    constant, so their sum, the projected ``[R, d]`` item table, is stored (the set encoder's
+    inference path reads one table: :meth:`trainer.history.SetEncoder._pool_projected`).
+    Returns the variables (the module tracks them, so they are saved).
     """
     from trainer.history import SetEncoder
 
@@ -400,17 +401,13 @@ def _freeze_catalog_tables(model) -> list[tf.Variable]:
     tables = getattr(tower, "catalog_tables", None)
     if tables is None or not isinstance(getattr(tower, "history", None), SetEncoder):
         return []  # only the set encoder reads them
-    text, ids = tower.history.project(*tables())
-    frozen = [
-        None if t is None else tf.Variable(tf.convert_to_tensor(t), trainable=False, name=name)
-        for t, name in ((text, "catalog_text_table"), (ids, "catalog_id_table"))
-    ]
-    tower.catalog_tables = lambda: (
-        None if frozen[0] is None else frozen[0].read_value(),
-        None if frozen[1] is None else frozen[1].read_value(),
+    projected = [t for t in tower.history.project(*tables()) if t is not None]
+    item_table = tf.Variable(
+        tf.convert_to_tensor(tf.add_n(projected)), trainable=False, name="catalog_item_table"
     )
+    tower.catalog_tables = lambda: (item_table.read_value(), None)
     tower.catalog_tables_projected = True
-    return [v for v in frozen if v is not None]
+    return [item_table]
 
 
 def _pairwise_ratings(
