@@ -26,7 +26,9 @@ Everything in one run, so every ratio compares figures of the same run:
 6. Batching's scaling, paired: one batching server on the own export, known text, rounds of
    concurrency 1 then concurrency 32 (``scaling_requests`` each), so each round's QPS ratio
    compares two levels measured seconds apart; the median and the lowest round are reported.
-7. Sweeps on the model's own export: batching parameters and TensorFlow's intra/inter-op threads.
+7. The concurrency-1 tail: ``tail_requests`` (2,000) known-text requests to one server without
+   and one with batching, for p99 / p50 (a 400-request row's p99 is its 4th-slowest request).
+8. Sweeps on the model's own export: batching parameters and TensorFlow's intra/inter-op threads.
 
 Requests carry ``--batch`` queries each (2), k = 10, no exclusions, no diversity; each row
 cycles through distinct requests. Writes ``benchmarks/results/serving_latency.{json,md}``
@@ -118,6 +120,7 @@ class BenchConfig:
     paired_block_requests: int = 50
     scaling_rounds: int = 5  # rounds of concurrency 1 then the top level, one batching server
     scaling_requests: int = 800  # per level per round
+    tail_requests: int = 2000  # concurrency-1 requests per server for the p99 / p50 ratio
     sweeps: bool = True
     seed: int = 0
 
@@ -128,7 +131,7 @@ class BenchConfig:
             raise BenchError(f"--data {self.data!r} is not a directory")
         for name in ("synthetic_items", "requests", "batch", "k", "search_queries",
                      "paired_blocks", "paired_block_requests", "scaling_rounds",
-                     "scaling_requests"):  # fmt: skip
+                     "scaling_requests", "tail_requests"):  # fmt: skip
             if getattr(self, name) < 1:
                 raise BenchError(f"--{name} must be at least 1, got {getattr(self, name)}")
         if not self.concurrency or min(self.concurrency) < 1:
@@ -138,7 +141,7 @@ class BenchConfig:
     def quick(cls, **overrides: Any) -> BenchConfig:
         base = {"synthetic_items": 200_000, "requests": 120, "concurrency": (1, 32),
                 "search_queries": 100, "paired_blocks": 3, "scaling_rounds": 2,
-                "scaling_requests": 320}  # fmt: skip
+                "scaling_requests": 320, "tail_requests": 400}  # fmt: skip
         return cls(**{**base, **overrides})
 
 
@@ -580,6 +583,24 @@ def scaling(config: BenchConfig, export: str, protos: list[Any]) -> dict:
             "min_ratio": ratios[0], "errors": sum(r["errors"] for r in rounds)}  # fmt: skip
 
 
+def tail(config: BenchConfig, export: str, protos: list[Any]) -> dict:
+    """p99 over p50 at concurrency 1 from ``tail_requests`` requests per server (known text,
+    without and with batching): a 400-request row's p99 is its 4th-slowest request, so one
+    hiccup of these shared cores moves it; 2,000 give the 20th."""
+    out = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        for label, batching in (("no batching", None), ("batching", BATCHING)):
+            proc, port = start_server(export, batching, (0, 0), tmp)
+            try:
+                load(port, protos, 1, 200)  # warm the server's threads
+                stats = load(port, protos, 1, config.tail_requests)
+            finally:
+                stop_server(proc)
+            out[label] = {**stats, "p99_over_p50": round(stats["p99_ms"] / stats["p50_ms"], 2)}
+            print(f"tail {label}:", json.dumps(out[label]), flush=True)
+    return out
+
+
 # ----------------------------------------------------------------------------- the run
 
 
@@ -629,6 +650,7 @@ def run(config: BenchConfig) -> dict:
         measure("main", export, "known", BATCHING, "batching")
     pair = paired(config, exports, kinds["known"], protos["known"])
     scale = scaling(config, exports["own"], protos["known"])
+    tails = tail(config, exports["own"], protos["known"])
     if config.sweeps:
         for label, text in BATCHING_SWEEP.items():
             measure("batching sweep", "own", "known", text, label)
@@ -646,9 +668,11 @@ def run(config: BenchConfig) -> dict:
         "rows": rows,
         "paired": pair,
         "scaling": scale,
+        "tail": tails,
         "ratios": {**ratios(rows, floors, search, pair),
                    "batching_scaling_median": scale["median_ratio"],
-                   "batching_scaling_min": scale["min_ratio"]},
+                   "batching_scaling_min": scale["min_ratio"],
+                   "tail_p99_over_p50_c1": {k: v["p99_over_p50"] for k, v in tails.items()}},
     }  # fmt: skip
 
 
@@ -764,6 +788,21 @@ def to_markdown(result: dict) -> str:
             ),  # fmt: skip
             "",
             f"Median c{top} / c1: {scale['median_ratio']}x, lowest round {scale['min_ratio']}x.",
+        ]
+    tails = result.get("tail")
+    if tails:
+        lines += [
+            "",
+            f"**Concurrency-1 tail** (own catalog, known text, {cfg['tail_requests']} requests "
+            "per server, one client thread)",
+            "",
+            "| setting | p50 ms | p95 ms | p99 ms | p99 / p50 | errors |",
+            "| --- | ---: | ---: | ---: | ---: | ---: |",
+            *(
+                f"| {k} | {v['p50_ms']} | {v['p95_ms']} | {v['p99_ms']} | {v['p99_over_p50']}x "
+                f"| {v['errors']} |"
+                for k, v in tails.items()
+            ),
         ]
     search = result["index_search"]
     if search:

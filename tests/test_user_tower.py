@@ -9,8 +9,8 @@ import trainer  # noqa: F401  (TF_USE_LEGACY_KERAS before TensorFlow)
 
 tf = pytest.importorskip("tensorflow")
 
-from trainer import train_queries  # noqa: E402
-from trainer.config import TrainConfig  # noqa: E402
+from trainer import baselines, train_queries  # noqa: E402
+from trainer.config import ConfigError, TrainConfig  # noqa: E402
 from trainer.data import records  # noqa: E402
 from trainer.features import cached_or_encoded, dummy_features, liked_titles  # noqa: E402
 from trainer.input_pipeline import plan_data, train_dataset  # noqa: E402
@@ -353,3 +353,60 @@ def test_user_losses_are_the_multinomial_likelihood_of_the_targets(tiny_data_dir
     np.testing.assert_allclose(float(sums["retrieval_loss"]), expected, rtol=1e-4)
     assert float(sums["examples"]) == float((batch["targets"].numpy() != b"").sum())
     assert np.isfinite(float(loss))
+
+
+def test_ease_distillation_mixes_the_teachers_softmax_into_the_user_loss(tiny_data_dir):
+    config = _config(tiny_data_dir, train_queries="users", temperature=1.0, dropout=0.0)
+    config.model.id_dropout = config.model.history_id_dropout = 0.0
+    weight, tau, l2 = 0.4, 0.5, 3.0
+    config.model.distill_ease, config.model.distill_temperature = weight, tau
+    plan = plan_data(config)
+    teacher = train_queries.ease_teacher(plan.users, plan.catalog, l2)
+    ids = [str(i) for i in plan.catalog["item_id"]]
+    # The teacher is EASE's closed form on the users' train rows, in catalog order.
+    x = np.zeros((len(plan.users["user_id"]), len(ids)))
+    for u, history in enumerate(plan.users["history"].astype(str)):
+        x[u, [ids.index(i) for i in history if i in ids]] = 1.0
+    np.testing.assert_allclose(teacher, baselines.fit_ease(x, l2), atol=1e-5)
+
+    model = build_model(config.model, plan.assets, seed=0)
+    d = config.data
+    batch = next(
+        iter(
+            train_queries.user_batches(
+                plan.users, plan.catalog, batch_size=d.user_batch_size, passes=1,
+                target_fraction=d.user_target_fraction, seed=0, teacher=teacher,
+            )
+        )
+    )  # fmt: skip
+    _, sums = model.compute_user_losses(batch, global_batch_size=1)
+    query = model.query_embeddings(batch, training=True).numpy()
+    items = model.candidate_embeddings(
+        {k: tf.constant(v) for k, v in plan.catalog.items()}, training=True
+    ).numpy()
+    seen_ids = batch["seen"].numpy().astype(str)
+    target_ids = batch["targets"].numpy().astype(str)
+    multinomial = distilled = 0.0
+    for row, (seen, targets) in enumerate(zip(seen_ids, target_ids, strict=True)):
+        kept = [ids.index(i) for i in seen if i]
+        hot = np.zeros(len(ids))
+        hot[kept] = 1.0
+        scores = hot @ teacher
+        np.testing.assert_allclose(batch["teacher"].numpy()[row], scores, atol=1e-4)
+        keep = np.asarray(plan.catalog["popularity"]) > 0
+        keep[kept] = False
+        logits = items @ query[row]
+        log_p = logits[keep] - np.log(np.exp(logits[keep]).sum())
+        target = np.exp(scores[keep] / tau) / np.exp(scores[keep] / tau).sum()
+        rows = [ids.index(t) for t in targets if t]
+        multinomial += -sum(log_p[keep[: r].sum()] for r in rows)
+        distilled += -(target * log_p).sum() * len(rows)
+    expected = (1 - weight) * multinomial + weight * distilled
+    np.testing.assert_allclose(float(sums["retrieval_loss"]), expected, rtol=1e-4)
+
+
+def test_ease_distillation_needs_user_batches(tiny_data_dir):
+    with pytest.raises(ConfigError, match="--distill-ease needs --train-queries users"):
+        _config(tiny_data_dir, train_queries="events", distill_ease=0.5)
+    with pytest.raises(ConfigError, match="--distill-ease must be in"):
+        _config(tiny_data_dir, train_queries="users", distill_ease=1.0)

@@ -103,6 +103,14 @@ class ModelConfig:
     positive_threshold: float = 1.0
     retrieval_weight: float = 1.0
     ranking_weight: float = 1.0
+    # Distillation from EASE (--train-queries users): each user's softmax target becomes
+    # (1 - w) x the held-out items + w x EASE's distribution over the catalog given the kept
+    # items (softmax of x_u B / --distill-temperature, known positives masked), B fit once on
+    # the train part with L2 --distill-l2. Dense soft labels for every catalog item instead of
+    # a few positives. 0 = off. Holds an [N, N] matrix: catalogs that fit in memory.
+    distill_ease: float = 0.0
+    distill_l2: float = 300.0  # EASE's L2 weight for the teacher (p2 valid chose 300)
+    distill_temperature: float = 0.05  # the teacher's softmax temperature over x_u B
 
 
 @dataclasses.dataclass
@@ -272,6 +280,13 @@ class TrainConfig:
         ):
             if not 0.0 <= value < 1.0:
                 raise ConfigError(f"{flag} must be in [0, 1), got {value}")
+        if not 0.0 <= m.distill_ease < 1.0:
+            raise ConfigError(f"--distill-ease must be in [0, 1), got {m.distill_ease}")
+        if m.distill_ease and d.train_queries == "events":
+            raise ConfigError(
+                "--distill-ease needs --train-queries users: EASE's teacher reads each user's "
+                "kept items"
+            )
         if not 0.0 < d.user_target_fraction < 1.0:
             raise ConfigError(
                 f"--user-target-fraction must be in (0, 1), got {d.user_target_fraction}"
@@ -284,6 +299,8 @@ class TrainConfig:
             ("--learning-rate", o.learning_rate),
             ("--bert-learning-rate", o.bert_learning_rate),
             ("--temperature", m.temperature),
+            ("--distill-l2", m.distill_l2),
+            ("--distill-temperature", m.distill_temperature),
         ):
             if not value > 0.0:
                 raise ConfigError(f"{flag} must be positive, got {value}")

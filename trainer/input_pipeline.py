@@ -23,6 +23,7 @@ from trainer.evaluate import RankingTask, ranking_task
 from trainer.features import ModelAssets
 from trainer.ranking import index_of, items_by_user
 from trainer.train_queries import (
+    ease_teacher,
     trainable_users,
     user_batch_count,
     user_batches,
@@ -73,6 +74,8 @@ class DataPlan:
     # The valid part as the protocol ranks it (p2-p4): validation is then per user, as RecBole,
     # with the protocol's own queries, exclusions and truth (p4: the new users, no user id).
     ranking: RankingTask | None = None
+    # EASE's item-item weights for --distill-ease, fit on first use.
+    teacher: np.ndarray | None = None
 
 
 def plan_data(config: TrainConfig) -> DataPlan:
@@ -145,6 +148,9 @@ def train_dataset(
             seed=config.optim.seed * 1009 + epoch,
             max_items=d.train_history_items,
             titles_only=d.user_titles_only,
+            teacher=_ease_teacher(plan, config.model.distill_l2)
+            if config.model.distill_ease
+            else None,
         )
         return _finish(ds.skip(skip_steps))
     ds = records.make_dataset(plan.data_dir, plan.split, "train", 1024, shuffle=False)
@@ -167,6 +173,13 @@ def train_dataset(
         )
         ds = ds.enumerate().map(attach, num_parallel_calls=tf.data.AUTOTUNE)
     return _finish(ds.skip(skip_steps))
+
+
+def _ease_teacher(plan: DataPlan, l2: float) -> np.ndarray:
+    """EASE's ``[N, N]`` teacher, fit once per plan (every epoch's stream reuses it)."""
+    if plan.teacher is None:
+        plan.teacher = ease_teacher(plan.users, plan.catalog, l2)
+    return plan.teacher
 
 
 def _finish(ds: tf.data.Dataset) -> tf.data.Dataset:

@@ -10,6 +10,7 @@ The model embeds and preprocesses; these compute the softmaxes over what it hand
 * :func:`full_softmax`: the whole catalog per query, one positive each.
 * :func:`multinomial_softmax`: the whole catalog per user, every held-out target a positive
   (Mult-DAE's multinomial likelihood).
+* :func:`distilled_softmax`: the same catalog softmax against a teacher's distribution (EASE).
 * :func:`masked_history`: a query's known positives taken out of its catalog logits.
 * :func:`in_batch_hits`: how many positives rank in the top k of the batch's candidates.
 * :func:`event_losses` / :func:`user_losses`: one replica's whole loss, rated events or users
@@ -169,6 +170,23 @@ def multinomial_softmax(
     return loss, hits
 
 
+def distilled_softmax(logits: tf.Tensor, teacher: tf.Tensor, weights: tf.Tensor) -> tf.Tensor:
+    """The cross-entropy of each user's catalog softmax against a teacher's, counted once per
+    target (as :func:`multinomial_softmax` counts its CE), summed over users.
+
+    ``logits`` ``[B, N]`` (known positives and untrained items masked); ``teacher`` ``[B, N]``
+    teacher logits (masked where ``logits`` are, so no mass falls on what the student may
+    not rank); ``weights`` ``[B, H]``: the targets, whose count scales each user's term.
+    """
+    masked = logits <= MASKED_LOGIT / 2
+    teacher = tf.where(masked, tf.constant(MASKED_LOGIT, teacher.dtype), teacher)
+    target = tf.stop_gradient(tf.nn.softmax(teacher, axis=1))
+    log_p = tf.nn.log_softmax(logits, axis=1)
+    # 0 * log_p where the target has no mass: masked entries hold -1e9, never -inf, so no NaN.
+    per_user = -tf.reduce_sum(target * log_p, axis=1)
+    return tf.reduce_sum(per_user * tf.reduce_sum(weights, axis=1))
+
+
 def in_batch_hits(
     query: tf.Tensor,
     candidates: tf.Tensor,
@@ -318,6 +336,11 @@ def user_losses(
     rows = tf.maximum(rows, 0)
     weights = tf.cast(tf.logical_and(known, labels >= config.positive_threshold), tf.float32)
     retrieval_loss, hits = multinomial_softmax(logits, rows, weights)
+    if config.distill_ease:
+        retrieval_loss = (1.0 - config.distill_ease) * retrieval_loss + (
+            config.distill_ease
+            * distilled_softmax(logits, features["teacher"] / config.distill_temperature, weights)
+        )
 
     user_ids = tf.convert_to_tensor(features["user_id"])
     rating = model.predict_rating(

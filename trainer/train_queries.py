@@ -110,6 +110,7 @@ def user_batches(
     max_titles: int = schema.QUERY_TITLES,
     liked_threshold: float = schema.LIKED_THRESHOLD,
     titles_only: float = 0.0,
+    teacher: np.ndarray | None = None,
 ) -> tf.data.Dataset:
     """One epoch of user batches: ``passes`` shuffled passes over :func:`trainable_users`.
 
@@ -125,6 +126,10 @@ def user_batches(
       ``history`` (known positives: the softmax must not treat them as negatives);
     - ``targets`` string ``[B, H]`` (the held-out item ids, ``""`` elsewhere) and
       ``target_ratings`` float32 ``[B, H]``.
+
+    With ``teacher`` (an item-item matrix ``[N, N]`` in catalog-row order, :func:`ease_teacher`),
+    also ``teacher`` float32 ``[B, N]``: the multi-hot row of each user's kept items (``seen``)
+    times it, EASE's scores given what the query knows.
 
     Every trained item lands in the targets with probability ``target_fraction``, drawn afresh
     per (``seed``, batch index): a new split every step, the same one on a resume.
@@ -149,6 +154,25 @@ def user_batches(
         ),
         default_value="",
     )
+
+    item_rows = tf.lookup.StaticHashTable(
+        tf.lookup.KeyValueTensorInitializer(
+            tf.constant(catalog["item_id"].astype(str)),
+            tf.range(len(catalog["item_id"]), dtype=tf.int64),
+        ),
+        default_value=-1,
+    )
+    teacher_matrix = None if teacher is None else tf.constant(teacher, tf.float32)
+
+    def teacher_scores(seen: tf.Tensor) -> tf.Tensor:
+        """``seen`` ``[B, H]`` item ids -> ``x_u B`` ``[B, N]``."""
+        rows = item_rows.lookup(seen)
+        where = tf.where(rows >= 0)  # [M, 2]: (user, slot) of every known kept item
+        cells = tf.stack([where[:, 0], tf.gather_nd(rows, where)], axis=1)
+        shape = tf.stack([tf.shape(seen, out_type=tf.int64)[0], len(catalog["item_id"])])
+        # A user's kept items are distinct (one history row per item), so the sum is 0/1.
+        multi_hot = tf.scatter_nd(cells, tf.ones_like(cells[:, 0], tf.float32), shape)
+        return tf.matmul(multi_hot, teacher_matrix)
 
     def split(index: tf.Tensor, picked: tf.Tensor) -> dict:
         batch = {name: tf.gather(table, picked) for name, table in tables.items()}
@@ -176,7 +200,7 @@ def user_batches(
             )
             inputs = tf.where(new_user[:, None], "", inputs)
             batch["user_id"] = tf.where(new_user, "", batch["user_id"])
-        return {
+        out = {
             **batch,
             "query_text": tf.strings.join([profile, " Liked: ", joined, "."]),
             "history": inputs,
@@ -184,6 +208,25 @@ def user_batches(
             "targets": tf.where(held_out, history, ""),
             "target_ratings": tf.where(held_out, rating, 0.0),
         }
+        if teacher_matrix is not None:
+            out["teacher"] = teacher_scores(out["seen"])
+        return out
 
     ds = tf.data.Dataset.from_tensor_slices(order).batch(batch_size, drop_remainder=True)
     return ds.take(steps).enumerate().map(split, num_parallel_calls=tf.data.AUTOTUNE)
+
+
+def ease_teacher(
+    users: Mapping[str, np.ndarray], catalog: Mapping[str, np.ndarray], l2: float
+) -> np.ndarray:
+    """EASE's item-item weights ``[N, N]`` (float32, catalog-row order) fit on the users'
+    train histories (every rated item counts, as the EASE baseline reads them)."""
+    from trainer import baselines
+
+    index = {str(item): row for row, item in enumerate(catalog["item_id"].astype(str))}
+    rows = {
+        str(user): np.array(sorted({index[i] for i in history if i in index}), dtype=np.int64)
+        for user, history in zip(users["user_id"], users["history"].astype(str), strict=True)
+    }
+    x = baselines.binary_matrix(rows, len(index))
+    return baselines.fit_ease(x, l2).astype(np.float32)
