@@ -399,7 +399,7 @@ def test_ease_distillation_mixes_the_teachers_softmax_into_the_user_loss(tiny_da
         log_p = logits[keep] - np.log(np.exp(logits[keep]).sum())
         target = np.exp(scores[keep] / tau) / np.exp(scores[keep] / tau).sum()
         rows = [ids.index(t) for t in targets if t]
-        multinomial += -sum(log_p[keep[: r].sum()] for r in rows)
+        multinomial += -sum(log_p[keep[:r].sum()] for r in rows)
         distilled += -(target * log_p).sum() * len(rows)
     expected = (1 - weight) * multinomial + weight * distilled
     np.testing.assert_allclose(float(sums["retrieval_loss"]), expected, rtol=1e-4)
