@@ -27,14 +27,32 @@ from trainer.features import NOTHING_LIKED, profile_texts
 MIN_USER_ITEMS = 2
 
 
-def _user_rows(users: Mapping[str, np.ndarray]) -> tf.lookup.StaticHashTable:
+def _row_table(ids: np.ndarray) -> tf.lookup.StaticHashTable:
+    """Id -> its row in ``ids`` (int64; -1 for an unknown id or ``""``)."""
     return tf.lookup.StaticHashTable(
         tf.lookup.KeyValueTensorInitializer(
-            tf.constant(users["user_id"].astype(str)),
-            tf.range(len(users["user_id"]), dtype=tf.int64),
+            tf.constant(ids.astype(str)), tf.range(len(ids), dtype=tf.int64)
         ),
         default_value=-1,
     )
+
+
+def _teacher_scores(item_ids: np.ndarray, teacher: np.ndarray) -> Callable[[tf.Tensor], tf.Tensor]:
+    """``seen`` ``[B, H]`` item ids -> ``x_u B`` ``[B, N]``: the multi-hot row of each user's
+    items times ``teacher`` (``[N, N]`` in the order of ``item_ids``)."""
+    rows_of = _row_table(item_ids)
+    matrix = tf.constant(teacher, tf.float32)
+
+    def scores(seen: tf.Tensor) -> tf.Tensor:
+        rows = rows_of.lookup(seen)
+        where = tf.where(rows >= 0)  # [M, 2]: (user, slot) of every known item
+        cells = tf.stack([where[:, 0], tf.gather_nd(rows, where)], axis=1)
+        shape = tf.stack([tf.shape(seen, out_type=tf.int64)[0], len(item_ids)])
+        # A user's kept items are distinct (one history row per item), so the sum is 0/1.
+        multi_hot = tf.scatter_nd(cells, tf.ones_like(cells[:, 0], tf.float32), shape)
+        return tf.matmul(multi_hot, matrix)
+
+    return scores
 
 
 def _random_subset(keep: tf.Tensor, draw: tf.Tensor, values: tf.Tensor, size: int) -> tf.Tensor:
@@ -55,7 +73,7 @@ def whole_history_queries(
 
     The fresh random drop each epoch makes the model rank what is missing from a history.
     """
-    table = _user_rows(users)
+    table = _row_table(users["user_id"])
     histories = tf.constant(users["history"].astype(str))
 
     def attach(index: tf.Tensor, batch: dict) -> dict:
@@ -155,24 +173,7 @@ def user_batches(
         default_value="",
     )
 
-    item_rows = tf.lookup.StaticHashTable(
-        tf.lookup.KeyValueTensorInitializer(
-            tf.constant(catalog["item_id"].astype(str)),
-            tf.range(len(catalog["item_id"]), dtype=tf.int64),
-        ),
-        default_value=-1,
-    )
-    teacher_matrix = None if teacher is None else tf.constant(teacher, tf.float32)
-
-    def teacher_scores(seen: tf.Tensor) -> tf.Tensor:
-        """``seen`` ``[B, H]`` item ids -> ``x_u B`` ``[B, N]``."""
-        rows = item_rows.lookup(seen)
-        where = tf.where(rows >= 0)  # [M, 2]: (user, slot) of every known kept item
-        cells = tf.stack([where[:, 0], tf.gather_nd(rows, where)], axis=1)
-        shape = tf.stack([tf.shape(seen, out_type=tf.int64)[0], len(catalog["item_id"])])
-        # A user's kept items are distinct (one history row per item), so the sum is 0/1.
-        multi_hot = tf.scatter_nd(cells, tf.ones_like(cells[:, 0], tf.float32), shape)
-        return tf.matmul(multi_hot, teacher_matrix)
+    teacher_scores = None if teacher is None else _teacher_scores(catalog["item_id"], teacher)
 
     def split(index: tf.Tensor, picked: tf.Tensor) -> dict:
         batch = {name: tf.gather(table, picked) for name, table in tables.items()}
@@ -208,7 +209,7 @@ def user_batches(
             "targets": tf.where(held_out, history, ""),
             "target_ratings": tf.where(held_out, rating, 0.0),
         }
-        if teacher_matrix is not None:
+        if teacher_scores is not None:
             out["teacher"] = teacher_scores(out["seen"])
         return out
 
@@ -220,13 +221,12 @@ def ease_teacher(
     users: Mapping[str, np.ndarray], catalog: Mapping[str, np.ndarray], l2: float
 ) -> np.ndarray:
     """EASE's item-item weights ``[N, N]`` (float32, catalog-row order) fit on the users'
-    train histories (every rated item counts, as the EASE baseline reads them)."""
-    from trainer import baselines
+    train histories: the EASE baseline's own fit (every rated item counts)."""
+    from trainer.baselines import EaseScorer
 
-    index = {str(item): row for row, item in enumerate(catalog["item_id"].astype(str))}
-    rows = {
-        str(user): np.array(sorted({index[i] for i in history if i in index}), dtype=np.int64)
-        for user, history in zip(users["user_id"], users["history"].astype(str), strict=True)
+    history = np.asarray(users["history"])
+    events = {
+        "user_id": np.repeat(np.asarray(users["user_id"]), history.shape[1]),
+        "item_id": history.ravel(),  # "" padding is no catalog item: ignored
     }
-    x = baselines.binary_matrix(rows, len(index))
-    return baselines.fit_ease(x, l2).astype(np.float32)
+    return EaseScorer.fit(catalog, events, l2).weights
