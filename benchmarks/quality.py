@@ -283,12 +283,17 @@ def markdown(results: dict) -> str:
 
 
 def _prior_weights(entry: dict) -> str:
-    """The popularity-prior weight each seed chose on valid, ``"0.05 / 0.04"``, or ``""``."""
-    weights = [
-        (report.get("train", {}).get("popularity_prior") or {}).get("weight")
+    """The popularity-prior weight each seed chose on valid, ``"0.05 / 0.04"``, with the
+    new-item bias where one was chosen (``"0.02, b 0.05 / ..."``), or ``""``."""
+    chosen = [
+        report.get("train", {}).get("popularity_prior") or {}
         for report in entry.get("per_seed", {}).values()
     ]
-    return " / ".join(f"{w:g}" for w in weights if w is not None)
+    return " / ".join(
+        f"{c['weight']:g}" + (f", b {c['new_item_bias']:g}" if c.get("new_item_bias") else "")
+        for c in chosen
+        if c.get("weight") is not None
+    )
 
 
 def _needs_prepare(data: str, splits: list[str]) -> bool:

@@ -17,7 +17,7 @@ from common.contract import CANDIDATE_FEATURES, RECALL_FILE, WARMUP_FILE
 from tests.conftest import REPO
 from trainer.data import records
 from trainer.export import build_module, export, save_export
-from trainer.model import log_popularity_by_row
+from trainer.model import log_popularity_by_row, untrained_by_row
 from trainer.serving_module import ExportError, IndexConfig
 
 QUERY_KEYS = (*contract.QUERY_FEATURES, contract.HISTORY)
@@ -148,7 +148,9 @@ def test_signatures_and_options(loaded, tiny_data_dir, tiny_model_dir):
         **{k: tf.constant(np.asarray(catalog[k]).astype(str)) for k in CANDIDATE_FEATURES}
     )["embeddings"].numpy()
     log_counts = log_popularity_by_row(catalog["popularity"])[2:]
-    np.testing.assert_allclose(items[:, -1], prior["weight"] * log_counts, rtol=1e-5, atol=1e-7)
+    new_items = untrained_by_row(catalog["popularity"])[2:]
+    want_column = prior["weight"] * log_counts + prior["new_item_bias"] * new_items
+    np.testing.assert_allclose(items[:, -1], want_column, rtol=1e-5, atol=1e-7)
     want = np.sort(emb @ items.T, axis=1)[:, ::-1][:, :10]
     np.testing.assert_allclose(scores, want, atol=1e-4)
     new = sigs["candidate_embedding"](

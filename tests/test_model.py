@@ -23,7 +23,12 @@ from trainer.data import records  # noqa: E402
 from trainer.features import FeaturePreprocessor, ModelAssets, profile_texts  # noqa: E402
 from trainer.inference import ModelScorer  # noqa: E402
 from trainer.losses import in_batch_hits  # noqa: E402
-from trainer.model import TwoTowerModel, build_model, log_popularity_by_row  # noqa: E402
+from trainer.model import (  # noqa: E402
+    TwoTowerModel,
+    build_model,
+    log_popularity_by_row,
+    untrained_by_row,
+)
 from trainer.model_dir import CONFIG_FILE, load_trained, save_trained  # noqa: E402
 
 
@@ -235,6 +240,52 @@ def test_popularity_prior_adds_weighted_log_counts_to_the_scores(tiny_model, bat
     finally:
         tiny_model.prior_weight.assign(0.0)
     np.testing.assert_allclose(column, neutral, rtol=1e-6)
+
+
+def test_the_new_item_bias_lifts_only_items_nobody_rated(tiny_model, batch, assets):
+    """b lands on the items with no train rating and on unknown (new) items, nowhere else."""
+    rated = {i for i, c in zip(assets.item_ids, assets.popularity, strict=True) if c > 0}
+    ids = batch["item_id"].numpy().astype(str)
+    unknown = {k: v[:1] for k, v in batch.items()}
+    unknown["item_id"] = tf.constant(["no-such-item"])
+    tiny_model.prior_weight.assign(0.05)
+    try:
+        plain = tiny_model.candidate_embeddings(batch).numpy()
+        tiny_model.new_item_bias.assign(0.3)
+        lifted = tiny_model.candidate_embeddings(batch).numpy()
+        new = tiny_model.candidate_embeddings(unknown).numpy()
+        tiny_model.new_item_bias.assign(0.0)
+        new_plain = tiny_model.candidate_embeddings(unknown).numpy()
+    finally:
+        tiny_model.prior_weight.assign(0.0)
+        tiny_model.new_item_bias.assign(0.0)
+    want = np.where([i in rated for i in ids], 0.0, 0.3)
+    assert (want == 0).any()
+    np.testing.assert_allclose(lifted[:, -1] - plain[:, -1], want, atol=1e-6)
+    np.testing.assert_allclose(lifted[:, :-1], plain[:, :-1], atol=1e-6)
+    np.testing.assert_allclose(new[0, -1] - new_plain[0, -1], 0.3, atol=1e-6)
+    padding = untrained_by_row([3, 0])
+    np.testing.assert_array_equal(padding, [0.0, 1.0, 0.0, 1.0])
+
+
+def test_weights_from_before_the_new_item_bias_load_with_it_zero(tiny_model, batch, tmp_path):
+    model_dir = str(tmp_path / "model")
+    tiny_model.prior_weight.assign(0.04)
+    tiny_model.new_item_bias.assign(0.1)
+    try:
+        save_trained(tiny_model, resolved(), model_dir)
+    finally:
+        tiny_model.prior_weight.assign(0.0)
+        tiny_model.new_item_bias.assign(0.0)
+    loaded, _ = load_trained(model_dir)
+    assert float(loaded.new_item_bias.numpy()) == pytest.approx(0.1)
+    # The previous version's file: the model's own variables without the bias (the last).
+    loaded.new_item_bias.assign(0.0)  # as a freshly built model holds it
+    loaded.load_own_variables({"0": np.float32(0.03)})
+    assert float(loaded.prior_weight.numpy()) == pytest.approx(0.03)
+    assert float(loaded.new_item_bias.numpy()) == 0.0
+    with pytest.raises(ValueError):
+        loaded.load_own_variables({})  # anything else still fails as Keras fails it
 
 
 def test_a_model_dir_from_before_the_prior_loads_without_it(assets, batch, tmp_path):

@@ -245,14 +245,11 @@ def test_training_lowers_the_loss_and_writes_the_model_dir(tiny_data_dir, tmp_pa
     assert [p for p in os.listdir(tmp_path) if p.startswith(".")] == []
 
 
-def test_the_prior_grid_scores_what_the_served_embeddings_score(tiny_model_dir, monkeypatch):
-    """The grid is scored from one pass (cosine + w * log count); every weight's scores equal
-    the inner products of the embeddings the model serves with that weight."""
+def _grid_against_served(model, plan, config, monkeypatch) -> tuple[dict, list, list]:
+    """``(choice, pairs, scores)``: what choose_prior_weight picked, the (w, b) pairs it
+    scored and the scores of each, checked against what the served embeddings score."""
     from trainer import validation
-    from trainer.input_pipeline import plan_data
 
-    model, config = load_trained(tiny_model_dir)
-    plan = plan_data(config)
     scored: list[np.ndarray] = []
     recall = validation._recall
 
@@ -263,14 +260,49 @@ def test_the_prior_grid_scores_what_the_served_embeddings_score(tiny_model_dir, 
     monkeypatch.setattr(validation, "_recall", recording)
     chosen = validation.choose_prior_weight(model, plan, config)
     grid = list(scored)
-    assert len(grid) == len(PRIOR_WEIGHTS) and chosen["weight"] in PRIOR_WEIGHTS
+    untrained = (np.asarray(plan.catalog["popularity"]) <= 0).any()
+    biases = validation.NEW_ITEM_BIASES if untrained else (0.0,)
+    pairs = [(w, b) for w in PRIOR_WEIGHTS for b in biases]
+    assert len(grid) == len(pairs) and (chosen["weight"], chosen["new_item_bias"]) in pairs
     assert float(model.prior_weight.numpy()) == pytest.approx(chosen["weight"])
-    for i in (0, 5, len(PRIOR_WEIGHTS) - 1):
-        model.prior_weight.assign(PRIOR_WEIGHTS[i])
+    assert float(model.new_item_bias.numpy()) == pytest.approx(chosen["new_item_bias"])
+    for i in sorted({0, 1, len(pairs) // 2 + 1, len(pairs) - 1}):
+        model.prior_weight.assign(pairs[i][0])
+        model.new_item_bias.assign(pairs[i][1])
         scored.clear()
         validation.evaluate_validation(model, plan, config, rmse=False)
         np.testing.assert_allclose(grid[i], scored[0], atol=1e-5)
     assert np.abs(grid[-1] - grid[0]).max() > 1e-3  # the weight moves the scores
+    return chosen, pairs, grid
+
+
+def test_the_prior_grid_scores_what_the_served_embeddings_score(
+    tiny_model_dir, tiny_data_dir, monkeypatch
+):
+    """The grid is scored from one pass (cosine + w * log count + b * untrained); every
+    pair's scores equal the inner products of the embeddings the model serves with it. p2's
+    tiny catalog has no unrated item (w alone is chosen); p3's cold items add b."""
+    from trainer import validation
+    from trainer.input_pipeline import plan_data
+    from trainer.model import build_model
+
+    model, config = load_trained(tiny_model_dir)
+    _, pairs, _ = _grid_against_served(model, plan_data(config), config, monkeypatch)
+    assert len(pairs) == len(PRIOR_WEIGHTS)
+
+    config.data.split = "p3"
+    plan = plan_data(config)
+    cold = build_model(config.model, plan.assets, seed=3)
+    _, pairs, grid = _grid_against_served(cold, plan, config, monkeypatch)
+    assert len(pairs) == len(PRIOR_WEIGHTS) * len(validation.NEW_ITEM_BIASES)
+    assert np.abs(grid[1] - grid[0]).max() > 1e-3  # the bias moves the scores too
+    # A fixed --new-item-bias is kept: only the weight is chosen.
+    config.model.new_item_bias = 0.07
+    fixed = validation.choose_prior_weight(cold, plan, config)
+    assert fixed["new_item_bias"] == 0.07 and list(fixed["new_item_bias_valid_recall_at_10"]) == [
+        "0.07"
+    ]
+    assert float(cold.new_item_bias.numpy()) == pytest.approx(0.07)
 
 
 def _run_training(data_dir: str, model_dir: str) -> subprocess.CompletedProcess:

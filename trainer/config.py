@@ -84,6 +84,11 @@ class ModelConfig:
     # 0.2482). One more embedding column on each side, so retrieval stays one inner product.
     # None = auto: on (a model dir saved before the prior existed loads with it off).
     popularity_prior: bool | None = None
+    # ... + b for each item nobody rated in train (cold or new items), b chosen on valid with
+    # w (None) or fixed here: a larger b gives new items more of the top-k at some cost in
+    # recall (p3 valid, 3 seeds: b 0.1 lifts cold recall@10 4x for 0.4% of recall@10, 0.15
+    # 6x for 3%; benchmarks/results/new_item_bias_p3.md).
+    new_item_bias: float | None = None
     remove_accidental_hits: bool = True
     logq_correction: bool = True
     num_hard_negatives: int = 0  # 0 = every in-batch negative
@@ -280,6 +285,13 @@ class TrainConfig:
         ):
             if not 0.0 <= value < 1.0:
                 raise ConfigError(f"{flag} must be in [0, 1), got {value}")
+        if m.new_item_bias is not None:
+            if not m.popularity_prior:
+                raise ConfigError(
+                    "--new-item-bias is a term of the prior: it needs --popularity-prior"
+                )
+            if not 0.0 <= m.new_item_bias <= 1.0:
+                raise ConfigError(f"--new-item-bias must be in [0, 1], got {m.new_item_bias}")
         if not 0.0 <= m.distill_ease < 1.0:
             raise ConfigError(f"--distill-ease must be in [0, 1), got {m.distill_ease}")
         if m.distill_ease and d.train_queries == "events":

@@ -184,6 +184,7 @@ def build_card(
             "best_epoch": best.get("epoch"),
             "valid": {k: best[k] for k in ("recall_at_10", "recall_at_50", "rmse") if k in best},
             "popularity_prior_weight": (trained.get("popularity_prior") or {}).get("weight"),
+            "new_item_bias": (trained.get("popularity_prior") or {}).get("new_item_bias"),
         },
         "data": _data_facts(data.get("data", ""), split),
         "evaluations": [dict(e) for e in evaluations],
@@ -195,10 +196,13 @@ def build_card(
     return card
 
 
-def _prior_note(weight: float | None) -> str:
+def _prior_note(weight: float | None, bias: float | None = None) -> str:
     if weight is None:
         return ""
-    return f"; popularity prior weight {_fmt(weight)} (chosen on valid recall@10)"
+    note = f"; popularity prior weight {_fmt(weight)}"
+    if bias:
+        note += f", new-item bias {_fmt(bias)}"
+    return note + " (chosen on valid recall@10)"
 
 
 def known_limits(card: Mapping[str, Any]) -> list[str]:
@@ -296,7 +300,7 @@ def render_markdown(card: Mapping[str, Any]) -> str:
         f"{_seconds(training.get('seconds'))}, seed {_fmt(training.get('seed'))}); best valid "
         f"epoch {_fmt(training.get('best_epoch'))}: "
         + (", ".join(f"{k} {_fmt(v)}" for k, v in training.get("valid", {}).items()) or "–")
-        + _prior_note(training.get("popularity_prior_weight")),
+        + _prior_note(training.get("popularity_prior_weight"), training.get("new_item_bias")),
         "",
         "## Figures",
         "",

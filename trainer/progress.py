@@ -122,8 +122,9 @@ def log_prior(prior: dict) -> None:
         log.info("popularity prior: no valid events, weight stays 0")
         return
     log.info(
-        "popularity prior: weight %g (valid recall@10 %.4f; %.4f without the prior)",
+        "popularity prior: weight %g, new-item bias %g (valid recall@10 %.4f; %.4f at weight 0)",
         prior["weight"],
+        prior.get("new_item_bias", 0.0),
         curve[str(prior["weight"])],
         curve[str(0.0)],
     )
