@@ -410,3 +410,13 @@ def test_ease_distillation_needs_user_batches(tiny_data_dir):
         _config(tiny_data_dir, train_queries="events", distill_ease=0.5)
     with pytest.raises(ConfigError, match="--distill-ease must be in"):
         _config(tiny_data_dir, train_queries="users", distill_ease=1.0)
+
+
+def test_new_item_bias_flag_is_checked():
+    from trainer.flags import parse_args
+
+    assert parse_args(["--data", "d", "--new-item-bias", "0.15"]).model.new_item_bias == 0.15
+    with pytest.raises(ConfigError, match=r"--new-item-bias must be in \[0, 1\], got 2"):
+        parse_args(["--data", "d", "--new-item-bias", "2"])
+    with pytest.raises(ConfigError, match="needs --popularity-prior"):
+        parse_args(["--data", "d", "--new-item-bias", "0.1", "--no-popularity-prior"])

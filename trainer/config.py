@@ -286,7 +286,7 @@ class TrainConfig:
             if not 0.0 <= value < 1.0:
                 raise ConfigError(f"{flag} must be in [0, 1), got {value}")
         if m.new_item_bias is not None:
-            if not m.popularity_prior:
+            if m.popularity_prior is False:  # None: auto, which turns it on
                 raise ConfigError(
                     "--new-item-bias is a term of the prior: it needs --popularity-prior"
                 )
