@@ -317,11 +317,18 @@ class TwoTowerModel(keras.Model):
             return query if candidate is None else candidate
         if candidate is None:
             return tf.concat([query, tf.ones([tf.shape(query)[0], 1], query.dtype)], axis=-1)
-        column = (
-            tf.gather(self._log_popularity, rows) * self.prior_weight
-            + tf.gather(self._untrained_by_row, rows) * self.new_item_bias
-        )[:, None]
+        terms = self.prior_terms(rows)
+        column = terms[:, :1] * self.prior_weight + terms[:, 1:] * self.new_item_bias
         return tf.concat([candidate, tf.cast(column, candidate.dtype)], axis=-1)
+
+    def prior_terms(self, rows: tf.Tensor) -> tf.Tensor:
+        """Preprocessor ``rows`` ``[B]`` -> ``[B, 2]`` float32: each item's ``log(1 + train
+        count)`` (:func:`log_popularity_by_row`) and 1 where nobody rated it in train
+        (:func:`untrained_by_row`). The prior's column is ``w`` times the first plus ``b``
+        times the second."""
+        return tf.stack(
+            [tf.gather(self._log_popularity, rows), tf.gather(self._untrained_by_row, rows)], -1
+        )
 
     def query_embeddings(
         self, features: Mapping[str, tf.Tensor], training: bool = False

@@ -10,6 +10,7 @@ unclipped, as the test RMSE.
 from __future__ import annotations
 
 import numpy as np
+import tensorflow as tf
 
 from trainer import metrics, ranking
 from trainer.config import TrainConfig
@@ -86,21 +87,16 @@ def choose_prior_weight(model: TwoTowerModel, plan: DataPlan, config: TrainConfi
         model.prior_weight.assign(0.0)
         model.new_item_bias.assign(bias)
         return {"weight": 0.0, "new_item_bias": bias, "valid_recall_at_10": {}}
-    # score = cosine + w * log(1 + count) + b * untrained: one pass through the query tower
-    # serves the whole grid (ten passes made validation 10x dearer, live BERT included). The
-    # items' prior column is log(1 + count) itself at (w, b) = (1, 0), and the untrained
-    # indicator at (0, 1).
+    # score = cosine + w * log(1 + count) + b * untrained: one pass through each tower serves
+    # the whole grid (ten passes made validation 10x dearer, live BERT included); the two
+    # prior terms are the model's own per-row tables, read without a tower.
     dim = model.model_config.embedding_dim
-    columns = []
-    for weight, bias in ((1.0, 0.0), (0.0, 1.0)):
-        model.prior_weight.assign(weight)
-        model.new_item_bias.assign(bias)
-        items = embed(model, "candidate", plan.catalog)
-        columns.append(items[:, dim])
     model.prior_weight.assign(0.0)
     model.new_item_bias.assign(0.0)
-    cosine = embed(model, "query", queries)[:, :dim] @ items[:, :dim].T
-    log_count, new = columns
+    items = embed(model, "candidate", plan.catalog)[:, :dim]
+    cosine = embed(model, "query", queries)[:, :dim] @ items.T
+    rows = model.preprocessor.item_rows(tf.constant(plan.catalog["item_id"].astype(str)))
+    log_count, new = np.asarray(model.prior_terms(rows)).T
     biases = (fixed,) if fixed is not None else NEW_ITEM_BIASES if new.any() else (0.0,)
     grid = {
         (w, b): _recall(cosine + w * log_count + b * new, plan, queries)["recall_at_10"]
