@@ -15,7 +15,14 @@ and scored by ``trainer.evaluate`` on its test part: the same harness, the same 
 
 Writes ``benchmarks/results/NAME.json`` and ``NAME.md`` (the README's table; ``--name quality``
 by default, so a partial run can go to its own file), with every seed's report, each system's
-configuration and the wall times; the last table checks issue 11's targets.
+configuration and the wall times; the last table checks issue 11's targets. On the per-user
+protocols a paired table compares ours with every other system user by user (the mean
+difference of recall@10 and NDCG@10, its standard error and 95% interval): whether a gap is
+more than the users' spread explains (p4 has 47 test users).
+
+``--reuse-models`` evaluates the model dirs a previous run left in ``--work`` instead of
+training them again (same flags assumed; their training seconds come from their
+``metrics.json``): to add figures the evaluation gained without hours of training.
 """
 
 from __future__ import annotations
@@ -265,6 +272,20 @@ def markdown(results: dict) -> str:
                 + f" | {_seconds(entry.get('train_seconds'))} |"
             )
         lines.append("")
+        paired = results.get("paired", {}).get(split)
+        if paired:
+            metrics = [m for m in paired[0] if m != "system"]
+            users = paired[0][metrics[0]]["n"]
+            lines.append(
+                f"Paired, {OURS} − each system on the same {users} users (mean ± standard "
+                "error, 95% interval):\n"
+            )
+            lines.append("| against | " + " | ".join(metrics) + " |")
+            lines.append("|" + " --- |" * (len(metrics) + 1))
+            for row in paired:
+                cells = " | ".join(_paired_cell(row[m]) for m in metrics)
+                lines.append(f"| {row['system']} | {cells} |")
+            lines.append("")
     lines.append(f"| protocol | figure | anchor | target | ours ({OURS}) | met |")
     lines.append("| --- | --- | --- | --- | --- | --- |")
     for target in TARGETS:
@@ -314,24 +335,107 @@ def prepare(work: str, data: str, seed: int, overwrite: bool) -> None:
     run(cmd, os.path.join(work, "prepare.log"))
 
 
-def train(work: str, data: str, split: str, system: str, seed: int, extra: list[str]) -> dict:
-    """Trains ``system`` on ``split`` with ``seed``; returns its test report with the config."""
+def train(
+    work: str,
+    data: str,
+    split: str,
+    system: str,
+    seed: int,
+    extra: list[str],
+    reuse: bool = False,
+) -> dict:
+    """Trains ``system`` on ``split`` with ``seed`` (``reuse``: takes the finished model dir a
+    previous run left, if any); returns its test report with the config."""
     model_dir = os.path.join(work, f"{system}_{split}_s{seed}")
-    subprocess.run(["rm", "-rf", model_dir, model_dir + "-checkpoints"], check=True)
     cmd = [sys.executable, "-m", "trainer.task", "--data", data, "--split", split]
     cmd += ["--model-dir", model_dir, "--no-progress", "--seed", str(seed)]
     cmd += [*SYSTEMS[system], *extra]
-    train_seconds = round(run(cmd, model_dir + ".log"), 1)
+    trained = _finished(model_dir) if reuse else None
+    if trained is None:
+        subprocess.run(["rm", "-rf", model_dir, model_dir + "-checkpoints"], check=True)
+        train_seconds = round(run(cmd, model_dir + ".log"), 1)
+    else:
+        print(f"reusing {model_dir} (trained in {trained.get('seconds')} s)", flush=True)
+        train_seconds = trained.get("seconds")
     report = evaluate(work, data, split, f"{system}_s{seed}", ["--model-dir", model_dir])
     report["train_seconds"] = train_seconds
     with open(os.path.join(model_dir, "config.json")) as f:
-        report["train"] = {"flags": cmd[3:], "config": json.load(f)}
+        report["train"] = {"flags": cmd[3:], "config": json.load(f), "reused": trained is not None}
     with open(os.path.join(model_dir, "metrics.json")) as f:
         trained = json.load(f)
     # The valid figures the model was chosen on: best epoch, and the prior's weight curve.
     report["train"]["best"] = trained.get("best")
     report["train"]["popularity_prior"] = trained.get("popularity_prior")
     return report
+
+
+def _finished(model_dir: str) -> dict | None:
+    """The ``metrics.json`` of a model dir whose training ended as its flags said (all epochs,
+    early stopping or ``--max-steps``; not an interrupted run), else None."""
+    try:
+        with open(os.path.join(model_dir, "metrics.json")) as f:
+            trained = json.load(f)
+    except (OSError, json.JSONDecodeError):
+        return None
+    return trained if trained.get("status") in _DONE else None
+
+
+#: ``metrics.json`` statuses of a training that ran to its end (:mod:`trainer.loop`).
+_DONE = ("finished", "early_stopped", "max_steps")
+
+
+def _user_figures(entry: dict, metric: str) -> dict[str, float]:
+    """User id -> ``metric`` of one system's entry, the mean over its seeds' reports."""
+    reports = list(entry.get("per_seed", {}).values()) or [entry]
+    sums: dict[str, list[float]] = {}
+    for report in reports:
+        per_user = report.get("per_user") or {}
+        for user, value in zip(per_user.get("user_id", []), per_user.get(metric, []), strict=True):
+            sums.setdefault(user, []).append(value)
+    return {u: float(np.mean(v)) for u, v in sums.items() if len(v) == len(reports)}
+
+
+def paired_rows(rows: dict) -> list[dict]:
+    """Ours against every other system of one split, user by user: per metric the mean of
+    ``ours - other`` over the users both scored, its standard error and 95% interval
+    (:func:`trainer.metrics.paired_difference`; a trained system's figure is its seeds' mean).
+    ``[]`` without per-user figures (p1, or reports written before they existed)."""
+    from trainer.evaluate import PAIRED_METRICS
+    from trainer.metrics import paired_difference
+
+    if OURS not in rows:
+        return []
+    out = []
+    for system, entry in rows.items():
+        if system == OURS:
+            continue
+        row: dict = {"system": system}
+        for metric in PAIRED_METRICS:
+            ours, other = _user_figures(rows[OURS], metric), _user_figures(entry, metric)
+            users = sorted(set(ours) & set(other))
+            if not users:
+                return []
+            row[metric] = paired_difference([ours[u] for u in users], [other[u] for u in users])
+        out.append(row)
+    return out
+
+
+def _drop_per_user(rows: dict) -> None:
+    """Leaves the per-user lists out of the stored reports (the paired rows keep what they
+    say; the lists are in each ``eval_*.json`` of ``--work``)."""
+    for entry in rows.values():
+        for report in [entry, *entry.get("per_seed", {}).values()]:
+            report.pop("per_user", None)
+
+
+def _paired_cell(figure: dict) -> str:
+    """``+0.0020 ± 0.0040 (−0.0058 … +0.0098), level``: above / below when the 95% interval
+    leaves out 0."""
+    verdict = "above" if figure["low"] > 0 else "below" if figure["high"] < 0 else "level"
+    return (
+        f"{figure['mean']:+.4f} ± {figure['se']:.4f} "
+        f"({figure['low']:+.4f} … {figure['high']:+.4f}), {verdict}"
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -353,6 +457,11 @@ def build_parser() -> argparse.ArgumentParser:
         "--name", default="quality", help="results file stem under benchmarks/results/"
     )
     parser.add_argument("--table-only", action="store_true", help="rewrite NAME.md from NAME.json")
+    parser.add_argument(
+        "--reuse-models",
+        action="store_true",
+        help="evaluate the finished model dirs already in --work instead of training them",
+    )
     return parser
 
 
@@ -401,7 +510,10 @@ def main(argv: list[str] | None = None) -> None:
                 entry = evaluate(args.work, data, split, system, ["--baseline", system])
                 entry["train_seconds"] = None
             else:
-                per_seed = {s: train(args.work, data, split, system, s, extra) for s in args.seeds}
+                per_seed = {
+                    s: train(args.work, data, split, system, s, extra, args.reuse_models)
+                    for s in args.seeds
+                }
                 entry = aggregate(per_seed)
                 results["systems"][f"{system}/{split}"] = per_seed[args.seeds[0]]["train"]
             results["splits"][split][system] = entry
@@ -410,6 +522,10 @@ def main(argv: list[str] | None = None) -> None:
                 + ", ".join(f"{k} {_cell(entry, k)}" for k in COLUMNS[split][:4]),
                 flush=True,
             )
+        paired = paired_rows(results["splits"][split])
+        if paired:
+            results.setdefault("paired", {})[split] = paired
+        _drop_per_user(results["splits"][split])
     results["wall_seconds"] = round(time.time() - start, 1)
     results["cpu_cores"] = os.cpu_count()
     print(_write(args.name, results))

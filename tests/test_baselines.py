@@ -205,6 +205,12 @@ def test_p4_ranks_new_users_without_ids_and_removes_fold_in(tiny_data_dir, part)
     spy = SpyScorer(len(catalog["item_id"]))
     report = ev.evaluate(spy, tiny_data_dir, "p4", part=part)
     assert report["metrics"]["num_users"] == len(held)
+    # Each user's figures, under the held-out id (the query sends none): their mean is the
+    # report's figure.
+    per_user = report["per_user"]
+    assert per_user["user_id"] == held
+    for name in ev.PAIRED_METRICS:
+        assert np.mean(per_user[name]) == pytest.approx(report["metrics"][name], abs=1e-5)
     assert all(set(q["user_id"]) == {""} for q in spy.seen)
     # The same figures by hand: the spy's first batch, fold-in removed.
     result, pool = ev.evaluate_full_ranking(
@@ -306,6 +312,61 @@ def test_quality_benchmark_aggregates_seeds_and_checks_targets():
     for seed, prior in zip((42, 1), priors, strict=False):
         per_seed[seed]["train"] = {"popularity_prior": prior}
     assert q._prior_weights({"per_seed": per_seed}) == "0.02, b 0.05 / 0.04"
+
+
+def test_quality_benchmark_pairs_systems_user_by_user():
+    """Ours (the mean of its seeds, per user) against each other system on the users both
+    scored; the verdict says whether the 95% interval leaves out 0."""
+    q = _quality_module()
+
+    def report(users, recall, ndcg):
+        return {"per_user": {"user_id": users, "recall@10": recall, "ndcg@10": ndcg}}
+
+    users = ["a", "b", "c", "d"]
+    ours = {
+        "per_seed": {
+            "42": report(users, [0.6, 0.4, 0.5, 0.7], [0.5, 0.5, 0.5, 0.5]),
+            "1": report(users, [0.4, 0.4, 0.5, 0.5], [0.5, 0.5, 0.5, 0.5]),
+        }
+    }
+    # EASE also scored a user ours did not ("e"): left out of the pairs.
+    ease = report([*users, "e"], [0.1, 0.2, 0.1, 0.2, 0.9], [0.5, 0.4, 0.6, 0.5, 0.0])
+    rows = q.paired_rows({"two_tower": ours, "ease": ease})
+    (row,) = rows
+    recall = row["recall@10"]  # ours per user 0.5, 0.4, 0.5, 0.6 -> differences .4 .2 .4 .4
+    assert recall["n"] == 4 and recall["mean"] == pytest.approx(0.35)
+    assert recall["se"] == pytest.approx(np.std([0.4, 0.2, 0.4, 0.4], ddof=1) / 2)
+    assert recall["low"] > 0 and q._paired_cell(recall).endswith("above")
+    assert q._paired_cell(row["ndcg@10"]) == "+0.0000 ± 0.0408 (-0.0800 … +0.0800), level"
+    assert q.paired_rows({"two_tower": {"metrics": {}}, "ease": ease}) == []  # p1: no lists
+    table = q.markdown(
+        {
+            "seeds": [42, 1],
+            "protocols": {"p4": "x"},
+            "splits": {"p4": {"two_tower": {"metrics": {}}, "ease": {"metrics": {}}}},
+            "paired": {"p4": rows},
+        }
+    )
+    assert "two_tower − each system on the same 4 users" in table
+    assert "| ease | +0.3500 ± 0.0500 (+0.2520 … +0.4480), above |" in table
+    stored = {"two_tower": ours, "ease": ease}
+    q._drop_per_user(stored)
+    assert "per_user" not in ease and "per_user" not in ours["per_seed"]["42"]
+
+
+def test_quality_benchmark_reuses_only_models_whose_training_ended(tmp_path):
+    q = _quality_module()
+    assert q._finished(str(tmp_path / "missing")) is None
+    for status, reused in (
+        ("finished", True),
+        ("early_stopped", True),
+        ("max_steps", True),
+        ("interrupted", False),
+    ):
+        (tmp_path / "metrics.json").write_text(json.dumps({"status": status, "seconds": 9.5}))
+        assert (q._finished(str(tmp_path)) is not None) is reused, status
+    (tmp_path / "metrics.json").write_text("{not json")
+    assert q._finished(str(tmp_path)) is None
 
 
 def test_p4_without_heldout_users_in_the_manifest_is_a_clear_error(tiny_data_dir, tmp_path):

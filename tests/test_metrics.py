@@ -326,3 +326,30 @@ def test_format_table():
         "| recall@10 | 0.1235 |",
         "| a\\|b      |        |",
     ]
+
+
+def test_per_user_figures_average_to_the_reported_ones():
+    rng = np.random.default_rng(3)
+    top = np.stack([rng.permutation(20)[:10] for _ in range(6)])
+    truth = [rng.choice(20, size=n, replace=False) for n in (3, 0, 5, 1, 0, 8)]
+    per_user, users = metrics.per_user_ranking_metrics(top, truth, ks=(5, 10))
+    assert users.tolist() == [0, 2, 3, 5]  # users without relevant items are left out
+    summary = metrics.ranking_metrics(top, truth, ks=(5, 10))
+    for name, values in per_user.items():
+        assert values.shape == (4,) and np.mean(values) == pytest.approx(summary[name])
+    # User 3's one relevant item, by hand.
+    (item,) = truth[3]
+    rank = list(top[3]).index(item) + 1 if item in top[3] else None
+    assert per_user["recall@10"][2] == (rank is not None)
+    assert per_user["ndcg@10"][2] == pytest.approx(1 / np.log2(rank + 1) if rank else 0.0)
+
+
+def test_paired_difference_by_hand():
+    d = metrics.paired_difference([1.0, 2.0, 3.0], [0.0, 2.0, 2.0])  # differences 1, 0, 1
+    assert d["mean"] == pytest.approx(2 / 3) and d["n"] == 3
+    assert d["se"] == pytest.approx(np.std([1, 0, 1], ddof=1) / np.sqrt(3))
+    assert (d["low"], d["high"]) == pytest.approx((2 / 3 - 1.96 * d["se"], 2 / 3 + 1.96 * d["se"]))
+    assert metrics.paired_difference([0.5], [0.25])["se"] == 0.0
+    assert np.isnan(metrics.paired_difference([], [])["mean"])
+    with pytest.raises(ValueError, match="same 1-D shape"):
+        metrics.paired_difference([1.0, 2.0], [1.0])

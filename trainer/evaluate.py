@@ -62,6 +62,8 @@ K_ACCURACY = (10, 50, 100)
 K_RANKING = (10, 20)
 MMR_LAMBDAS = (0.0, 0.1, 0.3, 0.5)
 MMR_POOL = 100
+#: The figures each user's report carries (``per_user``), for paired comparisons of systems.
+PAIRED_METRICS = ("recall@10", "ndcg@10")
 #: EASE's L2 weights tried on the valid part (Steck reports 200-1000 on ML-20M-sized data).
 EASE_L2_GRID = (10.0, 30.0, 100.0, 300.0, 1000.0, 3000.0)
 
@@ -350,7 +352,23 @@ def evaluate(
         out["scorer_config"] = scorer.config
     if mmr and split != "p1":
         out["mmr"] = mmr_tradeoff(scorer, pool, data_dir, split, catalog, part, task)
+    if task is not None:
+        out["per_user"] = per_user_figures(pool, task)
     out["seconds"] = round(time.time() - start, 1)
+    return out
+
+
+def per_user_figures(pool: np.ndarray, task: RankingTask) -> dict[str, list]:
+    """``{"user_id": [U'], "recall@10": [U'], "ndcg@10": [U']}`` of the users with relevant
+    items, from their ranked lists ``pool`` ``[U, K]``: what two systems scored on the same
+    users are compared by (:func:`trainer.metrics.paired_difference`). p4's users go by their
+    held-out id; a query sent without one (typed titles) by its row, ``#i``, which is the same
+    for every system of the protocol."""
+    figures, users = metrics.per_user_ranking_metrics(pool, task.truth, ks=(10,))
+    ids = np.asarray(task.queries.get(HELDOUT_USER_KEY, task.queries["user_id"])).astype(str)
+    out: dict[str, list] = {"user_id": [ids[u] or f"#{u}" for u in users]}
+    for name in PAIRED_METRICS:
+        out[name] = [round(float(v), 6) for v in figures[name]]
     return out
 
 

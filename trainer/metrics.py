@@ -53,7 +53,7 @@ def _check_ks(ks: Sequence[int]) -> tuple[int, ...]:
 
 def _user_hits(
     top_k: np.ndarray, ground_truth: Sequence[np.ndarray], depth: int
-) -> tuple[np.ndarray, np.ndarray]:
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """``hit_i`` of the first ``depth`` ranks and ``|R(u)|``, for the users with relevant items.
 
     Args:
@@ -63,8 +63,8 @@ def _user_hits(
         depth: ranks kept, ``>= 1``.
 
     Returns:
-        ``hits`` bool ``[U', depth]`` and ``|R(u)|`` float64 ``[U']`` of the ``U'`` users whose
-        ``R(u)`` is not empty, in user order.
+        ``hits`` bool ``[U', depth]``, ``|R(u)|`` float64 ``[U']`` and the indices ``[U']`` of
+        the ``U'`` users whose ``R(u)`` is not empty, in user order.
     """
     top = as_item_lists(top_k)
     num_users, width = top.shape
@@ -86,7 +86,7 @@ def _user_hits(
         top_keys = np.arange(num_users, dtype=np.int64)[:, None] * span + top
         hits[:, :width] = (top >= 0) & np.isin(top_keys, gt_keys)
     users = pos_len > 0
-    return hits[:, :depth][users], pos_len[users]
+    return hits[:, :depth][users], pos_len[users], np.flatnonzero(users)
 
 
 def _cumulative_dcg(hits: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -94,6 +94,35 @@ def _cumulative_dcg(hits: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     ranks = np.arange(1, hits.shape[1] + 1, dtype=np.float64)
     discount = 1.0 / np.log2(ranks + 1.0)
     return np.cumsum(np.where(hits, discount, 0.0), axis=1), np.cumsum(discount)
+
+
+def per_user_ranking_metrics(
+    top_k: np.ndarray, ground_truth: Sequence[np.ndarray], ks: Sequence[int] = (10, 20)
+) -> tuple[dict[str, np.ndarray], np.ndarray]:
+    """Each user's :func:`ranking_metrics` figures, before the mean over users.
+
+    Returns:
+        ``({"recall@10": [U'], ..., "precision@20": [U']}, users [U'])``: float64 arrays over
+        the ``U'`` users with relevant items, and those users' indices into ``ground_truth``
+        (ascending). The paired comparisons of two systems line users up by these.
+    """
+    ks = _check_ks(ks)
+    k_max = max(ks)
+    hits, pos_len, users = _user_hits(top_k, ground_truth, k_max)
+    cum_hits = np.cumsum(hits, axis=1)
+    cum_dcg, cum_ideal = _cumulative_dcg(hits)
+    first = np.argmax(hits, axis=1)  # first hit position (0 when none; guarded below)
+    any_hit_at = np.where(hits.any(axis=1), first, k_max)  # k_max = "no hit"
+    out: dict[str, np.ndarray] = {}
+    for k in ks:
+        count = cum_hits[:, k - 1]
+        ideal = cum_ideal[np.minimum(pos_len, k).astype(np.int64) - 1]
+        out[f"recall@{k}"] = count / pos_len
+        out[f"mrr@{k}"] = np.where(any_hit_at < k, 1.0 / (any_hit_at + 1), 0.0)
+        out[f"ndcg@{k}"] = cum_dcg[:, k - 1] / ideal
+        out[f"hit@{k}"] = (count > 0).astype(np.float64)
+        out[f"precision@{k}"] = count / k
+    return out, users
 
 
 def ranking_metrics(
@@ -125,34 +154,32 @@ def ranking_metrics(
         ..., "num_users": n}`` with floats in ``[0, 1]`` (``nan`` when ``n == 0``).
     """
     ks = _check_ks(ks)
-    k_max = max(ks)
-    hits, pos_len = _user_hits(top_k, ground_truth, k_max)
-    n = len(pos_len)
+    per_user, users = per_user_ranking_metrics(top_k, ground_truth, ks)
     result: dict[str, float] = {}
-    if n == 0:
-        for name in RANKING_METRICS:
-            for k in ks:
-                result[f"{name}@{k}"] = float("nan")
-        result["num_users"] = 0
-        return result
-    cum_hits = np.cumsum(hits, axis=1)
-    cum_dcg, cum_ideal = _cumulative_dcg(hits)
-    first = np.argmax(hits, axis=1)  # first hit position (0 when none; guarded below)
-    any_hit_at = np.where(hits.any(axis=1), first, k_max)  # k_max = "no hit"
-    per_metric: dict[str, dict[int, float]] = {name: {} for name in RANKING_METRICS}
-    for k in ks:
-        count = cum_hits[:, k - 1]
-        ideal = cum_ideal[np.minimum(pos_len, k).astype(np.int64) - 1]
-        per_metric["recall"][k] = float(np.mean(count / pos_len))
-        per_metric["mrr"][k] = float(np.mean(np.where(any_hit_at < k, 1.0 / (any_hit_at + 1), 0.0)))
-        per_metric["ndcg"][k] = float(np.mean(cum_dcg[:, k - 1] / ideal))
-        per_metric["hit"][k] = float(np.mean(count > 0))
-        per_metric["precision"][k] = float(np.mean(count / k))
     for name in RANKING_METRICS:
         for k in ks:
-            result[f"{name}@{k}"] = per_metric[name][k]
-    result["num_users"] = n
+            values = per_user[f"{name}@{k}"]
+            result[f"{name}@{k}"] = float(np.mean(values)) if len(users) else float("nan")
+    result["num_users"] = len(users)
     return result
+
+
+def paired_difference(a: np.ndarray, b: np.ndarray, z: float = 1.96) -> dict[str, float]:
+    """Mean of ``a - b`` over paired units (users) ``[n]``, its standard error and the normal
+    ``z`` interval (1.96: 95%): whether two systems scored on the same users differ by more
+    than the users' spread explains. ``{"mean", "se", "low", "high", "n"}``; ``se`` is 0 (and
+    the interval a point) for one unit, everything ``nan`` for none."""
+    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    if a.shape != b.shape or a.ndim != 1:
+        raise ValueError(f"paired figures need the same 1-D shape, got {a.shape} and {b.shape}")
+    n = len(a)
+    if not n:
+        nan = float("nan")
+        return {"mean": nan, "se": nan, "low": nan, "high": nan, "n": 0}
+    diff = a - b
+    mean = float(diff.mean())
+    se = float(diff.std(ddof=1) / np.sqrt(n)) if n > 1 else 0.0
+    return {"mean": mean, "se": se, "low": mean - z * se, "high": mean + z * se, "n": n}
 
 
 def ranking_curves(
@@ -172,7 +199,7 @@ def ranking_curves(
         ``nan`` when no user has relevant items).
     """
     (max_k,) = _check_ks([max_k])
-    hits, pos_len = _user_hits(top_k, ground_truth, max_k)
+    hits, pos_len, _ = _user_hits(top_k, ground_truth, max_k)
     ks = np.arange(1, max_k + 1)
     if not len(pos_len):
         nan = [float("nan")] * max_k
