@@ -275,16 +275,15 @@ def markdown(results: dict) -> str:
         paired = results.get("paired", {}).get(split)
         if paired:
             metrics = [m for m in paired[0] if m != "system"]
-            users = paired[0][metrics[0]]["n"]
             lines.append(
-                f"Paired, {OURS} − each system on the same {users} users (mean ± standard "
+                f"Paired, {OURS} − each system on the users both scored (mean ± standard "
                 "error, 95% interval):\n"
             )
-            lines.append("| against | " + " | ".join(metrics) + " |")
-            lines.append("|" + " --- |" * (len(metrics) + 1))
+            lines.append("| against | users | " + " | ".join(metrics) + " |")
+            lines.append("|" + " --- |" * (len(metrics) + 2))
             for row in paired:
                 cells = " | ".join(_paired_cell(row[m]) for m in metrics)
-                lines.append(f"| {row['system']} | {cells} |")
+                lines.append(f"| {row['system']} | {row[metrics[0]]['n']} | {cells} |")
             lines.append("")
     lines.append(f"| protocol | figure | anchor | target | ours ({OURS}) | met |")
     lines.append("| --- | --- | --- | --- | --- | --- |")
@@ -399,7 +398,8 @@ def paired_rows(rows: dict) -> list[dict]:
     """Ours against every other system of one split, user by user: per metric the mean of
     ``ours - other`` over the users both scored, its standard error and 95% interval
     (:func:`trainer.metrics.paired_difference`; a trained system's figure is its seeds' mean).
-    ``[]`` without per-user figures (p1, or reports written before they existed)."""
+    A system without per-user figures (a report written before they existed) is left out;
+    ``[]`` when none has them (p1)."""
     from trainer.evaluate import PAIRED_METRICS
     from trainer.metrics import paired_difference
 
@@ -413,10 +413,9 @@ def paired_rows(rows: dict) -> list[dict]:
         for metric in PAIRED_METRICS:
             ours, other = _user_figures(rows[OURS], metric), _user_figures(entry, metric)
             users = sorted(set(ours) & set(other))
-            if not users:
-                return []
             row[metric] = paired_difference([ours[u] for u in users], [other[u] for u in users])
-        out.append(row)
+        if row[PAIRED_METRICS[0]]["n"]:
+            out.append(row)
     return out
 
 

@@ -339,6 +339,8 @@ def test_quality_benchmark_pairs_systems_user_by_user():
     assert recall["low"] > 0 and q._paired_cell(recall).endswith("above")
     assert q._paired_cell(row["ndcg@10"]) == "+0.0000 ± 0.0408 (-0.0800 … +0.0800), level"
     assert q.paired_rows({"two_tower": {"metrics": {}}, "ease": ease}) == []  # p1: no lists
+    # A system whose reports have no per-user lists is left out, the others kept.
+    assert q.paired_rows({"two_tower": ours, "old": {"metrics": {}}, "ease": ease}) == rows
     table = q.markdown(
         {
             "seeds": [42, 1],
@@ -347,8 +349,8 @@ def test_quality_benchmark_pairs_systems_user_by_user():
             "paired": {"p4": rows},
         }
     )
-    assert "two_tower − each system on the same 4 users" in table
-    assert "| ease | +0.3500 ± 0.0500 (+0.2520 … +0.4480), above |" in table
+    assert "two_tower − each system on the users both scored" in table
+    assert "| ease | 4 | +0.3500 ± 0.0500 (+0.2520 … +0.4480), above |" in table
     stored = {"two_tower": ours, "ease": ease}
     q._drop_per_user(stored)
     assert "per_user" not in ease and "per_user" not in ours["per_seed"]["42"]
