@@ -2,7 +2,7 @@
 
     python benchmarks/new_item_bias.py [--data runs/quality/data] [--split p3]
                                        [--models runs/quality/two_tower_p3_s42 ...]
-                                       [--biases 0 0.025 0.05 0.1 0.15 0.2]
+                                       [--biases 0 0.025 0.05 0.1 0.15 0.2] [--name NAME]
 
 Takes models trained by ``benchmarks/quality.py`` (their popularity-prior weight as chosen on
 valid), sets their new-item bias ``b`` (``--new-item-bias``: + b on every item nobody rated in
@@ -10,13 +10,16 @@ train) to each value of ``--biases`` in turn, and scores the valid and the test 
 served embeddings (``trainer.evaluate``'s full ranking). Writes
 ``benchmarks/results/new_item_bias_<split>.{json,md}``: mean ± std over the models of recall@10,
 NDCG@10, cold recall@10, the cold recall's ratio to recall@10 and the cold share of the top-10
-slots, with the ``b`` each model chose on valid. A deployment that wants new items seen more
-than recall alone would choose reads its ``b`` off the valid rows; the test rows report it.
+slots, with the ``b`` each model chose on valid (and whether it chose the content guess of
+the cold items' log counts, :mod:`trainer.content_prior`). A deployment that wants new items
+seen more than recall alone would choose reads its ``b`` off the valid rows; the test rows
+report it.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 import time
@@ -40,6 +43,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--split", default="p3")
     parser.add_argument("--models", nargs="+", default=None)
     parser.add_argument("--biases", nargs="+", type=float, default=[0, 0.025, 0.05, 0.1, 0.15, 0.2])
+    parser.add_argument("--name", default=None, help="results name (new_item_bias_<split>)")
     args = parser.parse_args(argv)
     if args.models is None:
         args.models = [
@@ -74,14 +78,25 @@ def score_model(args: argparse.Namespace, model_dir: str, tasks: dict, catalog: 
             figures = {k: metrics[k] for k in FIGURES if k in metrics}
             figures["cold_ratio"] = metrics["cold_recall@10"] / max(metrics["recall@10"], 1e-12)
             rows[part][str(bias)] = figures
-    return {"chosen": chosen, "weight": float(model.prior_weight.numpy()), "rows": rows}
+    with open(os.path.join(model_dir, "metrics.json")) as f:
+        prior = json.load(f).get("popularity_prior") or {}
+    return {
+        "chosen": chosen,
+        "weight": float(model.prior_weight.numpy()),
+        "content_prior": bool(prior.get("content_prior")),
+        "rows": rows,
+    }
 
 
 def markdown(result: dict) -> str:
     chosen = " / ".join(f"{m['chosen']:g}" for m in result["models"].values())
+    content = " / ".join(
+        "yes" if m.get("content_prior") else "no" for m in result["models"].values()
+    )
     lines = [
         f"New-item bias on {result['split']} ({len(result['models'])} models; b chosen on "
-        f"valid: {chosen}; popularity-prior weight as each chose it)\n",
+        f"valid: {chosen}; cold items' log counts guessed from genres and year: {content}; "
+        "popularity-prior weight as each chose it)\n",
         "| part | b | " + " | ".join(FIGURES) + " |",
         "|" + " --- |" * (len(FIGURES) + 2),
     ]
@@ -115,7 +130,8 @@ def main(argv: list[str] | None = None) -> int:
     }
     table = markdown(result)
     print(table)
-    path = os.path.join(ROOT, "benchmarks", "results", f"new_item_bias_{args.split}")
+    name = args.name or f"new_item_bias_{args.split}"
+    path = os.path.join(ROOT, "benchmarks", "results", name)
     staging.write_json(path + ".json", result)
     staging.write_text(path + ".md", table)
     print(f"wrote {path}.json and {path}.md")

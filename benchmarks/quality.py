@@ -304,13 +304,16 @@ def markdown(results: dict) -> str:
 
 def _prior_weights(entry: dict) -> str:
     """The popularity-prior weight each seed chose on valid, ``"0.05 / 0.04"``, with the
-    new-item bias where one was chosen (``"0.02, b 0.05 / ..."``), or ``""``."""
+    new-item bias where one was chosen and "content" where the unrated items' log counts are
+    the genres-and-year guess (``"0.02, b 0.05, content / ..."``), or ``""``."""
     chosen = [
         report.get("train", {}).get("popularity_prior") or {}
         for report in entry.get("per_seed", {}).values()
     ]
     return " / ".join(
-        f"{c['weight']:g}" + (f", b {c['new_item_bias']:g}" if c.get("new_item_bias") else "")
+        f"{c['weight']:g}"
+        + (f", b {c['new_item_bias']:g}" if c.get("new_item_bias") else "")
+        + (", content" if c.get("content_prior") else "")
         for c in chosen
         if c.get("weight") is not None
     )

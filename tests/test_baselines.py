@@ -308,10 +308,13 @@ def test_quality_benchmark_aggregates_seeds_and_checks_targets():
     assert cold.check(p3) == ("≥ 0.5 × recall@10 (0.1000)", False)
     table = q.markdown({"seeds": [42, 1, 2], "protocols": {"p2": "x"}, "splits": {"p2": rows}})
     assert "0.3100 ± 0.0100" in table and "(0.3000–0.3200)" in table
-    priors = ({"weight": 0.02, "new_item_bias": 0.05}, {"weight": 0.04, "new_item_bias": 0.0})
+    priors = (
+        {"weight": 0.02, "new_item_bias": 0.05, "content_prior": True},
+        {"weight": 0.04, "new_item_bias": 0.0, "content_prior": False},
+    )
     for seed, prior in zip((42, 1), priors, strict=False):
         per_seed[seed]["train"] = {"popularity_prior": prior}
-    assert q._prior_weights({"per_seed": per_seed}) == "0.02, b 0.05 / 0.04"
+    assert q._prior_weights({"per_seed": per_seed}) == "0.02, b 0.05, content / 0.04"
 
 
 def test_quality_benchmark_pairs_systems_user_by_user():

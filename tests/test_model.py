@@ -270,20 +270,29 @@ def test_the_new_item_bias_lifts_only_items_nobody_rated(tiny_model, batch, asse
 
 def test_weights_from_before_the_new_item_bias_load_with_it_zero(tiny_model, batch, tmp_path):
     model_dir = str(tmp_path / "model")
+    neutral = tiny_model.prior_log_count.numpy()
+    guessed = neutral + np.float32(0.5)
     tiny_model.prior_weight.assign(0.04)
     tiny_model.new_item_bias.assign(0.1)
+    tiny_model.prior_log_count.assign(guessed)
     try:
         save_trained(tiny_model, resolved(), model_dir)
     finally:
         tiny_model.prior_weight.assign(0.0)
         tiny_model.new_item_bias.assign(0.0)
+        tiny_model.prior_log_count.assign(neutral)
     loaded, _ = load_trained(model_dir)
     assert float(loaded.new_item_bias.numpy()) == pytest.approx(0.1)
-    # The previous version's file: the model's own variables without the bias (the last).
-    loaded.new_item_bias.assign(0.0)  # as a freshly built model holds it
-    loaded.load_own_variables({"0": np.float32(0.03)})
-    assert float(loaded.prior_weight.numpy()) == pytest.approx(0.03)
-    assert float(loaded.new_item_bias.numpy()) == 0.0
+    np.testing.assert_allclose(loaded.prior_log_count.numpy(), guessed)
+    # Earlier versions' files: the model's own variables without the log-count table (the
+    # last), or without it and the bias; what is missing keeps its built value.
+    for store in ({"0": np.float32(0.03), "1": np.float32(0.2)}, {"0": np.float32(0.03)}):
+        loaded.new_item_bias.assign(0.0)  # as a freshly built model holds them
+        loaded.prior_log_count.assign(neutral)
+        loaded.load_own_variables(store)
+        assert float(loaded.prior_weight.numpy()) == pytest.approx(0.03)
+        assert float(loaded.new_item_bias.numpy()) == pytest.approx(0.2 if "1" in store else 0)
+        np.testing.assert_allclose(loaded.prior_log_count.numpy(), neutral)
     with pytest.raises(ValueError):
         loaded.load_own_variables({})  # anything else still fails as Keras fails it
 

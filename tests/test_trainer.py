@@ -246,9 +246,12 @@ def test_training_lowers_the_loss_and_writes_the_model_dir(tiny_data_dir, tmp_pa
 
 
 def _grid_against_served(model, plan, config, monkeypatch) -> tuple[dict, list, list]:
-    """``(choice, pairs, scores)``: what choose_prior_weight picked, the (w, b) pairs it
-    scored and the scores of each, checked against what the served embeddings score."""
+    """``(choice, settings, scores)``: what choose_prior_weight picked, the (w, b, content)
+    settings it scored and the scores of each, checked against what the served embeddings
+    score."""
     from trainer import validation
+    from trainer.content_prior import predicted_log_counts
+    from trainer.model import log_popularity_by_row
 
     scored: list[np.ndarray] = []
     recall = validation._recall
@@ -260,43 +263,57 @@ def _grid_against_served(model, plan, config, monkeypatch) -> tuple[dict, list, 
     monkeypatch.setattr(validation, "_recall", recording)
     chosen = validation.choose_prior_weight(model, plan, config)
     grid = list(scored)
+    a = model.assets
+    tables = {False: log_popularity_by_row(a.popularity)}
     untrained = (np.asarray(plan.catalog["popularity"]) <= 0).any()
+    if untrained:
+        guess = predicted_log_counts(a.popularity, a.item_genres, a.item_years)
+        tables[True] = log_popularity_by_row(a.popularity, guess[0])
+        assert chosen["content_fit"] == guess[1]
     biases = validation.NEW_ITEM_BIASES if untrained else (0.0,)
-    pairs = [(w, b) for w in PRIOR_WEIGHTS for b in biases]
-    assert len(grid) == len(pairs) and (chosen["weight"], chosen["new_item_bias"]) in pairs
+    settings = [(w, b, c) for c in tables for w in PRIOR_WEIGHTS for b in biases]
+    choice = (chosen["weight"], chosen["new_item_bias"], chosen["content_prior"])
+    assert len(grid) == len(settings) and choice in settings
     assert float(model.prior_weight.numpy()) == pytest.approx(chosen["weight"])
     assert float(model.new_item_bias.numpy()) == pytest.approx(chosen["new_item_bias"])
-    for i in sorted({0, 1, len(pairs) // 2 + 1, len(pairs) - 1}):
-        model.prior_weight.assign(pairs[i][0])
-        model.new_item_bias.assign(pairs[i][1])
+    np.testing.assert_allclose(model.prior_log_count.numpy(), tables[choice[2]], atol=1e-6)
+    for i in sorted({0, 1, len(settings) // 2 + 1, len(settings) - 1}):
+        model.prior_weight.assign(settings[i][0])
+        model.new_item_bias.assign(settings[i][1])
+        model.prior_log_count.assign(tables[settings[i][2]])
         scored.clear()
         validation.evaluate_validation(model, plan, config, rmse=False)
         np.testing.assert_allclose(grid[i], scored[0], atol=1e-5)
     assert np.abs(grid[-1] - grid[0]).max() > 1e-3  # the weight moves the scores
-    return chosen, pairs, grid
+    return chosen, settings, grid
 
 
 def test_the_prior_grid_scores_what_the_served_embeddings_score(
     tiny_model_dir, tiny_data_dir, monkeypatch
 ):
     """The grid is scored from one pass (cosine + w * log count + b * untrained); every
-    pair's scores equal the inner products of the embeddings the model serves with it. p2's
-    tiny catalog has no unrated item (w alone is chosen); p3's cold items add b."""
+    setting's scores equal the inner products of the embeddings the model serves with it.
+    p2's tiny catalog has no unrated item (w alone is chosen); p3's cold items add b and the
+    content guess of their log counts."""
     from trainer import validation
     from trainer.input_pipeline import plan_data
     from trainer.model import build_model
 
     model, config = load_trained(tiny_model_dir)
-    _, pairs, _ = _grid_against_served(model, plan_data(config), config, monkeypatch)
-    assert len(pairs) == len(PRIOR_WEIGHTS)
+    _, settings, _ = _grid_against_served(model, plan_data(config), config, monkeypatch)
+    assert len(settings) == len(PRIOR_WEIGHTS)
 
     config.data.split = "p3"
     plan = plan_data(config)
     cold = build_model(config.model, plan.assets, seed=3)
-    _, pairs, grid = _grid_against_served(cold, plan, config, monkeypatch)
-    assert len(pairs) == len(PRIOR_WEIGHTS) * len(validation.NEW_ITEM_BIASES)
+    _, settings, grid = _grid_against_served(cold, plan, config, monkeypatch)
+    assert len(settings) == 2 * len(PRIOR_WEIGHTS) * len(validation.NEW_ITEM_BIASES)
     assert np.abs(grid[1] - grid[0]).max() > 1e-3  # the bias moves the scores too
-    # A fixed --new-item-bias is kept: only the weight is chosen.
+    half = len(settings) // 2  # the same (w 0.15, b) with the guess: only cold items move
+    moved = np.abs(grid[2 * half - 1] - grid[half - 1]).max(axis=0) > 1e-6
+    cold_items = np.asarray(plan.catalog["popularity"]) <= 0
+    assert moved.any() and not moved[~cold_items].any()
+    # A fixed --new-item-bias is kept: only the weight (and the guess) are chosen.
     config.model.new_item_bias = 0.07
     fixed = validation.choose_prior_weight(cold, plan, config)
     assert fixed["new_item_bias"] == 0.07 and list(fixed["new_item_bias_valid_recall_at_10"]) == [

@@ -153,7 +153,9 @@ _HELP = {
     "popularity_prior": "Add w * log(1 + train count) to every item's served score, w chosen "
     "on the valid part after training (0 when there is none). The embeddings get one more "
     "column (the query's holds 1, the candidate's w times its log count), so every index "
-    "still ranks by one inner product. Not given = on.",
+    "still ranks by one inner product. An item nobody rated in train counts as the mean, or "
+    "as its genres and year predict (trainer.content_prior), whichever valid prefers. Not "
+    "given = on.",
     "embedding_dim": "D, the size of both towers' (L2-normalised) output embeddings.",
     "tower_layers": "Hidden layer sizes of each tower's MLP over its fused features.",
     "dropout": "Dropout rate in the towers' MLPs, in [0, 1).",

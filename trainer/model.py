@@ -105,18 +105,29 @@ class TwoTowerModel(keras.Model):
         # The popularity prior: log(1 + train count) by preprocessor row, and its weight, 0 in
         # training and chosen on the valid part after it (trainer.validation.choose_prior_weight);
         # saved with the weights, read by the export.
-        self._log_popularity = tf.constant(log_popularity_by_row(assets.popularity))
         # ... plus b for each item nobody rated in train (cold or new items), b chosen with w:
         # their cosines run low (never a positive in training), so the prior's neutral log
         # count alone leaves them under-ranked (p3: 15% of top-10 slots, 38% of valid truth).
         self._untrained_by_row = tf.constant(untrained_by_row(assets.popularity))
-        self.prior_weight = self.new_item_bias = None
+        self.prior_weight = self.new_item_bias = self.prior_log_count = None
         if config.popularity_prior:
+            neutral = log_popularity_by_row(assets.popularity)
             self.prior_weight = self.add_weight(
                 shape=(), initializer="zeros", trainable=False, name="popularity_prior_weight"
             )
             self.new_item_bias = self.add_weight(
                 shape=(), initializer="zeros", trainable=False, name="new_item_bias"
+            )
+            # The log counts the prior reads, a weight because the unrated items' entries may
+            # become their content guess after training (trainer.validation.choose_prior_weight,
+            # trainer.content_prior); built neutral, as files written before it load.
+            self.prior_log_count = self.add_weight(
+                shape=neutral.shape,
+                initializer=keras.initializers.Constant(neutral),
+                trainable=False,
+                name="prior_log_count",
+                dtype="float32",
+                autocast=False,  # read in float32 under mixed precision, like the untrained flags
             )
         # The hashed id of each catalog row (rows 0 and 1, padding and unknown, are masked).
         self._catalog_hashed_ids = self.preprocessor.hash_ids(
@@ -323,11 +334,12 @@ class TwoTowerModel(keras.Model):
 
     def prior_terms(self, rows: tf.Tensor) -> tf.Tensor:
         """Preprocessor ``rows`` ``[B]`` -> ``[B, 2]`` float32: each item's ``log(1 + train
-        count)`` (:func:`log_popularity_by_row`) and 1 where nobody rated it in train
+        count)`` (:attr:`prior_log_count`: :func:`log_popularity_by_row`, or its content guess
+        for an item nobody rated) and 1 where nobody rated it in train
         (:func:`untrained_by_row`). The prior's column is ``w`` times the first plus ``b``
         times the second."""
         return tf.stack(
-            [tf.gather(self._log_popularity, rows), tf.gather(self._untrained_by_row, rows)], -1
+            [tf.gather(self.prior_log_count, rows), tf.gather(self._untrained_by_row, rows)], -1
         )
 
     def query_embeddings(
@@ -449,16 +461,16 @@ class TwoTowerModel(keras.Model):
         return tf.cast(query, tf.float32), tf.cast(candidate, tf.float32), rating
 
     def load_own_variables(self, store) -> None:
-        """Keras's loader, which also reads weights files written before the new-item bias
-        existed: they hold one own variable fewer (the bias, created last), which stays 0."""
+        """Keras's loader, which also reads weights files written before the new-item bias or
+        the prior's log-count table existed: they lack the last one or two own variables,
+        which keep their built values (b = 0, the neutral table: what those versions served)."""
         own = self._trainable_variables + self._non_trainable_variables
-        if (
-            self.new_item_bias is not None
-            and own
-            and own[-1] is self.new_item_bias
-            and len(store.keys()) == len(own) - 1
+        later = [v for v in (self.new_item_bias, self.prior_log_count) if v is not None]
+        missing = len(own) - len(store.keys())
+        if 0 < missing <= len(later) and all(
+            a is b for a, b in zip(own[-missing:], later[-missing:], strict=True)
         ):
-            for i, variable in enumerate(own[:-1]):
+            for i, variable in enumerate(own[:-missing]):
                 variable.assign(store[f"{i}"])
             return
         super().load_own_variables(store)
@@ -495,16 +507,21 @@ def untrained_by_row(popularity: Sequence[float]) -> np.ndarray:
     return np.concatenate([[0.0, 1.0], untrained]).astype(np.float32)
 
 
-def log_popularity_by_row(popularity: Sequence[float]) -> np.ndarray:
+def log_popularity_by_row(
+    popularity: Sequence[float], guess: Sequence[float] | None = None
+) -> np.ndarray:
     """The prior's candidate column by preprocessor row ``[N + 2]``: ``log(1 + train count)``
-    of each catalog item; an item nobody rated in train (p3's cold movies, a new item) and the
-    padding / unknown rows get the mean over the rated items: to the prior they are unknown,
-    not unpopular (as the training softmax leaves them out rather than pushing them down)."""
+    of each catalog item; an item nobody rated in train (p3's cold movies, a new item) gets
+    its ``guess`` ``[N]`` (:func:`trainer.content_prior.predicted_log_counts`) or, without one,
+    the mean over the rated items, as do the padding / unknown rows: to the prior they are
+    unknown, not unpopular (as the training softmax leaves them out rather than pushing them
+    down)."""
     counts = np.asarray(popularity, np.float64)
     logs = np.log1p(np.maximum(counts, 0.0))
     rated = counts > 0
     neutral = float(logs[rated].mean()) if rated.any() else 0.0
-    logs = np.where(rated, logs, neutral)
+    unrated = neutral if guess is None else np.asarray(guess, np.float64)
+    logs = np.where(rated, logs, unrated)
     return np.concatenate([[neutral, neutral], logs]).astype(np.float32)
 
 

@@ -185,6 +185,7 @@ def build_card(
             "valid": {k: best[k] for k in ("recall_at_10", "recall_at_50", "rmse") if k in best},
             "popularity_prior_weight": (trained.get("popularity_prior") or {}).get("weight"),
             "new_item_bias": (trained.get("popularity_prior") or {}).get("new_item_bias"),
+            "content_prior": (trained.get("popularity_prior") or {}).get("content_prior"),
         },
         "data": _data_facts(data.get("data", ""), split),
         "evaluations": [dict(e) for e in evaluations],
@@ -196,12 +197,14 @@ def build_card(
     return card
 
 
-def _prior_note(weight: float | None, bias: float | None = None) -> str:
+def _prior_note(weight: float | None, bias: float | None = None, content: bool = False) -> str:
     if weight is None:
         return ""
     note = f"; popularity prior weight {_fmt(weight)}"
     if bias:
         note += f", new-item bias {_fmt(bias)}"
+    if content:
+        note += ", unrated items' log counts guessed from genres and year"
     return note + " (chosen on valid recall@10)"
 
 
@@ -300,7 +303,11 @@ def render_markdown(card: Mapping[str, Any]) -> str:
         f"{_seconds(training.get('seconds'))}, seed {_fmt(training.get('seed'))}); best valid "
         f"epoch {_fmt(training.get('best_epoch'))}: "
         + (", ".join(f"{k} {_fmt(v)}" for k, v in training.get("valid", {}).items()) or "–")
-        + _prior_note(training.get("popularity_prior_weight"), training.get("new_item_bias")),
+        + _prior_note(
+            training.get("popularity_prior_weight"),
+            training.get("new_item_bias"),
+            bool(training.get("content_prior")),
+        ),
         "",
         "## Figures",
         "",

@@ -122,9 +122,11 @@ def log_prior(prior: dict) -> None:
         log.info("popularity prior: no valid events, weight stays 0")
         return
     log.info(
-        "popularity prior: weight %g, new-item bias %g (valid recall@10 %.4f; %.4f at weight 0)",
+        "popularity prior: weight %g, new-item bias %g, unrated items' log counts %s "
+        "(valid recall@10 %.4f; %.4f at weight 0)",
         prior["weight"],
         prior.get("new_item_bias", 0.0),
+        "guessed from genres and year" if prior.get("content_prior") else "the mean",
         curve[str(prior["weight"])],
         curve[str(0.0)],
     )

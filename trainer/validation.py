@@ -12,12 +12,12 @@ from __future__ import annotations
 import numpy as np
 import tensorflow as tf
 
-from trainer import metrics, ranking
+from trainer import content_prior, metrics, ranking
 from trainer.config import TrainConfig
 from trainer.evaluate import RankingTask
 from trainer.inference import embed, predict_ratings
 from trainer.input_pipeline import DataPlan
-from trainer.model import TwoTowerModel
+from trainer.model import TwoTowerModel, log_popularity_by_row
 
 #: Validation events whose rating the RMSE compares (the first ones; the figure is a mean).
 _RMSE_EVENTS = 20_000
@@ -68,49 +68,71 @@ def evaluate_validation(
 
 
 def choose_prior_weight(model: TwoTowerModel, plan: DataPlan, config: TrainConfig) -> dict:
-    """Sets the model's popularity-prior weight ``w`` and new-item bias ``b`` to the pair of
-    :data:`PRIOR_WEIGHTS` x :data:`NEW_ITEM_BIASES` with the best valid recall@10 (the
-    early-stopping figure; ties go to the smaller ``w``, then the smaller ``b``). ``b`` is
-    only tried when some catalog item has no train rating, and ``--new-item-bias`` fixes it.
+    """Sets the model's popularity-prior weight ``w``, new-item bias ``b`` and the log counts of
+    the items nobody rated in train to the best valid recall@10 (the early-stopping figure) over
+    :data:`PRIOR_WEIGHTS` x :data:`NEW_ITEM_BIASES` x {the neutral mean, the genres-and-year
+    guess of :mod:`trainer.content_prior`}; ties go to the smaller ``w``, the smaller ``b``,
+    then the neutral mean. ``b`` and the guess are only tried when some catalog item has no
+    train rating, and ``--new-item-bias`` fixes ``b``.
 
-    The pairs are tried on the valid part only; without valid events both stay 0 (or ``b`` as
-    fixed). Returns ``{"weight": w, "new_item_bias": b, "valid_recall_at_10": {str(w): recall
-    at b}, "new_item_bias_valid_recall_at_10": {str(b): recall at w}}`` (empty curves without
-    valid events), for ``metrics.json``.
+    The settings are tried on the valid part only; without valid events ``w`` stays 0 (``b`` as
+    fixed) and the table neutral. Returns ``{"weight": w, "new_item_bias": b, "content_prior":
+    bool, "valid_recall_at_10": {str(w): recall at b}, "new_item_bias_valid_recall_at_10":
+    {str(b): recall at w}}`` (empty curves without valid events), plus ``"content_fit"`` (the
+    guess's L2 weight and out-of-fold R^2) when a guess was tried, for ``metrics.json``.
     """
     if model.prior_weight is None:
         return {}
     fixed = config.model.new_item_bias
     queries = _recall_queries(plan, config)
+    tables = {False: log_popularity_by_row(model.assets.popularity)}
+    model.prior_log_count.assign(tables[False])
     if queries is None:
         bias = fixed or 0.0
         model.prior_weight.assign(0.0)
         model.new_item_bias.assign(bias)
-        return {"weight": 0.0, "new_item_bias": bias, "valid_recall_at_10": {}}
+        return {
+            "weight": 0.0,
+            "new_item_bias": bias,
+            "content_prior": False,
+            "valid_recall_at_10": {},
+        }
     # score = cosine + w * log(1 + count) + b * untrained: one pass through each tower serves
-    # the whole grid (ten passes made validation 10x dearer, live BERT included); the two
-    # prior terms are the model's own per-row tables, read without a tower.
+    # the whole grid (ten passes made validation 10x dearer, live BERT included); the prior's
+    # terms are per-row tables, read without a tower.
     dim = model.model_config.embedding_dim
-    model.prior_weight.assign(0.0)
-    model.new_item_bias.assign(0.0)
     items = embed(model, "candidate", plan.catalog)[:, :dim]
     cosine = embed(model, "query", queries)[:, :dim] @ items.T
-    rows = model.preprocessor.item_rows(tf.constant(plan.catalog["item_id"].astype(str)))
-    log_count, new = np.asarray(model.prior_terms(rows)).T
+    rows = np.asarray(
+        model.preprocessor.item_rows(tf.constant(plan.catalog["item_id"].astype(str)))
+    )
+    new = np.asarray(model.prior_terms(rows))[:, 1]
+    extra: dict = {}
+    a, guess = model.assets, None
+    if new.any():
+        guess = content_prior.predicted_log_counts(a.popularity, a.item_genres, a.item_years)
+    if guess is not None:
+        tables[True] = log_popularity_by_row(a.popularity, guess[0])
+        extra["content_fit"] = guess[1]
     biases = (fixed,) if fixed is not None else NEW_ITEM_BIASES if new.any() else (0.0,)
     grid = {
-        (w, b): _recall(cosine + w * log_count + b * new, plan, queries)["recall_at_10"]
+        (w, b, c): _recall(cosine + w * table[rows] + b * new, plan, queries)["recall_at_10"]
+        for c, table in tables.items()
         for w in PRIOR_WEIGHTS
         for b in biases
     }
-    best = max(grid, key=lambda wb: (round(grid[wb], 9), -wb[0], -wb[1]))
-    model.prior_weight.assign(best[0])
-    model.new_item_bias.assign(best[1])
+    best = max(grid, key=lambda wbc: (round(grid[wbc], 9), -wbc[0], -wbc[1], -wbc[2]))
+    w, b, content = best
+    model.prior_weight.assign(w)
+    model.new_item_bias.assign(b)
+    model.prior_log_count.assign(tables[content])
     return {
-        "weight": best[0],
-        "new_item_bias": best[1],
-        "valid_recall_at_10": {str(w): grid[w, best[1]] for w in PRIOR_WEIGHTS},
-        "new_item_bias_valid_recall_at_10": {str(b): grid[best[0], b] for b in biases},
+        "weight": w,
+        "new_item_bias": b,
+        "content_prior": content,
+        "valid_recall_at_10": {str(x): grid[x, b, content] for x in PRIOR_WEIGHTS},
+        "new_item_bias_valid_recall_at_10": {str(x): grid[w, x, content] for x in biases},
+        **extra,
     }
 
 
