@@ -3,11 +3,12 @@
 The prior adds ``w * log(1 + train count)`` to every item's served score. An item with no train
 rating (p3's cold movies, a new release) has no count, and the neutral guess, the mean over the
 rated items, treats a 1998 drama like a 1932 short. Here its log count is predicted from what
-the catalog says of it: a ridge regression of ``log(1 + count)`` on its genres (multi-hot) and
-release year (one-hot per year, shrunk towards the mean like every other column), fit on the
-rated items with the L2 weight chosen by 5-fold cross-validation. On p3 (seed 42 model) the
-guess explains a fifth of the rated items' log-count variance out of fold, and the cold movies'
-ranking among themselves is what it moves (``benchmarks/results/content_prior_p3.md``).
+the catalog says of it: a ridge regression of ``log(1 + count)`` on its genres (multi-hot),
+release decade and release year (one-hot, shrunk towards the mean like every other column),
+fit on the rated items with the L2 weight chosen by 5-fold cross-validation. On p3 the guess
+explains a fifth of the rated items' log-count variance out of fold, and valid chose it on all
+three seeds (``benchmarks/results/quality_content.md``, and the trade-off against the new-item
+bias in ``benchmarks/results/new_item_bias_p3_content.md``).
 
 The fit is a closed form over a few dozen one-hot columns (as EASE's is over the catalog), so
 it is written here in NumPy rather than adding scikit-learn for one ridge.
