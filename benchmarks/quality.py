@@ -304,8 +304,9 @@ def markdown(results: dict) -> str:
 
 def _prior_weights(entry: dict) -> str:
     """The popularity-prior weight each seed chose on valid, ``"0.05 / 0.04"``, with the
-    new-item bias where one was chosen and "content" where the unrated items' log counts are
-    the genres-and-year guess (``"0.02, b 0.05, content / ..."``), or ``""``."""
+    new-item bias where one was chosen, "content" where the unrated items' log counts are
+    the genres-and-year guess and the valid new-item share under ``--new-item-recall-share``
+    (``"0.02, b 0.05, content, new-item share 0.52 / ..."``), or ``""``."""
     chosen = [
         report.get("train", {}).get("popularity_prior") or {}
         for report in entry.get("per_seed", {}).values()
@@ -314,9 +315,16 @@ def _prior_weights(entry: dict) -> str:
         f"{c['weight']:g}"
         + (f", b {c['new_item_bias']:g}" if c.get("new_item_bias") else "")
         + (", content" if c.get("content_prior") else "")
+        + _share_note(c.get("new_item_recall_share"))
         for c in chosen
         if c.get("weight") is not None
     )
+
+
+def _share_note(policy: dict | None) -> str:
+    if not policy:
+        return ""
+    return f", new-item share {policy['valid_ratio']:.2f}" + ("" if policy["met"] else " (short)")
 
 
 def _needs_prepare(data: str, splits: list[str]) -> bool:

@@ -315,6 +315,9 @@ def test_quality_benchmark_aggregates_seeds_and_checks_targets():
     for seed, prior in zip((42, 1), priors, strict=False):
         per_seed[seed]["train"] = {"popularity_prior": prior}
     assert q._prior_weights({"per_seed": per_seed}) == "0.02, b 0.05, content / 0.04"
+    share = {"share": 0.5, "met": False, "valid_ratio": 0.41}
+    per_seed[1]["train"]["popularity_prior"]["new_item_recall_share"] = share
+    assert q._prior_weights({"per_seed": per_seed}).endswith("/ 0.04, new-item share 0.41 (short)")
 
 
 def test_quality_benchmark_pairs_systems_user_by_user():

@@ -320,6 +320,70 @@ def test_the_prior_grid_scores_what_the_served_embeddings_score(
         "0.07"
     ]
     assert float(cold.new_item_bias.numpy()) == pytest.approx(0.07)
+    # --new-item-recall-share: the chosen setting's own valid figures, measured afresh, are
+    # those it reports, and meet the floor exactly when it says they do.
+    config.model.new_item_bias = None
+    config.model.new_item_recall_share = 0.5
+    policy = validation.choose_prior_weight(cold, plan, config)["new_item_recall_share"]
+    measured = validation.evaluate_validation(cold, plan, config, rmse=False)
+    assert measured["recall_at_10"] == pytest.approx(policy["valid_recall_at_10"])
+    assert measured["new_item_recall_at_10"] == pytest.approx(policy["valid_new_item_recall_at_10"])
+    ratio = measured["new_item_recall_at_10"] / measured["recall_at_10"]
+    assert policy["met"] == (ratio >= 0.5)
+    w, b, _ = policy["chosen"]
+    assert float(cold.prior_weight.numpy()) == pytest.approx(w)
+    assert float(cold.new_item_bias.numpy()) == pytest.approx(b)
+    unrated = np.flatnonzero(np.asarray(plan.catalog["popularity"]) <= 0)
+    holders = [t for t in plan.ranking.truth if np.isin(t, unrated).any()]
+    assert policy["valid_users"] == len(holders) > 0
+
+
+def test_the_new_item_recall_share_picks_the_best_setting_that_meets_it():
+    """Hand-made grids: the floor rules out the best unconstrained setting; ties go to the
+    smaller w and b; with no setting reaching the floor, the nearest ratio wins."""
+    from trainer.validation import _new_item_share_choice
+
+    def f(recall, cold):
+        return {"recall_at_10": recall, "new_item_recall_at_10": cold}
+
+    grid = {
+        (0.0, 0.0, False): f(0.30, 0.03),  # best recall, ratio 0.1
+        (0.0, 0.1, False): f(0.28, 0.14),  # ratio 0.5: meets it
+        (0.05, 0.1, False): f(0.28, 0.15),  # the same recall, a larger w
+        (0.0, 0.2, True): f(0.20, 0.18),  # ratio 0.9, worse recall
+    }
+    chosen = _new_item_share_choice(grid, 0.5)
+    assert chosen["met"] and chosen["chosen"] == (0.0, 0.1, False)
+    assert chosen["valid_ratio"] == pytest.approx(0.5)
+    assert _new_item_share_choice(grid, 0.8)["chosen"] == (0.0, 0.2, True)
+    unreachable = _new_item_share_choice(grid, 0.95)
+    assert not unreachable["met"] and unreachable["chosen"] == (0.0, 0.2, True)
+    assert _new_item_share_choice(grid, 0.05)["chosen"] == (0.0, 0.0, False)
+
+
+def test_a_new_item_share_over_few_users_is_logged_as_noise(caplog):
+    from trainer import progress
+
+    policy = {"share": 0.5, "met": True, "valid_ratio": 0.6, "valid_recall_at_10": 0.2,
+              "valid_new_item_recall_at_10": 0.12, "valid_users": 9}  # fmt: skip
+    prior = {"weight": 0.04, "valid_recall_at_10": {"0.04": 0.25, "0.0": 0.24},
+             "new_item_recall_share": policy}  # fmt: skip
+    with caplog.at_level("INFO", logger=progress.log.name):
+        progress.log_prior(prior)
+    assert "over the 9 valid users" in caplog.text and "rests on 9 valid users" in caplog.text
+    caplog.clear()
+    with caplog.at_level("INFO", logger=progress.log.name):
+        progress.log_prior({**prior, "new_item_recall_share": {**policy, "valid_users": 881}})
+    assert "over the 881 valid users" in caplog.text and "rests on" not in caplog.text
+
+
+def test_the_new_item_recall_share_is_checked():
+    for value in ("0", "1.5", "-0.1"):
+        with pytest.raises(ConfigError, match="--new-item-recall-share must be in"):
+            TrainConfig.from_dict({"model": {"new_item_recall_share": float(value)}}).validate()
+    off = {"model": {"new_item_recall_share": 0.5, "popularity_prior": False}}
+    with pytest.raises(ConfigError, match="needs --popularity-prior"):
+        TrainConfig.from_dict(off).validate()
 
 
 def _run_training(data_dir: str, model_dir: str) -> subprocess.CompletedProcess:

@@ -245,16 +245,36 @@ def evaluate_full_ranking(
     pool = _user_topk(scorer, task.queries, task.exclude, MMR_POOL)
     truth = task.truth
     result = metrics.ranking_metrics(pool, truth, ks=K_RANKING)
-    cold = np.flatnonzero(catalog["is_cold"] == 1)
-    if len(cold):
-        cold_set = set(cold.tolist())
-        cold_truth = [np.array([i for i in t if i in cold_set], dtype=np.int64) for t in truth]
-        cold_metrics = metrics.ranking_metrics(pool, cold_truth, ks=(10,))
-        result["cold_recall@10"] = cold_metrics["recall@10"]
-        result["cold_ndcg@10"] = cold_metrics["ndcg@10"]
-        result["cold_num_users"] = cold_metrics["num_users"]
-        result["cold_share_of_top10"] = float(np.isin(pool[:, :10], cold).mean())
+    result.update(cold_item_metrics(pool, truth, np.flatnonzero(catalog["is_cold"] == 1)))
     return result, pool
+
+
+def cold_item_metrics(
+    top: np.ndarray, truth: list[np.ndarray], cold: np.ndarray
+) -> dict[str, float]:
+    """Recall@10 and NDCG@10 counting only the ``cold`` catalog rows among each user's truth,
+    the users with any, and the cold rows' share of the top-10 slots; empty without cold rows.
+
+    The evaluation's cold items are the catalog's ``is_cold`` ones (held out of training, p3);
+    the ``--new-item-recall-share`` policy counts every item nobody rated in train (what the
+    new-item bias lifts).
+
+    Args:
+      top: ``[U, K >= 10]`` catalog rows, each user's ranking.
+      truth: ``U`` arrays of the catalog rows each user holds out.
+      cold: ``[C]`` catalog rows.
+    """
+    if not len(cold):
+        return {}
+    cold_set = set(cold.tolist())
+    cold_truth = [np.array([i for i in t if i in cold_set], dtype=np.int64) for t in truth]
+    ranked = metrics.ranking_metrics(top, cold_truth, ks=(10,))
+    return {
+        "cold_recall@10": ranked["recall@10"],
+        "cold_ndcg@10": ranked["ndcg@10"],
+        "cold_num_users": ranked["num_users"],
+        "cold_share_of_top10": float(np.isin(top[:, :10], cold).mean()),
+    }
 
 
 def beyond_accuracy(scorer: Scorer, top10: np.ndarray, catalog: dict[str, np.ndarray]) -> dict:

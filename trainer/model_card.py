@@ -149,6 +149,7 @@ def build_card(
     optim = config.get("optim", {})
     split = data.get("split", "?")
     best = trained.get("best") or {}
+    prior = trained.get("popularity_prior") or {}
     card: dict[str, Any] = {
         "name": os.path.basename(os.path.normpath(model_dir)),
         "model_dir": model_dir,
@@ -183,9 +184,10 @@ def build_card(
             "seed": optim.get("seed"),
             "best_epoch": best.get("epoch"),
             "valid": {k: best[k] for k in ("recall_at_10", "recall_at_50", "rmse") if k in best},
-            "popularity_prior_weight": (trained.get("popularity_prior") or {}).get("weight"),
-            "new_item_bias": (trained.get("popularity_prior") or {}).get("new_item_bias"),
-            "content_prior": (trained.get("popularity_prior") or {}).get("content_prior"),
+            "popularity_prior_weight": prior.get("weight"),
+            "new_item_bias": prior.get("new_item_bias"),
+            "content_prior": prior.get("content_prior"),
+            "new_item_recall_share": (prior.get("new_item_recall_share") or {}).get("share"),
         },
         "data": _data_facts(data.get("data", ""), split),
         "evaluations": [dict(e) for e in evaluations],
@@ -197,7 +199,12 @@ def build_card(
     return card
 
 
-def _prior_note(weight: float | None, bias: float | None = None, content: bool = False) -> str:
+def _prior_note(
+    weight: float | None,
+    bias: float | None = None,
+    content: bool = False,
+    cold_share: float | None = None,
+) -> str:
     if weight is None:
         return ""
     note = f"; popularity prior weight {_fmt(weight)}"
@@ -205,6 +212,9 @@ def _prior_note(weight: float | None, bias: float | None = None, content: bool =
         note += f", new-item bias {_fmt(bias)}"
     if content:
         note += ", unrated items' log counts guessed from genres and year"
+    if cold_share:
+        floor = f"new-item recall@10 at least {_fmt(cold_share)} x recall@10"
+        return note + f" (chosen on valid recall@10, {floor})"
     return note + " (chosen on valid recall@10)"
 
 
@@ -307,6 +317,7 @@ def render_markdown(card: Mapping[str, Any]) -> str:
             training.get("popularity_prior_weight"),
             training.get("new_item_bias"),
             bool(training.get("content_prior")),
+            training.get("new_item_recall_share"),
         ),
         "",
         "## Figures",

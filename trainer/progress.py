@@ -115,6 +115,11 @@ def log_model(model: TwoTowerModel, config: TrainConfig, precision: str) -> None
     )
 
 
+#: Fewer valid users than this holding new-item targets make --new-item-recall-share's share
+#: noise (valid users holding them: p2 9, p3 881): the log says so.
+FEW_USERS = 30
+
+
 def log_prior(prior: dict) -> None:
     """The popularity-prior weight chosen on the valid part, against the prior off."""
     curve = prior["valid_recall_at_10"]
@@ -130,6 +135,23 @@ def log_prior(prior: dict) -> None:
         curve[str(prior["weight"])],
         curve[str(0.0)],
     )
+    policy = prior.get("new_item_recall_share")
+    if policy:
+        log.info(
+            "new-item recall share %g: %s (valid new-item recall@10 %.4f = %.2f x recall@10 "
+            "%.4f, over the %d valid users who rated an item nobody rated in train)",
+            policy["share"],
+            "met" if policy["met"] else "not reachable on this grid, the nearest setting kept",
+            policy["valid_new_item_recall_at_10"],
+            policy["valid_ratio"],
+            policy["valid_recall_at_10"],
+            policy["valid_users"],
+        )
+        if policy["valid_users"] < FEW_USERS:
+            log.warning(
+                "--new-item-recall-share rests on %d valid users: a share over so few is noise",
+                policy["valid_users"],
+            )
 
 
 def progress_bar(enabled: bool, total: int, initial: int, desc: str):

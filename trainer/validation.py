@@ -14,7 +14,7 @@ import tensorflow as tf
 
 from trainer import content_prior, metrics, ranking
 from trainer.config import TrainConfig
-from trainer.evaluate import RankingTask
+from trainer.evaluate import RankingTask, cold_item_metrics
 from trainer.inference import embed, predict_ratings
 from trainer.input_pipeline import DataPlan
 from trainer.model import TwoTowerModel, log_popularity_by_row
@@ -115,13 +115,22 @@ def choose_prior_weight(model: TwoTowerModel, plan: DataPlan, config: TrainConfi
         tables[True] = log_popularity_by_row(a.popularity, guess[0])
         extra["content_fit"] = guess[1]
     biases = (fixed,) if fixed is not None else NEW_ITEM_BIASES if new.any() else (0.0,)
-    grid = {
-        (w, b, c): _recall(cosine + w * table[rows] + b * new, plan, queries)["recall_at_10"]
+    figures = {
+        (w, b, c): _recall(cosine + w * table[rows] + b * new, plan, queries)
         for c, table in tables.items()
         for w in PRIOR_WEIGHTS
         for b in biases
     }
-    best = max(grid, key=lambda wbc: (round(grid[wbc], 9), -wbc[0], -wbc[1], -wbc[2]))
+    grid = {wbc: f["recall_at_10"] for wbc, f in figures.items()}
+    share = config.model.new_item_recall_share
+    if share is not None and any("new_item_recall_at_10" in f for f in figures.values()):
+        extra["new_item_recall_share"] = _new_item_share_choice(figures, share)
+        unrated = np.flatnonzero(np.asarray(plan.catalog["popularity"]) <= 0)
+        users = sum(bool(np.isin(t, unrated).any()) for t in plan.ranking.truth)
+        extra["new_item_recall_share"]["valid_users"] = users
+        best = extra["new_item_recall_share"]["chosen"]
+    else:
+        best = max(grid, key=lambda wbc: (round(grid[wbc], 9), -wbc[0], -wbc[1], -wbc[2]))
     w, b, content = best
     model.prior_weight.assign(w)
     model.new_item_bias.assign(b)
@@ -133,6 +142,35 @@ def choose_prior_weight(model: TwoTowerModel, plan: DataPlan, config: TrainConfi
         "valid_recall_at_10": {str(x): grid[x, b, content] for x in PRIOR_WEIGHTS},
         "new_item_bias_valid_recall_at_10": {str(x): grid[w, x, content] for x in biases},
         **extra,
+    }
+
+
+def _new_item_share_choice(figures: dict[tuple, dict[str, float]], share: float) -> dict:
+    """The ``--new-item-recall-share`` policy over the prior's grid ``{(w, b, content): valid
+    figures}``: the best valid recall@10 among the settings whose recall@10 on the items nobody
+    rated in train is at least ``share`` x their recall@10 (ties as the unconstrained grid);
+    when none reaches it, the setting nearest it (the highest ratio, then recall). Returns the
+    choice, whether it met the share, and its valid ratio and recall@10, for ``metrics.json``."""
+
+    def ratio(wbc: tuple) -> float:
+        f = figures[wbc]
+        return f.get("new_item_recall_at_10", 0.0) / max(f["recall_at_10"], 1e-12)
+
+    def order(wbc: tuple) -> tuple:
+        return (round(figures[wbc]["recall_at_10"], 9), -wbc[0], -wbc[1], -wbc[2])
+
+    meeting = [wbc for wbc in figures if ratio(wbc) >= share]
+    if meeting:
+        chosen = max(meeting, key=order)
+    else:
+        chosen = max(figures, key=lambda wbc: (round(ratio(wbc), 9), *order(wbc)))
+    return {
+        "share": share,
+        "met": bool(meeting),
+        "chosen": chosen,
+        "valid_ratio": ratio(chosen),
+        "valid_recall_at_10": figures[chosen]["recall_at_10"],
+        "valid_new_item_recall_at_10": figures[chosen].get("new_item_recall_at_10", 0.0),
     }
 
 
@@ -153,7 +191,7 @@ def _recall_queries(plan: DataPlan, config: TrainConfig) -> dict | None:
 def _recall(scores: np.ndarray, plan: DataPlan, queries: dict) -> dict[str, float]:
     """``recall_at_10`` / ``_50`` of ``scores`` ``[Q, N]`` (``queries`` against the catalog)."""
     if plan.ranking is not None:
-        return _per_user_recall(scores, plan.ranking)
+        return _per_user_recall(scores, plan.ranking, plan.catalog)
     return _per_event_recall(scores, plan, queries)
 
 
@@ -166,11 +204,20 @@ def _positive_sample(rating: np.ndarray, config: TrainConfig) -> np.ndarray:
     return positive
 
 
-def _per_user_recall(scores: np.ndarray, task: RankingTask) -> dict[str, float]:
-    """RecBole recall of each user's top 50 of ``scores`` ``[U, N]``, seen items left out."""
+def _per_user_recall(
+    scores: np.ndarray, task: RankingTask, catalog: dict[str, np.ndarray]
+) -> dict[str, float]:
+    """RecBole recall of each user's top 50 of ``scores`` ``[U, N]``, seen items left out, and
+    ``new_item_recall_at_10`` over the items nobody rated in train when some valid user holds
+    any (p3's cold movies)."""
     top = ranking.top_k_from_scores(scores, max(_KS), task.exclude)
     ranked = metrics.ranking_metrics(top, task.truth, ks=_KS)
-    return {f"recall_at_{k}": ranked[f"recall@{k}"] for k in _KS}
+    out = {f"recall_at_{k}": ranked[f"recall@{k}"] for k in _KS}
+    unrated = np.flatnonzero(np.asarray(catalog["popularity"]) <= 0)
+    cold = cold_item_metrics(top, task.truth, unrated)
+    if cold.get("cold_num_users"):
+        out["new_item_recall_at_10"] = cold["cold_recall@10"]
+    return out
 
 
 def _per_event_recall(scores: np.ndarray, plan: DataPlan, queries: dict) -> dict[str, float]:
