@@ -30,11 +30,13 @@ ENV = {
     "TF_CPP_MIN_LOG_LEVEL": "2",
     "CUDA_VISIBLE_DEVICES": "",
 }
-# p2 of the tiny data: 1,228 train examples -> 38 steps of 32 per epoch (event batches).
+# p2 of the tiny data: 1,228 train examples -> 38 steps of 32 per epoch (event batches); two
+# epochs, so a kill near step 10 resumes mid-epoch and then crosses an epoch boundary.
+RESUME_STEPS = 2 * 38
 # No popularity prior: its weight is an argmax over near-tied valid recalls on this tiny data,
 # so weights equal within 1e-5 can pick different grid points (0.06 against 0.15 seen).
 RESUME_FLAGS = shlex.split(
-    "--preset tiny --split p2 --train-queries events --batch-size 32 --epochs 4 "
+    "--preset tiny --split p2 --train-queries events --batch-size 32 --epochs 2 "
     "--checkpoint-every 5 --no-popularity-prior "
     "--early-stopping-patience 0 --no-progress --log-every 1000"
 )
@@ -429,7 +431,7 @@ def test_killed_run_resumes_with_the_same_weights(how, reference_run, tiny_data_
     else:
         assert process.returncode == -signal.SIGKILL
         stopped = _checkpoint_step(checkpoints)
-    assert 10 <= stopped < 4 * 38, "the kill must land mid-run"
+    assert 10 <= stopped < RESUME_STEPS, "the kill must land mid-run"
     assert not os.path.exists(model_dir)
 
     resumed = _run_training(tiny_data_dir, model_dir)
@@ -438,7 +440,7 @@ def test_killed_run_resumes_with_the_same_weights(how, reference_run, tiny_data_
     _assert_same_weights(model_dir, reference_run)
     ours = _read_json(os.path.join(model_dir, "metrics.json"))
     theirs = _read_json(os.path.join(reference_run, "metrics.json"))
-    assert ours["steps"] == theirs["steps"] == 4 * 38
+    assert ours["steps"] == theirs["steps"] == RESUME_STEPS
     assert [h["recall_at_10"] for h in ours["history"]] == pytest.approx(
         [h["recall_at_10"] for h in theirs["history"]], abs=1e-4
     )
