@@ -32,11 +32,12 @@ ENV = {
 }
 # p2 of the tiny data: 1,228 train examples -> 38 steps of 32 per epoch (event batches); two
 # epochs, so a kill near step 10 resumes mid-epoch and then crosses an epoch boundary.
-RESUME_STEPS = 2 * 38
+RESUME_EPOCHS = 2
+RESUME_STEPS = RESUME_EPOCHS * 38
 # No popularity prior: its weight is an argmax over near-tied valid recalls on this tiny data,
 # so weights equal within 1e-5 can pick different grid points (0.06 against 0.15 seen).
 RESUME_FLAGS = shlex.split(
-    "--preset tiny --split p2 --train-queries events --batch-size 32 --epochs 2 "
+    f"--preset tiny --split p2 --train-queries events --batch-size 32 --epochs {RESUME_EPOCHS} "
     "--checkpoint-every 5 --no-popularity-prior "
     "--early-stopping-patience 0 --no-progress --log-every 1000"
 )
