@@ -18,7 +18,11 @@ same for every input of one request; ``H``, ``E``, ``M`` per request). TensorFlo
 Retrieval scores are inner products of the two embeddings. A model with a popularity prior adds
 one column to both (the query's holds 1, the candidate's the prior's weight times its log
 train count), so the leading ``D`` columns are unit vectors and a row can be longer than 1:
-:func:`similarity_vectors` gives what item-item similarity should compare.
+:func:`similarity_vectors` gives what item-item similarity should compare. A model with an
+item-item term (``trainer.item_item``) adds to each retrieved item's score its EASE score over
+the request's whole ``history``, standardised per query and weighed as chosen on valid: the
+``scores`` of ``serving_default`` are then no longer the embeddings' inner products alone (a
+client that scores with ``query_embedding`` and ``candidate_embedding`` gets the two-tower part).
 """
 
 from __future__ import annotations

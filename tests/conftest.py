@@ -31,13 +31,19 @@ TINY_TRAIN_FLAGS = (
 )  # fmt: skip
 
 
+#: The tiny model's fixed item-item weight: a term large enough to reorder its lists.
+TINY_ITEM_ITEM_WEIGHT = 0.5
+
+
 @pytest.fixture(scope="session")
 def tiny_model_dir(tiny_data_dir: str, tmp_path_factory: pytest.TempPathFactory) -> str:
-    """A tiny-BERT two-tower model trained for two epochs on ``tiny_data_dir`` (split p2)."""
+    """A tiny-BERT two-tower model trained for two epochs on ``tiny_data_dir`` (split p2), its
+    item-item term weighed in (``--item-item-weight``) so every export test serves it."""
     from trainer import task
 
     path = str(tmp_path_factory.mktemp("model") / "tiny")
     argv = ["--data", tiny_data_dir, "--split", "p2", "--model-dir", path, *TINY_TRAIN_FLAGS]
+    argv += ["--item-item-weight", str(TINY_ITEM_ITEM_WEIGHT)]
     assert task.main(argv) == 0
     return path
 

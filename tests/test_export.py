@@ -151,8 +151,10 @@ def test_signatures_and_options(loaded, tiny_data_dir, tiny_model_dir):
     new_items = untrained_by_row(catalog["popularity"])[2:]
     want_column = prior["weight"] * log_counts + prior["new_item_bias"] * new_items
     np.testing.assert_allclose(items[:, -1], want_column, rtol=1e-5, atol=1e-7)
-    want = np.sort(emb @ items.T, axis=1)[:, ::-1][:, :10]
-    np.testing.assert_allclose(scores, want, atol=1e-4)
+    # ... plus the item-item term of each query's history (the tiny model's weight is fixed).
+    history = queries[contract.HISTORY].numpy()
+    want = np.sort(_with_item_item(tiny_model_dir, emb @ items.T, history), axis=1)
+    np.testing.assert_allclose(scores, want[:, ::-1][:, :10], atol=1e-4)
     new = sigs["candidate_embedding"](
         item_id=tf.constant(["brand-new"]),
         item_title=tf.constant(["A New Film (2026)"]),
@@ -435,6 +437,19 @@ def test_every_input_has_a_batch_dimension(tiny_export):
                 assert len(dims) >= 1 and dims[0].size == -1, (name, alias)
 
 
+def _with_item_item(model_dir: str, scores: np.ndarray, history: np.ndarray) -> np.ndarray:
+    """Catalog ``scores`` ``[Q, N]`` plus the model's item-item term of ``history`` ``[Q, H]``:
+    what ``serving_default`` serves (:mod:`trainer.item_item`), recomputed outside the graph."""
+    from trainer import item_item
+    from trainer.model_dir import load_trained
+
+    model, config = load_trained(model_dir)
+    ids = records.load_catalog(config.data.data, config.data.split)["item_id"]
+    index, weights = item_item.catalog_weights(model.assets.item_ids, model.item_item, ids)
+    e = item_item.ease_scores(history, index, weights)
+    return item_item.blend_full(scores, e, float(model.item_item_weight.numpy()))
+
+
 def _mixed_text_queries(tiny_data_dir: str) -> dict[str, np.ndarray]:
     """Three known users (profile, typed titles, history all seen in training), then a row of
     free text with a profile nobody has (every text a miss), then a known profile beside an
@@ -499,7 +514,8 @@ def test_known_texts_skip_bert_and_answer_as_live_bert(
     want = want.numpy()
     catalog = records.load_catalog(tiny_data_dir, "p2")
     items = ModelScorer(model, catalog).retrieval_vectors()
-    want_ids = np.asarray(catalog["item_id"]).astype(str)[np.argsort(-(want @ items.T), axis=1)]
+    served = _with_item_item(tiny_model_dir, want @ items.T, queries[contract.HISTORY])
+    want_ids = np.asarray(catalog["item_id"]).astype(str)[np.argsort(-served, axis=1)]
 
     batch = len(queries["query_text"])
     retrieve = {

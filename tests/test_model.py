@@ -275,24 +275,41 @@ def test_weights_from_before_the_new_item_bias_load_with_it_zero(tiny_model, bat
     tiny_model.prior_weight.assign(0.04)
     tiny_model.new_item_bias.assign(0.1)
     tiny_model.prior_log_count.assign(guessed)
+    size = tiny_model.item_item.shape[0]
+    item_item = np.arange(size * size, dtype=np.float32).reshape(size, size)
+    tiny_model.item_item.assign(item_item)
+    tiny_model.item_item_weight.assign(0.2)
     try:
         save_trained(tiny_model, resolved(), model_dir)
     finally:
         tiny_model.prior_weight.assign(0.0)
         tiny_model.new_item_bias.assign(0.0)
         tiny_model.prior_log_count.assign(neutral)
+        tiny_model.item_item.assign(np.zeros_like(item_item))
+        tiny_model.item_item_weight.assign(0.0)
     loaded, _ = load_trained(model_dir)
     assert float(loaded.new_item_bias.numpy()) == pytest.approx(0.1)
     np.testing.assert_allclose(loaded.prior_log_count.numpy(), guessed)
-    # Earlier versions' files: the model's own variables without the log-count table (the
-    # last), or without it and the bias; what is missing keeps its built value.
-    for store in ({"0": np.float32(0.03), "1": np.float32(0.2)}, {"0": np.float32(0.03)}):
+    np.testing.assert_array_equal(loaded.item_item.numpy(), item_item)
+    assert float(loaded.item_item_weight.numpy()) == pytest.approx(0.2)
+    # Earlier versions' files: the model's own variables without the item-item term (the last
+    # two), without it and the log-count table, or without those and the bias; what is missing
+    # keeps its built value.
+    stores = (
+        {"0": np.float32(0.03), "1": np.float32(0.2), "2": guessed},
+        {"0": np.float32(0.03), "1": np.float32(0.2)},
+        {"0": np.float32(0.03)},
+    )
+    for store in stores:
         loaded.new_item_bias.assign(0.0)  # as a freshly built model holds them
         loaded.prior_log_count.assign(neutral)
+        loaded.item_item.assign(np.zeros_like(item_item))
+        loaded.item_item_weight.assign(0.0)
         loaded.load_own_variables(store)
         assert float(loaded.prior_weight.numpy()) == pytest.approx(0.03)
         assert float(loaded.new_item_bias.numpy()) == pytest.approx(0.2 if "1" in store else 0)
-        np.testing.assert_allclose(loaded.prior_log_count.numpy(), neutral)
+        np.testing.assert_allclose(loaded.prior_log_count.numpy(), store.get("2", neutral))
+        assert not loaded.item_item.numpy().any() and float(loaded.item_item_weight.numpy()) == 0
     with pytest.raises(ValueError):
         loaded.load_own_variables({})  # anything else still fails as Keras fails it
 

@@ -363,6 +363,7 @@ def build_module(
     if grow_catalog is not None:
         catalog, item_embeddings = grow_catalog(catalog, item_embeddings)
     model.set_text_mode("live")
+    term = _item_item_term(model, catalog)
     module = RecommenderModule(
         query_model=lambda f: model.query_embeddings(f),
         candidate_model=lambda f: model.candidate_embeddings(f),
@@ -372,6 +373,7 @@ def build_module(
         index=index.resolved(len(catalog["item_id"])),
         history_length=model.assets.history_length,
         similarity_dim=config.model.embedding_dim,
+        item_item=term,
     )
     module.keras_model = model  # tracked, so the SavedModel holds the towers' variables
     module.catalog_tables = _freeze_catalog_tables(model)
@@ -383,6 +385,26 @@ def build_module(
         "sequence_length": config.model.sequence_length,
     }
     return module, catalog, users, info
+
+
+def _item_item_term(model, catalog: dict[str, np.ndarray]) -> tuple[np.ndarray, float] | None:
+    """The model's item-item term over the served catalog (``B`` in its order, ``α``), or None
+    when the model has none, chose ``α = 0``, or the catalog outgrew a dense ``B`` (logged)."""
+    from trainer import item_item
+
+    if model.item_item_weight is None or not float(model.item_item_weight):
+        return None
+    size = len(catalog["item_id"])
+    if size > item_item.MAX_ITEMS:
+        _stage(
+            f"the served catalog has {size} items, more than the item-item term's "
+            f"{item_item.MAX_ITEMS}: serving the two-tower scores alone"
+        )
+        return None
+    _, weights = item_item.catalog_weights(
+        model.assets.item_ids, np.asarray(model.item_item), catalog["item_id"]
+    )
+    return weights, float(model.item_item_weight)
 
 
 def _freeze_catalog_tables(model) -> list[tf.Variable]:

@@ -15,6 +15,7 @@ import numpy as np
 import tensorflow as tf
 
 from common import contract
+from trainer import item_item
 from trainer.model import TwoTowerModel
 from trainer.model_dir import load_trained
 
@@ -36,6 +37,10 @@ class ModelScorer:
         self.name = name
         self.catalog = catalog
         self._items = embed(model, "candidate", dict(catalog))
+        if model.item_item is not None:  # B's columns in this catalog's order (0: unknown)
+            self._rows, self._item_item = item_item.catalog_weights(
+                model.assets.item_ids, np.asarray(model.item_item), catalog["item_id"]
+            )
 
     @classmethod
     def from_model_dir(cls, model_dir: str, catalog: Mapping[str, np.ndarray]) -> ModelScorer:
@@ -43,8 +48,14 @@ class ModelScorer:
         return cls(model, catalog, name=os.path.basename(model_dir.rstrip("/")) or "model")
 
     def score(self, queries: dict[str, np.ndarray]) -> np.ndarray:
-        """Raw query features (``[Q]``, ``history`` ``[Q, H]``) -> catalog scores ``[Q, N]``."""
-        return embed(self.model, "query", queries) @ self._items.T
+        """Raw query features (``[Q]``, ``history`` ``[Q, H]``) -> catalog scores ``[Q, N]``:
+        the served score, the item-item term included (:mod:`trainer.item_item`)."""
+        scores = embed(self.model, "query", queries) @ self._items.T
+        weight = self.model.item_item_weight
+        if weight is None or not float(weight):
+            return scores
+        e = item_item.ease_scores(queries[contract.HISTORY], self._rows, self._item_item)
+        return item_item.blend_full(scores, e, float(weight))
 
     def item_embeddings(self) -> np.ndarray:
         """The catalog's unit candidate vectors ``[N, D]``, in catalog order: what item-item

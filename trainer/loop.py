@@ -32,7 +32,7 @@ from trainer.input_pipeline import DataPlan, epoch_steps, plan_data, train_datas
 from trainer.model import TwoTowerModel
 from trainer.model_dir import METRICS_FILE, save_trained
 from trainer.train_step import build_for_training, make_train_step
-from trainer.validation import choose_prior_weight, evaluate_validation
+from trainer.validation import choose_item_item, choose_prior_weight, evaluate_validation
 
 log = logging.getLogger("trainer")
 
@@ -218,6 +218,10 @@ def train(
         if prior:
             summary["popularity_prior"] = prior
             progress.log_prior(prior)
+        blend = choose_item_item(model, plan, config)
+        if blend:
+            summary["item_item"] = blend
+            progress.log_item_item(blend)
         result.model_dir = _write_model(model, config, info, dirs, summary, started)
     _cleanup_worker_dir(info, dirs)
     result.seconds = time.time() - started

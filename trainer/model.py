@@ -36,6 +36,7 @@ from trainer.features import (
     liked_titles,
     profile_texts,
 )
+from trainer.item_item import MAX_ITEMS as MAX_ITEM_ITEM_ITEMS
 from trainer.ranking_head import RankingHead
 from trainer.text_encoder import (
     EncoderSpec,
@@ -128,6 +129,28 @@ class TwoTowerModel(keras.Model):
                 name="prior_log_count",
                 dtype="float32",
                 autocast=False,  # read in float32 under mixed precision, like the untrained flags
+            )
+        # The item-item term of the served score (trainer.item_item): EASE's B in catalog
+        # order and its blend weight α, both 0 in training and fit on the valid part after it
+        # (trainer.validation.choose_item_item); dense, so only for catalogs up to MAX_ITEMS.
+        self.item_item = self.item_item_weight = None
+        if config.item_item and len(assets.item_ids) <= MAX_ITEM_ITEM_ITEMS:
+            size = len(assets.item_ids)
+            self.item_item = self.add_weight(
+                shape=(size, size),
+                initializer="zeros",
+                trainable=False,
+                name="item_item",
+                dtype="float32",
+                autocast=False,
+            )
+            self.item_item_weight = self.add_weight(
+                shape=(),
+                initializer="zeros",
+                trainable=False,
+                name="item_item_weight",
+                dtype="float32",
+                autocast=False,
             )
         # The hashed id of each catalog row (rows 0 and 1, padding and unknown, are masked).
         self._catalog_hashed_ids = self.preprocessor.hash_ids(
@@ -461,11 +484,21 @@ class TwoTowerModel(keras.Model):
         return tf.cast(query, tf.float32), tf.cast(candidate, tf.float32), rating
 
     def load_own_variables(self, store) -> None:
-        """Keras's loader, which also reads weights files written before the new-item bias or
-        the prior's log-count table existed: they lack the last one or two own variables,
-        which keep their built values (b = 0, the neutral table: what those versions served)."""
+        """Keras's loader, which also reads weights files written before the new-item bias,
+        the prior's log-count table or the item-item term existed: they lack the last own
+        variables, which keep their built values (b = 0, the neutral table, α = 0: what those
+        versions served)."""
         own = self._trainable_variables + self._non_trainable_variables
-        later = [v for v in (self.new_item_bias, self.prior_log_count) if v is not None]
+        later = [
+            v
+            for v in (
+                self.new_item_bias,
+                self.prior_log_count,
+                self.item_item,
+                self.item_item_weight,
+            )
+            if v is not None
+        ]
         missing = len(own) - len(store.keys())
         if 0 < missing <= len(later) and all(
             a is b for a, b in zip(own[-missing:], later[-missing:], strict=True)

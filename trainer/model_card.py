@@ -188,6 +188,8 @@ def build_card(
             "new_item_bias": prior.get("new_item_bias"),
             "content_prior": prior.get("content_prior"),
             "new_item_recall_share": (prior.get("new_item_recall_share") or {}).get("share"),
+            "item_item_weight": (trained.get("item_item") or {}).get("weight"),
+            "item_item_l2": (trained.get("item_item") or {}).get("l2"),
         },
         "data": _data_facts(data.get("data", ""), split),
         "evaluations": [dict(e) for e in evaluations],
@@ -216,6 +218,15 @@ def _prior_note(
         floor = f"new-item recall@10 at least {_fmt(cold_share)} x recall@10"
         return note + f" (chosen on valid recall@10, {floor})"
     return note + " (chosen on valid recall@10)"
+
+
+def _item_item_note(weight: float | None, l2: float | None) -> str:
+    if weight is None:
+        return ""
+    if not weight:
+        return "; item-item (EASE) term weight 0 (off)"
+    fit = f"L2 {l2:g}" if l2 is not None else "not fit: no valid events"
+    return f"; item-item (EASE, {fit}) term weight {_fmt(weight)}"
 
 
 def known_limits(card: Mapping[str, Any]) -> list[str]:
@@ -318,7 +329,8 @@ def render_markdown(card: Mapping[str, Any]) -> str:
             training.get("new_item_bias"),
             bool(training.get("content_prior")),
             training.get("new_item_recall_share"),
-        ),
+        )
+        + _item_item_note(training.get("item_item_weight"), training.get("item_item_l2")),
         "",
         "## Figures",
         "",

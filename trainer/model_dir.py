@@ -92,6 +92,8 @@ def load_trained(model_dir: str) -> tuple[TwoTowerModel, TrainConfig]:
         raise ConfigError(f"{model_dir}/{CONFIG_FILE}: the saved config is not resolved")
     if config.model.popularity_prior is None:  # saved before the prior existed: none
         config.model.popularity_prior = False
+    if config.model.item_item is None:  # saved before the item-item term existed: none
+        config.model.item_item = False
     model = build_model(config.model, assets, encoder_specs=specs, fill_caches=False)
     weights = os.path.join(model_dir, WEIGHTS_FILE)
     if not tf.io.gfile.exists(weights):

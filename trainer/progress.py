@@ -120,6 +120,21 @@ def log_model(model: TwoTowerModel, config: TrainConfig, precision: str) -> None
 FEW_USERS = 30
 
 
+def log_item_item(blend: dict) -> None:
+    """The item-item term's weight and EASE's L2 weight chosen on the valid part."""
+    curve = blend["valid_recall_at_10"]
+    if not curve:
+        log.info("item-item term: no valid events, weight stays %g", blend["weight"])
+        return
+    log.info(
+        "item-item term: weight %g, EASE L2 %g (valid recall@10 %.4f; %.4f without it)",
+        blend["weight"],
+        blend["l2"],
+        curve[str(blend["weight"])],
+        curve.get(str(0.0), float("nan")),
+    )
+
+
 def log_prior(prior: dict) -> None:
     """The popularity-prior weight chosen on the valid part, against the prior off."""
     curve = prior["valid_recall_at_10"]

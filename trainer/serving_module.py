@@ -16,6 +16,10 @@ input check runs before any op reads the checked values.
     batching ``K`` is the largest ``k`` of the merged batch, so clients read the first ``k``
     columns of their rows. When exclusions leave fewer than ``k`` items in the index's
     candidate pool, the tail is padded the same way.
+    With an item-item term (:mod:`trainer.item_item`) the index's pool is re-scored with it
+    before exclusions and MMR: ``score + α σ(score) e / σ(e)``, ``e`` EASE's scores of the whole
+    ``history`` (unknown ids ignored), so a request's history moves its scores twice, through
+    the query tower and through the item-item weights.
 ``rank``
     the query inputs and ``candidate_item_ids`` string ``[B, M]`` -> ``ratings`` float32
     ``[B, M]`` from the ranking head. An unknown candidate id is an INVALID_ARGUMENT error.
@@ -42,6 +46,7 @@ import tensorflow as tf
 
 import trainer  # noqa: F401  (TF_USE_LEGACY_KERAS before TFRS)
 from common import cli, contract
+from trainer import item_item as item_item_lib
 from trainer import ranking
 
 #: Op namespaces of the module's graph beyond TensorFlow's own (``tf.saved_model.SaveOptions``).
@@ -157,6 +162,9 @@ class RecommenderModule(tf.Module):
       history_length: ``H`` the query tower was trained with; requests may send any ``H``.
       similarity_dim: how many leading columns of the embeddings MMR's item-item similarity
         compares (the unit vector without a popularity-prior column); None: all of them.
+      item_item: the item-item term of the served score (:mod:`trainer.item_item`): EASE's
+        ``B`` ``[N, N]`` in catalog order and its weight ``α`` (> 0); None: scores are the
+        index's inner products alone.
     """
 
     def __init__(
@@ -169,6 +177,7 @@ class RecommenderModule(tf.Module):
         index: IndexConfig,
         history_length: int,
         similarity_dim: int | None = None,
+        item_item: tuple[np.ndarray, float] | None = None,
     ):
         super().__init__()
         self.similarity_dim = similarity_dim
@@ -191,6 +200,19 @@ class RecommenderModule(tf.Module):
             ),
             default_value=-1,
         )
+        self.item_item = None
+        if item_item is not None:
+            weights, alpha = item_item
+            self.item_item = tf.Variable(
+                weights.astype(np.float32), trainable=False, name="item_item"
+            )
+            self.item_item_weight = tf.Variable(
+                float(alpha), trainable=False, name="item_item_weight"
+            )
+            # σ of a query's scores over the catalog without scoring it: sqrt(qᵀ C q).
+            self.score_covariance = tf.Variable(
+                item_item_lib.covariance(item_embeddings), trainable=False, name="score_covariance"
+            )
         self.scann = None
         if index.kind == "scann":
             self.build_index(index)
@@ -276,6 +298,22 @@ class RecommenderModule(tf.Module):
         top = tf.math.top_k(scores, k=self.index_config.pool)
         return top.values, tf.cast(top.indices, tf.int64)
 
+    def _with_item_item(
+        self, queries: tf.Tensor, history: tf.Tensor, scores: tf.Tensor, indices: tf.Tensor
+    ) -> tf.Tensor:
+        """The pool's served scores ``[B, P]``: the index's inner products ``scores`` of the
+        catalog rows ``indices`` plus the item-item term of the whole ``history`` ``[B, H]``
+        (:func:`trainer.item_item.blend_terms`; unknown ids and padding ignored)."""
+        item_item = item_item_lib.ease_scores_tf(self.id_to_index.lookup(history), self.item_item)
+        return item_item_lib.blend_terms(
+            scores,
+            item_item_lib.score_std_from_covariance(queries, self.score_covariance),
+            tf.gather(item_item, indices, batch_dims=1),
+            tf.math.reduce_std(item_item, axis=1, keepdims=True),
+            self.item_item_weight,
+            where=tf.where,
+        )
+
     # ------------------------------------------------------------------ signatures
 
     def _serve_retrieve(self, inputs: Features) -> Features:
@@ -291,7 +329,10 @@ class RecommenderModule(tf.Module):
         k, exclude_item_ids, diversity = (
             checked[contract.K], checked[contract.EXCLUDE_ITEM_IDS], checked[contract.DIVERSITY]
         )  # fmt: skip
-        scores, indices = self.candidate_pool(self._query(checked))
+        queries = self._query(checked)
+        scores, indices = self.candidate_pool(queries)
+        if self.item_item is not None:
+            scores = self._with_item_item(queries, checked[contract.HISTORY], scores, indices)
         excluded = self.id_to_index.lookup(exclude_item_ids)  # [B, E], -1 for unknown ids
         hit = tf.reduce_any(indices[:, :, None] == excluded[:, None, :], axis=-1)
         scores = tf.where(hit, tf.constant(-np.inf, tf.float32), scores)

@@ -12,9 +12,12 @@ from __future__ import annotations
 import numpy as np
 import tensorflow as tf
 
-from trainer import content_prior, metrics, ranking
+from common import contract
+from trainer import content_prior, item_item, metrics, ranking
+from trainer.baselines import binary_matrix, ease_from_gram, gram, item_rows
 from trainer.config import TrainConfig
-from trainer.evaluate import RankingTask, cold_item_metrics
+from trainer.data import records
+from trainer.evaluate import EASE_L2_GRID, RankingTask, cold_item_metrics
 from trainer.inference import embed, predict_ratings
 from trainer.input_pipeline import DataPlan
 from trainer.model import TwoTowerModel, log_popularity_by_row
@@ -145,6 +148,66 @@ def choose_prior_weight(model: TwoTowerModel, plan: DataPlan, config: TrainConfi
     }
 
 
+def choose_item_item(model: TwoTowerModel, plan: DataPlan, config: TrainConfig) -> dict:
+    """Fits the item-item term (:mod:`trainer.item_item`) after training, on the valid part only.
+
+    ``B``: EASE fit on the events the model trained on (p2-p4: the train part; p1: train less
+    its held-out slice), its ``λ`` the one of :data:`trainer.evaluate.EASE_L2_GRID` whose EASE
+    scores of the valid queries' histories rank best alone (valid recall@10, ties to the
+    smaller). ``α``: the best valid recall@10 of the served score (the prior as chosen) over
+    :data:`trainer.item_item.ITEM_ITEM_WEIGHTS`, ties to the smaller; ``--item-item-weight``
+    fixes it. With ``--new-item-recall-share``, only the α whose valid new-item share stays
+    at least what α = 0 reaches (capped at the share) are tried. Without valid queries α
+    stays 0 (or as fixed). Returns what ``metrics.json`` records; ``{}`` without the term.
+    """
+    if model.item_item is None:
+        return {}
+    fixed = config.model.item_item_weight
+    queries = _recall_queries(plan, config)
+    if queries is None:
+        model.item_item_weight.assign(fixed or 0.0)
+        return {"weight": fixed or 0.0, "l2": None, "valid_recall_at_10": {}}
+    index = ranking.index_of(plan.catalog)
+    if plan.users is not None:
+        fit = records.load_events(plan.data_dir, plan.split, "train")
+        g = gram(binary_matrix(item_rows(fit, index), len(index)))
+    else:  # p1: what the training stream holds (train less the held-out slice)
+        g = gram(binary_matrix({u: np.unique(r) for u, r in plan.seen.items()}, len(index)))
+    ease_recall: dict[float, float] = {}
+    best: tuple[float, np.ndarray, np.ndarray] | None = None  # (λ, B, e): one [N, N] kept
+    for l2 in EASE_L2_GRID:
+        weights_l2 = ease_from_gram(g, l2).astype(np.float32)
+        e = item_item.ease_scores(queries[contract.HISTORY], index, weights_l2)
+        ease_recall[l2] = _recall(e.copy(), plan, queries)["recall_at_10"]
+        if best is None or round(ease_recall[l2], 9) > round(ease_recall[best[0]], 9):
+            best = (l2, weights_l2, e)
+    l2, fit_weights, e = best
+    served = embed(model, "query", queries) @ embed(model, "candidate", plan.catalog).T
+    weights = (fixed,) if fixed is not None else item_item.ITEM_ITEM_WEIGHTS
+    figures = {
+        a: _recall(item_item.blend_full(served, e, a).copy(), plan, queries) for a in weights
+    }
+    allowed = list(weights)
+    share = config.model.new_item_recall_share
+    if share is not None and fixed is None and "new_item_recall_at_10" in figures[0.0]:
+        floor = min(share, _share(figures[0.0]))
+        allowed = [a for a in weights if _share(figures[a]) >= floor]
+    alpha = max(allowed, key=lambda a: (round(figures[a]["recall_at_10"], 9), -a))
+    model.item_item.assign(fit_weights)
+    model.item_item_weight.assign(alpha)
+    return {
+        "weight": alpha,
+        "l2": l2,
+        "ease_valid_recall_at_10": {str(x): ease_recall[x] for x in EASE_L2_GRID},
+        "valid_recall_at_10": {str(a): f["recall_at_10"] for a, f in figures.items()},
+    }
+
+
+def _share(figures: dict[str, float]) -> float:
+    """Valid new-item recall@10 as a share of recall@10."""
+    return figures.get("new_item_recall_at_10", 0.0) / max(figures["recall_at_10"], 1e-12)
+
+
 def _new_item_share_choice(figures: dict[tuple, dict[str, float]], share: float) -> dict:
     """The ``--new-item-recall-share`` policy over the prior's grid ``{(w, b, content): valid
     figures}``: the best valid recall@10 among the settings whose recall@10 on the items nobody
@@ -153,8 +216,7 @@ def _new_item_share_choice(figures: dict[tuple, dict[str, float]], share: float)
     choice, whether it met the share, and its valid ratio and recall@10, for ``metrics.json``."""
 
     def ratio(wbc: tuple) -> float:
-        f = figures[wbc]
-        return f.get("new_item_recall_at_10", 0.0) / max(f["recall_at_10"], 1e-12)
+        return _share(figures[wbc])
 
     order = _preference({wbc: f["recall_at_10"] for wbc, f in figures.items()})
     meeting = [wbc for wbc in figures if ratio(wbc) >= share]
