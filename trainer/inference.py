@@ -52,8 +52,8 @@ class ModelScorer:
         the served score, the item-item term included (:mod:`trainer.item_item`)."""
         scores = embed(self.model, "query", queries) @ self._items.T
         weight = self.model.item_item_weight
-        if weight is None or not float(weight):
-            return scores
+        if weight is None or not float(weight) or contract.HISTORY not in queries:
+            return scores  # no term, or no history to read it from (as an empty one)
         e = item_item.ease_scores(queries[contract.HISTORY], self._rows, self._item_item)
         return item_item.blend_full(scores, e, float(weight))
 
