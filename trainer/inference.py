@@ -37,10 +37,9 @@ class ModelScorer:
         self.name = name
         self.catalog = catalog
         self._items = embed(model, "candidate", dict(catalog))
-        if model.item_item is not None:  # B's columns in this catalog's order (0: unknown)
-            self._rows, self._item_item = item_item.catalog_weights(
-                model.assets.item_ids, np.asarray(model.item_item), catalog["item_id"]
-            )
+        # B in this catalog's order, built on the first score that weighs the term in (an
+        # export or an α = 0 model never needs the [N, N] copy).
+        self._item_item: tuple[dict[str, int], np.ndarray] | None = None
 
     @classmethod
     def from_model_dir(cls, model_dir: str, catalog: Mapping[str, np.ndarray]) -> ModelScorer:
@@ -54,7 +53,13 @@ class ModelScorer:
         weight = self.model.item_item_weight
         if weight is None or not float(weight) or contract.HISTORY not in queries:
             return scores  # no term, or no history to read it from (as an empty one)
-        e = item_item.ease_scores(queries[contract.HISTORY], self._rows, self._item_item)
+        if self._item_item is None:
+            self._item_item = item_item.catalog_weights(
+                self.model.assets.item_ids,
+                np.asarray(self.model.item_item),
+                self.catalog["item_id"],
+            )
+        e = item_item.ease_scores(queries[contract.HISTORY], *self._item_item)
         return item_item.blend_full(scores, e, float(weight))
 
     def item_embeddings(self) -> np.ndarray:
