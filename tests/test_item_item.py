@@ -77,6 +77,40 @@ def test_catalog_weights_follow_another_catalog_order_and_zero_unknown_items():
     np.testing.assert_array_equal(weights, want)
 
 
+def test_a_new_items_column_is_the_cosine_weighted_mean_of_its_rated_neighbours():
+    weights = B.copy()
+    weights[:, 4:] = 0.0  # nobody rated items 4 and 5: EASE gives them zero columns and rows
+    weights[4:, :] = 0.0
+    vectors = np.array(
+        [[1, 0], [0.8, 0.6], [0, 1], [-1, 0], [0.6, 0.8], [-0.6, -0.8]], dtype=np.float32
+    )
+    vectors[2] *= 3.0  # the cosine, not the length, weighs a neighbour
+    filled = item_item.fill_new_items(weights, vectors, neighbours=2)
+    # Item 4's two nearest rated items: 1 (cosine 0.96) and 2 (0.8).
+    np.testing.assert_allclose(
+        filled[:, 4], (0.96 * weights[:, 1] + 0.8 * weights[:, 2]) / 1.76, rtol=1e-5, atol=1e-6
+    )
+    # Item 5 points away from every rated item but 3 (cosine 0.6); 0 (-0.6) weighs nothing.
+    np.testing.assert_allclose(filled[:, 5], weights[:, 3], atol=1e-6)
+    np.testing.assert_array_equal(filled[:, :4], weights[:, :4])  # rated columns, all rows kept
+    assert not filled[4:].any()  # a new item in a history still adds nothing
+    e = item_item.ease_scores(np.array([["m1", "m3"]], dtype=object), INDEX, filled)
+    np.testing.assert_allclose(e[0, 4], (0.96 * e[0, 1] + 0.8 * e[0, 2]) / 1.76, rtol=1e-5)
+    # Nothing to fill, or no neighbours asked for: the same numbers.
+    np.testing.assert_array_equal(item_item.fill_new_items(B, RNG.normal(size=(6, 2))), B)
+    np.testing.assert_array_equal(item_item.fill_new_items(weights, vectors, 0), weights)
+
+
+def test_a_catalogs_unknown_items_are_filled_only_for_a_model_that_filled_its_own():
+    vectors = RNG.normal(size=(3, 4)).astype(np.float32)
+    ids = ["m2", "new", "m0"]
+    _, plain = item_item.catalog_weights(["m0", "m1", "m2"], B[:3, :3], ids, vectors, 0)
+    _, filled = item_item.catalog_weights(["m0", "m1", "m2"], B[:3, :3], ids, vectors, 10)
+    assert not plain[:, 1].any() and filled[:, 1].any()
+    np.testing.assert_array_equal(filled[:, [0, 2]], plain[:, [0, 2]])
+    np.testing.assert_array_equal(filled, item_item.fill_new_items(plain, vectors, 10))
+
+
 def test_training_records_the_term_and_the_export_serves_what_evaluation_scores(
     tiny_model_dir, tiny_data_dir
 ):
@@ -129,11 +163,19 @@ def test_the_weight_is_chosen_on_valid_from_the_grid(tiny_model_dir):
     model, config = load_trained(tiny_model_dir)
     config.model.item_item_weight = None
     chosen = choose_item_item(model, plan_data(config), config)
-    curve = {float(a): r for a, r in chosen["valid_recall_at_10"].items()}
-    assert set(curve) == set(item_item.ITEM_ITEM_WEIGHTS)
-    best = max(curve.values())
-    assert chosen["weight"] == min(a for a, r in curve.items() if round(r, 9) == round(best, 9))
+    # (new-item neighbours, α) -> valid recall@10: without the fill, and with it when the
+    # catalog has items nobody rated in train.
+    curve = {(0, float(a)): r for a, r in chosen["valid_recall_at_10"].items()}
+    assert {a for _, a in curve} == set(item_item.ITEM_ITEM_WEIGHTS)
+    neighbours = item_item.NEW_ITEM_NEIGHBOURS
+    filled = chosen["valid_recall_at_10_filled"]
+    assert bool(filled) == (chosen["unrated_items"] > 0)
+    curve |= {(neighbours, float(a)): r for a, r in filled.items()}
+    best = max(round(r, 9) for r in curve.values())
+    want = min((c for c, r in curve.items() if round(r, 9) == best), key=lambda c: (c[1], c[0]))
+    assert (chosen["new_item_neighbours"], chosen["weight"]) == want
     assert float(model.item_item_weight.numpy()) == pytest.approx(chosen["weight"])
+    assert float(model.item_item_neighbours.numpy()) == chosen["new_item_neighbours"]
     assert np.abs(model.item_item.numpy()).sum() > 0
 
 

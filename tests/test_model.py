@@ -279,6 +279,7 @@ def test_weights_from_before_the_new_item_bias_load_with_it_zero(tiny_model, bat
     item_item = np.arange(size * size, dtype=np.float32).reshape(size, size)
     tiny_model.item_item.assign(item_item)
     tiny_model.item_item_weight.assign(0.2)
+    tiny_model.item_item_neighbours.assign(10.0)
     try:
         save_trained(tiny_model, resolved(), model_dir)
     finally:
@@ -287,15 +288,18 @@ def test_weights_from_before_the_new_item_bias_load_with_it_zero(tiny_model, bat
         tiny_model.prior_log_count.assign(neutral)
         tiny_model.item_item.assign(np.zeros_like(item_item))
         tiny_model.item_item_weight.assign(0.0)
+        tiny_model.item_item_neighbours.assign(0.0)
     loaded, _ = load_trained(model_dir)
     assert float(loaded.new_item_bias.numpy()) == pytest.approx(0.1)
     np.testing.assert_allclose(loaded.prior_log_count.numpy(), guessed)
     np.testing.assert_array_equal(loaded.item_item.numpy(), item_item)
     assert float(loaded.item_item_weight.numpy()) == pytest.approx(0.2)
-    # Earlier versions' files: the model's own variables without the item-item term (the last
-    # two), without it and the log-count table, or without those and the bias; what is missing
-    # keeps its built value.
+    assert float(loaded.item_item_neighbours.numpy()) == 10
+    # Earlier versions' files: the model's own variables without the new-item fill (the last),
+    # without it and the item-item term, without those and the log-count table, or without
+    # those and the bias; what is missing keeps its built value.
     stores = (
+        {"0": np.float32(0.03), "1": np.float32(0.2), "2": guessed, "3": item_item, "4": 0.2},
         {"0": np.float32(0.03), "1": np.float32(0.2), "2": guessed},
         {"0": np.float32(0.03), "1": np.float32(0.2)},
         {"0": np.float32(0.03)},
@@ -305,13 +309,44 @@ def test_weights_from_before_the_new_item_bias_load_with_it_zero(tiny_model, bat
         loaded.prior_log_count.assign(neutral)
         loaded.item_item.assign(np.zeros_like(item_item))
         loaded.item_item_weight.assign(0.0)
+        loaded.item_item_neighbours.assign(0.0)
         loaded.load_own_variables(store)
         assert float(loaded.prior_weight.numpy()) == pytest.approx(0.03)
         assert float(loaded.new_item_bias.numpy()) == pytest.approx(0.2 if "1" in store else 0)
         np.testing.assert_allclose(loaded.prior_log_count.numpy(), store.get("2", neutral))
-        assert not loaded.item_item.numpy().any() and float(loaded.item_item_weight.numpy()) == 0
+        np.testing.assert_array_equal(loaded.item_item.numpy(), store.get("3", 0 * item_item))
+        assert float(loaded.item_item_weight.numpy()) == pytest.approx(store.get("4", 0))
+        assert float(loaded.item_item_neighbours.numpy()) == 0
     with pytest.raises(ValueError):
         loaded.load_own_variables({})  # anything else still fails as Keras fails it
+
+
+def test_a_checkpoint_from_before_the_post_training_variables_resumes_and_others_are_refused(
+    assets, batch, tmp_path, caplog
+):
+    from trainer.loop import CheckpointMismatch, model_weights, restore
+
+    def checkpoint(model):
+        return tf.train.Checkpoint(model=model, weights=model_weights(model))
+
+    # Written before the item-item term existed: its three variables are missing, and every
+    # training step reads their built values, so the run resumes.
+    old = build_model(resolved(item_item=False).model, assets, seed=1)
+    path = checkpoint(old).write(str(tmp_path / "old" / "ckpt"))
+    new = build_model(resolved().model, assets, seed=2)
+    before = new.query_embeddings(batch).numpy()
+    with caplog.at_level("WARNING", logger="trainer"):
+        restore(checkpoint(new), path)
+    assert "predates item_item" in caplog.text
+    want = old.query_embeddings(batch).numpy()
+    assert not np.allclose(before, want, atol=1e-3)
+    np.testing.assert_allclose(new.query_embeddings(batch).numpy(), want, atol=1e-6)
+    assert not new.item_item.numpy().any()
+    # A checkpoint without a variable training reads: refused, naming it.
+    other = build_model(resolved(popularity_prior=False).model, assets, seed=1)
+    path = checkpoint(other).write(str(tmp_path / "other" / "ckpt"))
+    with pytest.raises(CheckpointMismatch, match="prior_weight"):
+        restore(checkpoint(new), path)
 
 
 def test_a_model_dir_from_before_the_prior_loads_without_it(assets, batch, tmp_path):

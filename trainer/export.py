@@ -363,7 +363,7 @@ def build_module(
     if grow_catalog is not None:
         catalog, item_embeddings = grow_catalog(catalog, item_embeddings)
     model.set_text_mode("live")
-    term = _item_item_term(model, catalog)
+    term = _item_item_term(model, catalog, item_embeddings[:, : config.model.embedding_dim])
     module = RecommenderModule(
         query_model=lambda f: model.query_embeddings(f),
         candidate_model=lambda f: model.candidate_embeddings(f),
@@ -387,9 +387,13 @@ def build_module(
     return module, catalog, users, info
 
 
-def _item_item_term(model, catalog: dict[str, np.ndarray]) -> tuple[np.ndarray, float] | None:
-    """The model's item-item term over the served catalog (``B`` in its order, ``α``), or None
-    when the model has none, chose ``α = 0``, or the catalog outgrew a dense ``B`` (logged)."""
+def _item_item_term(
+    model, catalog: dict[str, np.ndarray], vectors: np.ndarray
+) -> tuple[np.ndarray, float] | None:
+    """The model's item-item term over the served catalog (``B`` in its order, ``α``; the items
+    it never had filled from their neighbours by ``vectors`` ``[N, D]`` when the model filled its
+    own), or None when the model has none, chose ``α = 0``, or the catalog outgrew a dense ``B``
+    (logged)."""
     from trainer import item_item
 
     if model.item_item_weight is None or not float(model.item_item_weight):
@@ -402,7 +406,11 @@ def _item_item_term(model, catalog: dict[str, np.ndarray]) -> tuple[np.ndarray, 
         )
         return None
     _, weights = item_item.catalog_weights(
-        model.assets.item_ids, np.asarray(model.item_item), catalog["item_id"]
+        model.assets.item_ids,
+        np.asarray(model.item_item),
+        catalog["item_id"],
+        vectors,
+        int(model.item_item_neighbours),
     )
     return weights, float(model.item_item_weight)
 

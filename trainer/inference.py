@@ -58,6 +58,8 @@ class ModelScorer:
                 self.model.assets.item_ids,
                 np.asarray(self.model.item_item),
                 self.catalog["item_id"],
+                self.item_embeddings(),
+                int(self.model.item_item_neighbours),
             )
         e = item_item.ease_scores(queries[contract.HISTORY], *self._item_item)
         return item_item.blend_full(scores, e, float(weight))

@@ -19,12 +19,14 @@ import logging
 import math
 import os
 import signal
+import tempfile
 import time
 from collections.abc import Callable
 
 import keras
 import tensorflow as tf
 
+from common.cli import UsageError
 from trainer import env as env_lib
 from trainer import progress
 from trainer.config import TrainConfig
@@ -253,12 +255,54 @@ def _make_checkpoints(
     return _Checkpoints(full, best, manager, best_manager)
 
 
+class CheckpointMismatch(UsageError):
+    """A checkpoint to resume from that does not hold this model's variables."""
+
+
+def restore(checkpoint: tf.train.Checkpoint, path: str) -> None:
+    """Restores ``path`` into ``checkpoint`` (which tracks the model as ``model``), which must
+    hold every variable of it but the model's post-training ones
+    (:meth:`TwoTowerModel.post_training_variables`): a checkpoint written before one of those
+    existed resumes with its built value, which is what training reads. Anything else missing
+    raises :class:`CheckpointMismatch` naming it, instead of TensorFlow's assertion."""
+    status = checkpoint.restore(path)
+    try:
+        status.assert_existing_objects_matched()
+        return
+    except AssertionError:
+        pass
+    later = {v.name for v in checkpoint.model.post_training_variables()}
+    missing = _keys_missing_from(checkpoint, path)
+    other = [k for k in missing if k.split("/")[-1].split("..")[-1] not in later]
+    if other:
+        raise CheckpointMismatch(
+            f"{path} lacks {len(other)} of this model's variables (e.g. "
+            f"{', '.join(other[:3])}): another configuration or version of the trainer wrote "
+            "it; train into a fresh --model-dir (or --checkpoint-dir), or resume with the flags "
+            "and version that wrote it"
+        )
+    kept = sorted({k.split("/")[-1].split("..")[-1] for k in missing})
+    log.warning("%s predates %s: kept at the values training reads", path, ", ".join(kept))
+
+
+def _keys_missing_from(checkpoint: tf.train.Checkpoint, path: str) -> list[str]:
+    """The variables ``checkpoint`` writes that the checkpoint at ``path`` lacks (object paths
+    such as ``model/item_item``), found by writing ``checkpoint`` to a scratch folder."""
+
+    def keys(prefix: str) -> set[str]:
+        return {n.split("/.ATTRIBUTES")[0] for n, _ in tf.train.list_variables(prefix)}
+
+    with tempfile.TemporaryDirectory() as scratch:
+        wanted = keys(checkpoint.write(os.path.join(scratch, "probe")))
+    return sorted(wanted - keys(path) - {"save_counter"})  # the counter is the writer's own
+
+
 def _resume(checkpoints: _Checkpoints, state: LoopState, checkpoint_dir: str) -> None:
     """Restores the latest checkpoint of the shared ``checkpoint_dir``, when there is one."""
     latest = tf.train.latest_checkpoint(checkpoint_dir)
     if not latest:
         return
-    checkpoints.full.restore(latest).assert_existing_objects_matched()
+    restore(checkpoints.full, latest)
     log.info(
         "resumed from %s: step %d, epoch %d, step %d of the epoch",
         latest,
@@ -407,7 +451,7 @@ def _restore_best(best: tf.train.Checkpoint, history: list[dict], checkpoint_dir
     best_latest = tf.train.latest_checkpoint(os.path.join(checkpoint_dir, "best"))
     best_epoch = _best_record(history)
     if best_latest and best_epoch is not None and best_epoch is not history[-1]:
-        best.restore(best_latest).assert_existing_objects_matched()
+        restore(best, best_latest)
         log.info(
             "restored the weights of epoch %d (best valid recall@10 %.4f)",
             best_epoch["epoch"],

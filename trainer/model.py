@@ -133,24 +133,25 @@ class TwoTowerModel(keras.Model):
         # The item-item term of the served score (trainer.item_item): EASE's B in catalog
         # order and its blend weight α, both 0 in training and fit on the valid part after it
         # (trainer.validation.choose_item_item); dense, so only for catalogs up to MAX_ITEMS.
-        self.item_item = self.item_item_weight = None
+        # item_item_neighbours: how many text neighbours an unrated item's column of B was
+        # filled from (0: none, as EASE), so a catalog's items the model never had are alike.
+        self.item_item = self.item_item_weight = self.item_item_neighbours = None
         if config.item_item and len(assets.item_ids) <= MAX_ITEM_ITEM_ITEMS:
             size = len(assets.item_ids)
-            self.item_item = self.add_weight(
-                shape=(size, size),
-                initializer="zeros",
-                trainable=False,
-                name="item_item",
-                dtype="float32",
-                autocast=False,
-            )
-            self.item_item_weight = self.add_weight(
-                shape=(),
-                initializer="zeros",
-                trainable=False,
-                name="item_item_weight",
-                dtype="float32",
-                autocast=False,
+            self.item_item, self.item_item_weight, self.item_item_neighbours = (
+                self.add_weight(
+                    shape=shape,
+                    initializer="zeros",
+                    trainable=False,
+                    name=name,
+                    dtype="float32",
+                    autocast=False,
+                )
+                for name, shape in (
+                    ("item_item", (size, size)),
+                    ("item_item_weight", ()),
+                    ("item_item_neighbours", ()),
+                )
             )
         # The hashed id of each catalog row (rows 0 and 1, padding and unknown, are masked).
         self._catalog_hashed_ids = self.preprocessor.hash_ids(
@@ -483,22 +484,31 @@ class TwoTowerModel(keras.Model):
         )
         return tf.cast(query, tf.float32), tf.cast(candidate, tf.float32), rating
 
-    def load_own_variables(self, store) -> None:
-        """Keras's loader, which also reads weights files written before the new-item bias,
-        the prior's log-count table or the item-item term existed: they lack the last own
-        variables, which keep their built values (b = 0, the neutral table, α = 0: what those
-        versions served)."""
-        own = self._trainable_variables + self._non_trainable_variables
-        later = [
+    def post_training_variables(self) -> list:
+        """The model's own variables set after training (on the valid part), in the order they
+        were added to the model over its versions: the new-item bias, the prior's log-count
+        table and the item-item term. Every training step reads their built values (b = 0, the
+        neutral table, no term), so weights or checkpoints written before one existed load
+        without it. The prior's weight, older than all of them, is not listed."""
+        return [
             v
             for v in (
                 self.new_item_bias,
                 self.prior_log_count,
                 self.item_item,
                 self.item_item_weight,
+                self.item_item_neighbours,
             )
             if v is not None
         ]
+
+    def load_own_variables(self, store) -> None:
+        """Keras's loader, which also reads weights files written before the new-item bias,
+        the prior's log-count table, the item-item term or its new-item fill existed: they lack
+        the last own variables, which keep their built values (b = 0, the neutral table, α = 0,
+        no fill: what those versions served)."""
+        own = self._trainable_variables + self._non_trainable_variables
+        later = self.post_training_variables()
         missing = len(own) - len(store.keys())
         if 0 < missing <= len(later) and all(
             a is b for a, b in zip(own[-missing:], later[-missing:], strict=True)

@@ -190,6 +190,7 @@ def build_card(
             "new_item_recall_share": (prior.get("new_item_recall_share") or {}).get("share"),
             "item_item_weight": (trained.get("item_item") or {}).get("weight"),
             "item_item_l2": (trained.get("item_item") or {}).get("l2"),
+            "item_item_neighbours": (trained.get("item_item") or {}).get("new_item_neighbours"),
         },
         "data": _data_facts(data.get("data", ""), split),
         "evaluations": [dict(e) for e in evaluations],
@@ -220,13 +221,14 @@ def _prior_note(
     return note + " (chosen on valid recall@10)"
 
 
-def _item_item_note(weight: float | None, l2: float | None) -> str:
+def _item_item_note(weight: float | None, l2: float | None, neighbours: int | None) -> str:
     if weight is None:
         return ""
     if not weight:
         return "; item-item (EASE) term weight 0 (off)"
     fit = f"L2 {l2:g}" if l2 is not None else "not fit: no valid events"
-    return f"; item-item (EASE, {fit}) term weight {_fmt(weight)}"
+    fill = f", unrated items from {neighbours} text neighbours" if neighbours else ""
+    return f"; item-item (EASE, {fit}{fill}) term weight {_fmt(weight)}"
 
 
 def known_limits(card: Mapping[str, Any]) -> list[str]:
@@ -330,7 +332,11 @@ def render_markdown(card: Mapping[str, Any]) -> str:
             bool(training.get("content_prior")),
             training.get("new_item_recall_share"),
         )
-        + _item_item_note(training.get("item_item_weight"), training.get("item_item_l2")),
+        + _item_item_note(
+            training.get("item_item_weight"),
+            training.get("item_item_l2"),
+            training.get("item_item_neighbours"),
+        ),
         "",
         "## Figures",
         "",

@@ -126,12 +126,18 @@ def log_item_item(blend: dict) -> None:
     if not curve:
         log.info("item-item term: no valid events, weight stays %g", blend["weight"])
         return
+    neighbours = blend.get("new_item_neighbours", 0)
+    if neighbours:
+        curve = blend["valid_recall_at_10_filled"]
     log.info(
-        "item-item term: weight %g, EASE L2 %g (valid recall@10 %.4f; %.4f without it)",
+        "item-item term: weight %g, EASE L2 %g, %d unrated items %s (valid recall@10 %.4f; "
+        "%.4f without the term)",
         blend["weight"],
         blend["l2"],
+        blend.get("unrated_items", 0),
+        f"filled from {neighbours} text neighbours" if neighbours else "left unscored",
         curve[str(blend["weight"])],
-        curve.get(str(0.0), float("nan")),
+        blend["valid_recall_at_10"].get(str(0.0), float("nan")),
     )
 
 

@@ -156,9 +156,12 @@ def choose_item_item(model: TwoTowerModel, plan: DataPlan, config: TrainConfig) 
     scores of the valid queries' histories rank best alone (valid recall@10, ties to the
     smaller). ``α``: the best valid recall@10 of the served score (the prior as chosen) over
     :data:`trainer.item_item.ITEM_ITEM_WEIGHTS`, ties to the smaller; ``--item-item-weight``
-    fixes it. With ``--new-item-recall-share``, only the α whose valid new-item share stays
-    at least what α = 0 reaches (capped at the share) are tried. Without valid queries α
-    stays 0 (or as fixed). Returns what ``metrics.json`` records; ``{}`` without the term.
+    fixes it. Chosen with it: whether the columns of the items nobody rated there are filled
+    from :data:`trainer.item_item.NEW_ITEM_NEIGHBOURS` text neighbours
+    (:func:`trainer.item_item.fill_new_items`; ties to no fill). With
+    ``--new-item-recall-share``, only the choices whose valid new-item share stays at least
+    what α = 0 reaches (capped at the share) are tried. Without valid queries α stays 0 (or as
+    fixed). Returns what ``metrics.json`` records; ``{}`` without the term.
     """
     if model.item_item is None:
         return {}
@@ -174,32 +177,50 @@ def choose_item_item(model: TwoTowerModel, plan: DataPlan, config: TrainConfig) 
     else:  # p1: what the training stream holds (train less the held-out slice)
         g = gram(binary_matrix({u: np.unique(r) for u, r in plan.seen.items()}, len(index)))
     ease_recall: dict[float, float] = {}
-    best: tuple[float, np.ndarray, np.ndarray] | None = None  # (λ, B, e): one [N, N] kept
+    best: tuple[float, np.ndarray] | None = None  # (λ, B): one [N, N] kept
     for l2 in EASE_L2_GRID:
         weights_l2 = ease_from_gram(g, l2).astype(np.float32)
         e = item_item.ease_scores(queries[contract.HISTORY], index, weights_l2)
         ease_recall[l2] = _recall(e.copy(), plan, queries)["recall_at_10"]
         if best is None or round(ease_recall[l2], 9) > round(ease_recall[best[0]], 9):
-            best = (l2, weights_l2, e)
-    l2, fit_weights, e = best
-    served = embed(model, "query", queries) @ embed(model, "candidate", plan.catalog).T
+            best = (l2, weights_l2)
+    l2, fit_weights = best
+    items = embed(model, "candidate", plan.catalog)
+    served = embed(model, "query", queries) @ items.T
+    unrated = int((~fit_weights.any(axis=0)).sum())
+    fills = {0: fit_weights}
+    if unrated:  # the fill is a choice: it helps random new items, not a long tail's (p2)
+        fills[item_item.NEW_ITEM_NEIGHBOURS] = item_item.fill_new_items(
+            fit_weights, items[:, : config.model.embedding_dim]
+        )
     weights = (fixed,) if fixed is not None else item_item.ITEM_ITEM_WEIGHTS
-    figures = {
-        a: _recall(item_item.blend_full(served, e, a).copy(), plan, queries) for a in weights
-    }
-    allowed = list(weights)
+    figures = {}  # (neighbours, α) -> valid figures
+    for neighbours, b in fills.items():
+        e = item_item.ease_scores(queries[contract.HISTORY], index, b)
+        for a in weights:
+            blended = item_item.blend_full(served, e, a).copy()
+            figures[neighbours, a] = _recall(blended, plan, queries)
+    allowed = list(figures)
     share = config.model.new_item_recall_share
-    if share is not None and fixed is None and "new_item_recall_at_10" in figures[0.0]:
-        floor = min(share, _share(figures[0.0]))
-        allowed = [a for a in weights if _share(figures[a]) >= floor]
-    alpha = max(allowed, key=lambda a: (round(figures[a]["recall_at_10"], 9), -a))
-    model.item_item.assign(fit_weights)
+    if share is not None and fixed is None and "new_item_recall_at_10" in figures[0, 0.0]:
+        floor = min(share, _share(figures[0, 0.0]))
+        allowed = [c for c in figures if _share(figures[c]) >= floor]
+    neighbours, alpha = max(
+        allowed, key=lambda c: (round(figures[c]["recall_at_10"], 9), -c[1], -c[0])
+    )
+    model.item_item.assign(fills[neighbours])
     model.item_item_weight.assign(alpha)
+    model.item_item_neighbours.assign(neighbours)
     return {
         "weight": alpha,
         "l2": l2,
+        "new_item_neighbours": neighbours,
+        "unrated_items": unrated,
         "ease_valid_recall_at_10": {str(x): ease_recall[x] for x in EASE_L2_GRID},
-        "valid_recall_at_10": {str(a): f["recall_at_10"] for a, f in figures.items()},
+        "valid_recall_at_10": {str(a): figures[0, a]["recall_at_10"] for a in weights},
+        "valid_recall_at_10_filled": {
+            str(a): figures[n, a]["recall_at_10"] for n, a in figures if n
+        },
     }
 
 
