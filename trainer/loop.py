@@ -269,10 +269,12 @@ def restore(checkpoint: tf.train.Checkpoint, path: str) -> None:
     try:
         status.assert_existing_objects_matched()
         return
-    except AssertionError:
-        pass
+    except AssertionError as e:
+        unmatched = str(e)
     later = {v.name for v in checkpoint.model.post_training_variables()}
     missing = _keys_missing_from(checkpoint, path)
+    if not missing:  # something other than a variable: keep TensorFlow's strictness
+        raise CheckpointMismatch(f"{path} does not match this model: {unmatched}")
     other = [k for k in missing if k.split("/")[-1].split("..")[-1] not in later]
     if other:
         raise CheckpointMismatch(
