@@ -405,13 +405,7 @@ def _item_item_term(
             f"{item_item.MAX_ITEMS}: serving the two-tower scores alone"
         )
         return None
-    _, weights = item_item.catalog_weights(
-        model.assets.item_ids,
-        np.asarray(model.item_item),
-        catalog["item_id"],
-        vectors,
-        int(model.item_item_neighbours),
-    )
+    _, weights = item_item.served_weights(model, catalog["item_id"], vectors)
     return weights, float(model.item_item_weight)
 
 

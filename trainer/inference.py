@@ -54,12 +54,8 @@ class ModelScorer:
         if weight is None or not float(weight) or contract.HISTORY not in queries:
             return scores  # no term, or no history to read it from (as an empty one)
         if self._item_item is None:
-            self._item_item = item_item.catalog_weights(
-                self.model.assets.item_ids,
-                np.asarray(self.model.item_item),
-                self.catalog["item_id"],
-                self.item_embeddings(),
-                int(self.model.item_item_neighbours),
+            self._item_item = item_item.served_weights(
+                self.model, self.catalog["item_id"], self.item_embeddings()
             )
         e = item_item.ease_scores(queries[contract.HISTORY], *self._item_item)
         return item_item.blend_full(scores, e, float(weight))

@@ -182,3 +182,19 @@ def catalog_weights(
     if vectors is not None and neighbours > 0:
         out = fill_new_items(out, vectors, neighbours)
     return {i: n for n, i in enumerate(ids)}, out
+
+
+def served_weights(
+    model, catalog_item_ids, vectors: np.ndarray
+) -> tuple[dict[str, int], np.ndarray]:
+    """A trained model's ``B`` in the order of the catalog it serves (:func:`catalog_weights`):
+    the items it never had filled from ``vectors`` ``[C, D]`` exactly when it filled its own
+    (``model.item_item_neighbours``). Evaluation and the export both read ``B`` through here, so
+    they serve the same term."""
+    return catalog_weights(
+        model.assets.item_ids,
+        np.asarray(model.item_item),
+        catalog_item_ids,
+        vectors,
+        int(model.item_item_neighbours),
+    )

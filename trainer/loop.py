@@ -275,7 +275,7 @@ def restore(checkpoint: tf.train.Checkpoint, path: str) -> None:
     missing = _keys_missing_from(checkpoint, path)
     if not missing:  # something other than a variable: keep TensorFlow's strictness
         raise CheckpointMismatch(f"{path} does not match this model: {unmatched}")
-    other = [k for k in missing if k.split("/")[-1].split("..")[-1] not in later]
+    other = [k for k in missing if _variable_name(k) not in later]
     if other:
         raise CheckpointMismatch(
             f"{path} lacks {len(other)} of this model's variables (e.g. "
@@ -283,8 +283,14 @@ def restore(checkpoint: tf.train.Checkpoint, path: str) -> None:
             "it; train into a fresh --model-dir (or --checkpoint-dir), or resume with the flags "
             "and version that wrote it"
         )
-    kept = sorted({k.split("/")[-1].split("..")[-1] for k in missing})
+    kept = sorted({_variable_name(k) for k in missing})
     log.warning("%s predates %s: kept at the values training reads", path, ", ".join(kept))
+
+
+def _variable_name(key: str) -> str:
+    """A checkpoint object path's variable name: ``model/item_item`` and
+    ``weights/two_tower..item_item`` (:func:`model_weights`' keys) both give ``item_item``."""
+    return key.split("/")[-1].split("..")[-1]
 
 
 def _keys_missing_from(checkpoint: tf.train.Checkpoint, path: str) -> list[str]:

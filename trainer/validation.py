@@ -177,26 +177,27 @@ def choose_item_item(model: TwoTowerModel, plan: DataPlan, config: TrainConfig) 
     else:  # p1: what the training stream holds (train less the held-out slice)
         g = gram(binary_matrix({u: np.unique(r) for u, r in plan.seen.items()}, len(index)))
     ease_recall: dict[float, float] = {}
-    best: tuple[float, np.ndarray] | None = None  # (λ, B): one [N, N] kept
+    best: tuple[float, np.ndarray, np.ndarray] | None = None  # (λ, B, e): one [N, N] kept
     for l2 in EASE_L2_GRID:
         weights_l2 = ease_from_gram(g, l2).astype(np.float32)
         e = item_item.ease_scores(queries[contract.HISTORY], index, weights_l2)
         ease_recall[l2] = _recall(e.copy(), plan, queries)["recall_at_10"]
         if best is None or round(ease_recall[l2], 9) > round(ease_recall[best[0]], 9):
-            best = (l2, weights_l2)
-    l2, fit_weights = best
+            best = (l2, weights_l2, e)
+    l2, fit_weights, e = best
     items = embed(model, "candidate", plan.catalog)
     served = embed(model, "query", queries) @ items.T
     unrated = int((~fit_weights.any(axis=0)).sum())
-    fills = {0: fit_weights}
+    fills = {0: (fit_weights, e)}  # neighbours -> (B, e = x B)
     if unrated:  # the fill is a choice: it helps random new items, not a long tail's (p2)
-        fills[item_item.NEW_ITEM_NEIGHBOURS] = item_item.fill_new_items(
-            fit_weights, items[:, : config.model.embedding_dim]
+        filled = item_item.fill_new_items(fit_weights, items[:, : config.model.embedding_dim])
+        fills[item_item.NEW_ITEM_NEIGHBOURS] = (
+            filled,
+            item_item.ease_scores(queries[contract.HISTORY], index, filled),
         )
     weights = (fixed,) if fixed is not None else item_item.ITEM_ITEM_WEIGHTS
     figures = {}  # (neighbours, α) -> valid figures
-    for neighbours, b in fills.items():
-        e = item_item.ease_scores(queries[contract.HISTORY], index, b)
+    for neighbours, (_, e) in fills.items():
         for a in weights:
             blended = item_item.blend_full(served, e, a).copy()
             figures[neighbours, a] = _recall(blended, plan, queries)
@@ -208,7 +209,7 @@ def choose_item_item(model: TwoTowerModel, plan: DataPlan, config: TrainConfig) 
     neighbours, alpha = max(
         allowed, key=lambda c: (round(figures[c]["recall_at_10"], 9), -c[1], -c[0])
     )
-    model.item_item.assign(fills[neighbours])
+    model.item_item.assign(fills[neighbours][0])
     model.item_item_weight.assign(alpha)
     model.item_item_neighbours.assign(neighbours)
     return {
